@@ -1,0 +1,13 @@
+"""vtprune: visual token scheduling (ParVTS, ST³, FastV, ...) for HuggingFace multimodal LLMs.
+
+    import vtprune
+    with vtprune.apply(model, "parvts", budget=64) as run:
+        out = model.generate(**inputs, max_new_tokens=64)
+    print(run.report())
+"""
+
+from vtprune.engine.run import Run, apply
+from vtprune.methods import METHODS, ST3, FastV, Method, NoPruning, ParVTS, make_method
+
+__version__ = "0.1.0"
+__all__ = ["apply", "Run", "Method", "METHODS", "make_method", "NoPruning", "ParVTS", "ST3", "FastV"]

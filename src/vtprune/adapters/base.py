@@ -1,0 +1,112 @@
+"""Model adapters: where a model family keeps its parts, and which positions are visual.
+
+An adapter holds no method logic. It answers: the decoder layers and the module that runs them, the
+text config, the visual token positions of each sample and image (from the token ids, never from
+hard-coded offsets), and a per-patch saliency for methods that want one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+class Adapter:
+    """Base adapter. Subclasses set ``model_classes`` and implement the properties below."""
+
+    model_classes: tuple[str, ...] = ()
+    family: str = "base"
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    @classmethod
+    def supports(cls, model: nn.Module) -> bool:
+        return type(model).__name__ in cls.model_classes
+
+    @property
+    def language_model(self) -> nn.Module:
+        """The decoder stack module (called with inputs_embeds, attention_mask, position_ids)."""
+        raise NotImplementedError
+
+    @property
+    def decoder_layers(self) -> list[nn.Module]:
+        return list(self.language_model.layers)
+
+    @property
+    def text_config(self):
+        raise NotImplementedError
+
+    @property
+    def image_token_id(self) -> int:
+        raise NotImplementedError
+
+    def tokens_per_image(self) -> int | None:
+        """Visual tokens per image when fixed by the config (used to split adjacent images), else None."""
+        return None
+
+    def visual_index(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Original indices of every image's visual tokens.
+
+        Args:
+            input_ids: LongTensor [B, S] of the prefill call.
+
+        Returns:
+            LongTensor [B, I, N_v] (ascending), on the device of ``input_ids``.
+
+        Raises:
+            ValueError: no image token in some sample, or samples of one batch with different numbers
+                of images or of visual tokens per image (vtprune needs them equal within a batch).
+        """
+        return visual_spans(input_ids, self.image_token_id, self.tokens_per_image())
+
+    def attach_saliency(self, sink: Callable[[torch.Tensor], None]) -> list:
+        """Register hooks that call ``sink(saliency)`` during the vision forward, with saliency a
+        FloatTensor [n_images, N_v] (images in the order of ``pixel_values``). Returns the handles."""
+        raise ValueError(f"{type(self).__name__} provides no visual saliency; choose a method option that needs none")
+
+
+def visual_spans(input_ids: torch.Tensor, image_token_id: int, per_image: int | None = None) -> torch.Tensor:
+    """Split the positions of ``image_token_id`` into images: contiguous runs, each cut into chunks of
+    ``per_image`` when a run holds several adjacent images. See :meth:`Adapter.visual_index`."""
+    is_image = (input_ids == image_token_id).cpu()
+    spans = []
+    for b, row in enumerate(is_image):
+        pos = row.nonzero().flatten()
+        if pos.numel() == 0:
+            raise ValueError(
+                f"sample {b} has no image tokens (image_token_id={image_token_id}); vtprune schedules visual "
+                "tokens, so every prompt must contain the image placeholder (use the model's processor)"
+            )
+        breaks = (pos[1:] != pos[:-1] + 1).nonzero().flatten() + 1
+        runs = list(torch.tensor_split(pos, breaks))
+        if per_image:
+            runs = [c for r in runs for c in (r.split(per_image) if r.numel() % per_image == 0 else [r])]
+        spans.append(runs)
+    counts = [[r.numel() for r in runs] for runs in spans]
+    if any(c != counts[0] for c in counts) or len(set(counts[0])) != 1:
+        raise ValueError(
+            "mismatched images: every sample of a batch must hold the same number of images with the same "
+            f"number of visual tokens each; got visual tokens per image per sample {counts}"
+        )
+    return torch.stack([torch.stack(runs) for runs in spans]).to(input_ids.device)
+
+
+_ADAPTERS: list[type[Adapter]] = []
+
+
+def register_adapter(cls: type[Adapter]) -> type[Adapter]:
+    """Class decorator adding an adapter to the registry (most specific first)."""
+    _ADAPTERS.insert(0, cls)
+    return cls
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    """The adapter for ``model``. Raises TypeError naming the supported model classes."""
+    for cls in _ADAPTERS:
+        if cls.supports(model):
+            return cls(model)
+    supported = sorted({c for a in _ADAPTERS for c in a.model_classes})
+    raise TypeError(f"unsupported model class {type(model).__name__}; vtprune supports {supported}")

@@ -1,0 +1,127 @@
+"""Sequence layouts: which original tokens sit in which slot of a layer's sequence, and the surgery
+that follows from a layout (gather hidden states / position embeddings, build the attention mask).
+
+Index space. Every prompt token is identified by its index ``i`` in the padded input of the prefill
+call (``0 <= i < S``); the ``j``-th token fed back during decoding has index ``S + j``. Position ids and
+RoPE / M-RoPE embeddings are never recomputed: they are gathered from the stock model's own tensors at
+the original index, so kept tokens keep their original positions (METHODS.md, shared conventions).
+
+Groups. A slot belongs to group 0 (shared by every path), to a path ``g >= 1`` (ParVTS runs the
+subject and the non-subject tokens as paths 1 and 2 packed in one sequence) or to ``PAD`` (a filler slot
+that nothing attends to, used to give every sample of a batch the same packed length). Slot ``q``
+attends to slot ``k`` iff ``index[k] <= index[q]``, ``k`` is not padding, and ``group[k]`` is 0 or equals
+``group[q]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+PAD = -1
+
+
+@dataclass
+class Layout:
+    """Slots of one layer's sequence.
+
+    Attributes:
+        index: LongTensor [B, n], the original token index of each slot (see module docstring).
+        group: LongTensor [B, n] of group ids, or None when every slot is in group 0 (a plain, pruned or
+            not, single-path sequence sorted by index).
+    """
+
+    index: torch.Tensor
+    group: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        """Slots per sample (tokens in this layer's sequence, padding included)."""
+        return self.index.shape[1]
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Gather along the token dimension.
+
+    Args:
+        x: [B or 1, S, ...] (hidden states, cos / sin) or [B or 1, S] (position ids).
+        index: LongTensor [B, n] of token indices into dim 1 of ``x``.
+
+    Returns:
+        [B, n, ...], the rows of ``x`` at ``index`` (``x`` is broadcast over a batch dim of 1).
+    """
+    batch = index.shape[0]
+    if x.shape[0] != batch:
+        x = x.expand(batch, *x.shape[1:])
+    idx = index.to(x.device)
+    if x.dim() == 2:
+        return torch.gather(x, 1, idx)
+    idx = idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+    return torch.gather(x, 1, idx)
+
+
+def gather_position_embeddings(pe, index: torch.Tensor):
+    """Gather a model's position embeddings (a (cos, sin) tuple of [B|1, S, d] tensors, or one tensor)
+    at the original token ``index`` [B, n]."""
+    if isinstance(pe, tuple):
+        return tuple(gather_position_embeddings(t, index) for t in pe)
+    return gather_tokens(pe, index)
+
+
+def build_mask(
+    q: Layout, k: Layout, valid: torch.Tensor, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Attention mask between the query slots ``q`` and key slots ``k``.
+
+    Args:
+        q: query layout, index [B, nq].
+        k: key layout, index [B, nk] (the layer's KV cache contents, in cache order).
+        valid: BoolTensor [B, S_total], False at the model's padding tokens (the 2-D attention mask).
+        dtype: None for a boolean mask (True = attend; SDPA), or a float dtype for an additive mask
+            (0 / finfo.min; eager attention).
+
+    Returns:
+        [B, 1, nq, nk] mask. Rows of padding queries are all False, as in transformers' own masks.
+    """
+    qi, ki = q.index.to(valid.device), k.index.to(valid.device)
+    allowed = ki[:, None, :] <= qi[:, :, None]
+    allowed &= torch.gather(valid, 1, ki)[:, None, :]
+    if k.group is not None or q.group is not None:
+        kg = k.group if k.group is not None else torch.zeros_like(ki)
+        qg = q.group if q.group is not None else torch.zeros_like(qi)
+        kg, qg = kg.to(valid.device), qg.to(valid.device)
+        allowed &= (kg[:, None, :] == 0) | (kg[:, None, :] == qg[:, :, None])
+        allowed &= (kg != PAD)[:, None, :]
+        allowed &= (qg != PAD)[:, :, None]
+    allowed = allowed[:, None]
+    if dtype is None:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )
+
+
+def locate(sorted_index: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+    """Slots of ``wanted`` token indices in a layout whose ``index`` is sorted per row.
+
+    Args:
+        sorted_index: LongTensor [B, n], ascending per row.
+        wanted: LongTensor [B, m] of indices present in the corresponding row.
+
+    Returns:
+        LongTensor [B, m] of slot numbers.
+    """
+    return torch.searchsorted(sorted_index, wanted.to(sorted_index.device))
+
+
+def select_kv(layer_cache, slots: torch.Tensor) -> None:
+    """Keep only the cache entries at ``slots`` (LongTensor [B, m]) of one layer's KV cache, in place.
+
+    ``layer_cache`` is a transformers cache layer with ``keys`` / ``values`` of shape
+    [B, kv_heads, n, head_dim] (``DynamicLayer``).
+    """
+    keys, values = layer_cache.keys, layer_cache.values
+    idx = slots.to(keys.device)[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[3])
+    layer_cache.keys = torch.gather(keys, 2, idx)
+    layer_cache.values = torch.gather(values, 2, idx)

@@ -1,0 +1,149 @@
+"""The ledger: tokens per layer -> equivalent budget, analytic FLOPs, KV-cache bytes, timings.
+
+Counts come from the sequences and caches the run actually built, per sample (padding excluded), for
+the prefill and for every decode step, and are compared with the same quantities for the unpruned
+model on the same input. FLOPs cover the decoder layers only (the vision tower and the LM head are
+unchanged by every method). Two conventions:
+
+- ``fastv``: FastV's per-layer count ``F(n) = 4 n d^2 + 2 n^2 d + 2 n d m`` (Chen et al., ECCV 2024),
+  generalised to ``F(q, kv) = 4 q d^2 + 2 q kv d + 2 q d m`` for q queries against kv keys (a decode
+  step is ``F(1, kv)``); ParVTS's two paths count as ``F(n_A) + F(n_B)`` (METHODS.md).
+- ``exact``: multiply-adds x 2 of the real architecture: q / k / v / o projections with grouped-query
+  attention, SwiGLU MLP (3 matrices), and QK^T + AV over the (query, key) pairs actually attended
+  (causal, per path).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Dims:
+    """Decoder dimensions: hidden d, MLP m, heads, kv heads, head dim, layers."""
+
+    d: int
+    m: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    layers: int
+
+    @classmethod
+    def from_config(cls, cfg) -> Dims:
+        heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        return cls(cfg.hidden_size, cfg.intermediate_size, heads,
+                   getattr(cfg, "num_key_value_heads", None) or heads, head_dim, cfg.num_hidden_layers)
+
+    def fastv(self, q: int, kv: int) -> int:
+        """FastV-convention FLOPs of one layer for q queries against kv keys."""
+        return 4 * q * self.d**2 + 2 * q * kv * self.d + 2 * q * self.d * self.m
+
+    def exact(self, q: int, pairs: int) -> int:
+        """FLOPs of one layer for q queries attending ``pairs`` (query, key) pairs in total."""
+        attn_w = self.heads * self.head_dim
+        proj = 2 * q * self.d * attn_w * 2 + 2 * q * self.d * self.kv_heads * self.head_dim * 2
+        return proj + 4 * pairs * attn_w + 6 * q * self.d * self.m
+
+
+class Timer:
+    """Wall-clock intervals in ms; CUDA events on GPU (read at report time, no sync in the loop)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.spans: list[tuple] = []
+        self._open = None
+
+    def start(self) -> None:
+        if self.cuda:
+            self._open = torch.cuda.Event(enable_timing=True)
+            self._open.record()
+        else:
+            self._open = time.perf_counter()
+
+    def stop(self) -> None:
+        if self._open is None:
+            return
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.spans.append((self._open, end))
+        else:
+            self.spans.append((self._open, time.perf_counter()))
+        self._open = None
+
+    def ms(self) -> list[float]:
+        if self.cuda and self.spans:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) for a, b in self.spans]
+        return [(b - a) * 1000.0 for a, b in self.spans]
+
+
+class Ledger:
+    """Per-sample work of one generation, filled by the run layer by layer."""
+
+    def __init__(self, dims: Dims, pads: list[int], prompt_length: int, n_images: int, n_visual: int):
+        self.dims, self.pads, self.prompt_length = dims, pads, prompt_length
+        self.n_images, self.n_visual = n_images, n_visual
+        b = len(pads)
+        self.prefill_fastv, self.prefill_exact = [0] * b, [0] * b
+        self.decode_fastv, self.decode_exact = [0] * b, [0] * b
+        self.prefill_visual: list[list[int]] = [[] for _ in range(b)]  # per sample, per layer
+        self.decode_visual: list[int] = []  # per layer, last decode step (same for all samples)
+        self.steps = 0
+
+    def prefill_layer(self, counts: list[tuple[int, int, int]], visual: list[int]) -> None:
+        """Record one prefill layer: per sample (shared prefix, path-1 tail, path-2 tail) real tokens
+        (a single path is (n, 0, 0)) and visual tokens present."""
+        for b, (p, a, c) in enumerate(counts):
+            pairs = p * (p + 1) // 2 + a * p + a * (a + 1) // 2 + c * p + c * (c + 1) // 2
+            self.prefill_exact[b] += self.dims.exact(p + a + c, pairs)
+            self.prefill_fastv[b] += self.dims.fastv(p + a, p + a) + (self.dims.fastv(p + c, p + c) if c else 0)
+            self.prefill_visual[b].append(visual[b])
+
+    def decode_layer(self, kv_len: int) -> None:
+        """Record one layer of a decode step whose cache holds ``kv_len`` entries (padding included)."""
+        for b, pad in enumerate(self.pads):
+            kv = kv_len - pad
+            self.decode_fastv[b] += self.dims.fastv(1, kv)
+            self.decode_exact[b] += self.dims.exact(1, kv)
+
+    def summary(self, kv_bytes: int, kv_bytes_per_token: int, cache_lengths: list[int]) -> list[dict]:
+        """Per-sample report dicts (see :meth:`vtprune.engine.run.Run.report`)."""
+        dims, out = self.dims, []
+        for b, pad in enumerate(self.pads):
+            n0 = self.prompt_length - pad
+            base_prefill_f = dims.layers * dims.fastv(n0, n0)
+            base_prefill_e = dims.layers * dims.exact(n0, n0 * (n0 + 1) // 2)
+            base_dec_f = sum(dims.layers * dims.fastv(1, n0 + j) for j in range(1, self.steps + 1))
+            base_dec_e = sum(dims.layers * dims.exact(1, n0 + j) for j in range(1, self.steps + 1))
+            kv_entries = sum(n - pad for n in cache_lengths)
+            kv_entries0 = dims.layers * (n0 + self.steps)
+            vis = self.prefill_visual[b]
+            total_f = self.prefill_fastv[b] + self.decode_fastv[b]
+            total_f0 = base_prefill_f + base_dec_f
+            out.append({
+                "visual_tokens_in": self.n_images * self.n_visual,
+                "prompt_tokens": n0,
+                "visual_tokens_per_layer_prefill": vis,
+                "visual_tokens_per_layer_last_decode": list(self.decode_visual) or list(vis),
+                "equivalent_budget": sum(vis) / len(vis) / self.n_images if vis else float(self.n_visual),
+                "final_budget": vis[-1] / self.n_images if vis else self.n_visual,
+                "flops": {
+                    "prefill": _pair(self.prefill_fastv[b], base_prefill_f, self.prefill_exact[b], base_prefill_e),
+                    "decode": _pair(self.decode_fastv[b], base_dec_f, self.decode_exact[b], base_dec_e),
+                    "total_fastv_ratio": total_f / total_f0 if total_f0 else 1.0,
+                },
+                "kv_cache": {"bytes": kv_entries * kv_bytes_per_token, "bytes_unpruned": kv_entries0 * kv_bytes_per_token,
+                             "ratio": kv_entries / kv_entries0},
+            })
+        return out
+
+
+def _pair(f, f0, e, e0) -> dict:
+    return {"fastv": f, "fastv_unpruned": f0, "fastv_ratio": f / f0 if f0 else 1.0,
+            "exact": e, "exact_unpruned": e0, "exact_ratio": e / e0 if e0 else 1.0}

@@ -1,0 +1,362 @@
+"""Attaching a method to a model: hooks on the model, its language model and each decoder layer, the
+scoring attention entry, and a thin ``generate`` wrapper; all removed on exit, also on an exception.
+
+Per forward call the run decides the phase: a call whose ``input_ids`` hold image tokens and whose
+cache is empty is a prefill (a new :class:`Generation`); a one-token call on that generation's cache is
+a decode step. Before each decoder layer it lets the method act, then gives the layer the hidden states,
+position embeddings, position ids and attention mask of the layer's (possibly pruned or packed)
+sequence. Layers whose sequence and cache are the stock ones are left untouched, so with nothing pruned
+the model computes exactly what it computes without vtprune.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from vtprune.adapters import adapter_for
+from vtprune.engine import scoring
+from vtprune.engine.layout import PAD, Layout, build_mask, gather_position_embeddings, gather_tokens
+from vtprune.engine.ledger import Dims, Ledger, Timer
+from vtprune.engine.state import Generation
+from vtprune.methods import Method, make_method
+
+
+class Run:
+    """A method attached to a model. Use as a context manager (``with vtprune.apply(...) as run``) or
+    call :meth:`detach` yourself. :meth:`report` describes the last generation."""
+
+    def __init__(self, model: torch.nn.Module, method: Method):
+        self.model = model
+        self.adapter = adapter_for(model)  # TypeError for unsupported classes
+        self.method = method
+        self.dims = Dims.from_config(self.adapter.text_config)
+        method.validate(self.dims.layers)
+        per_image = self.adapter.tokens_per_image()
+        if per_image:
+            method.check_visual(per_image)
+        self.gen: Generation | None = None
+        self.ledger: Ledger | None = None
+        self._handles: list = []
+        self._attached = False
+        self._saliency: list[torch.Tensor] = []
+        self._max_new_tokens: int | None = None
+        self._generate_ms: float | None = None
+
+    # ------------------------------------------------------------------ attach / detach
+    def attach(self) -> Run:
+        if self._attached:
+            return self
+        cfg = self.adapter.text_config
+        self._orig_impl = cfg._attn_implementation or "eager"
+        name = scoring.register(self._orig_impl)
+        try:
+            model, lm = self.model, self.adapter.language_model
+            self._handles.append(model.register_forward_pre_hook(self._on_call, with_kwargs=True))
+            self._handles.append(model.register_forward_hook(self._after_call, with_kwargs=True))
+            self._handles.append(lm.register_forward_pre_hook(self._on_lm, with_kwargs=True))
+            for i, layer in enumerate(self.adapter.decoder_layers):
+                self._handles.append(layer.register_forward_pre_hook(functools.partial(self._on_layer, i), with_kwargs=True))
+                scoring.listen(layer.self_attn, self._on_attention)
+            if self.method.needs_saliency:
+                self._handles += self.adapter.attach_saliency(self._saliency.append)
+            cfg._attn_implementation = name
+            self._had_generate = "generate" in model.__dict__
+            self._orig_generate = model.generate
+            model.generate = self._generate
+        except BaseException:
+            self._remove()
+            raise
+        self._attached = True
+        return self
+
+    def detach(self) -> None:
+        """Remove every hook, listener and override; the model is the stock model again."""
+        if self._attached:
+            self._remove()
+            self._attached = False
+
+    def _remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for layer in self.adapter.decoder_layers:
+            scoring.unlisten(layer.self_attn)
+        cfg = self.adapter.text_config
+        if getattr(self, "_orig_impl", None) is not None and cfg._attn_implementation != self._orig_impl:
+            cfg._attn_implementation = self._orig_impl
+        if "generate" in self.model.__dict__ and not getattr(self, "_had_generate", False):
+            del self.model.generate
+
+    def __enter__(self) -> Run:
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    # ------------------------------------------------------------------ generate wrapper
+    def _generate(self, *args, **kwargs):
+        cfg = kwargs.get("generation_config") or self.model.generation_config
+        self._max_new_tokens = kwargs.get("max_new_tokens") or getattr(cfg, "max_new_tokens", None)
+        self._saliency.clear()  # generate may run the vision tower before the prefill forward
+        timer = Timer(self.model.device)
+        timer.start()
+        try:
+            return self._orig_generate(*args, **kwargs)
+        finally:
+            timer.stop()
+            self._generate_ms = timer.ms()[0]
+            self._max_new_tokens = None
+
+    # ------------------------------------------------------------------ hooks
+    def _on_call(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = kwargs.get("past_key_values")
+        if input_ids is None:
+            raise ValueError("vtprune needs input_ids (it finds the visual tokens from the image token id); got inputs_embeds only")
+        empty = cache is None or cache.get_seq_length() == 0
+        gen = self.gen
+        if not empty and gen is not None and cache is gen.cache and input_ids.shape[1] == 1:
+            gen.phase, gen.step = "decode", gen.step + 1
+            gen.prev_logits, gen.logits = gen.logits, {}
+            self.ledger.steps += 1
+            self._timers["decode"].start()
+            return None
+        if not empty:
+            raise ValueError("vtprune: unsupported call: a cache that vtprune did not fill, or more than one new token "
+                             "per decode step (speculative / chunked decoding is not supported)")
+        self._start_generation(input_ids, kwargs.get("attention_mask"))
+        self._timers["prefill"].start()
+        return None
+
+    def _start_generation(self, input_ids, attention_mask) -> None:
+        visual = self.adapter.visual_index(input_ids)
+        self.method.check_visual(visual.shape[-1])
+        valid = (attention_mask.bool() if attention_mask is not None
+                 else torch.ones_like(input_ids, dtype=torch.bool))
+        is_visual = torch.zeros_like(valid)
+        is_visual.scatter_(1, visual.flatten(1), True)
+        text = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)[~is_visual]
+        self.gen = Generation(visual_index=visual, text_index=text.view(input_ids.shape[0], -1), valid=valid,
+                              num_layers=self.dims.layers, saliency=None, max_new_tokens=self._max_new_tokens)
+        self.ledger = Ledger(self.dims, self.gen.pads, input_ids.shape[1], visual.shape[1], visual.shape[2])
+        self._timers = {"prefill": Timer(input_ids.device), "decode": Timer(input_ids.device)}
+        self._generate_ms = None
+        self._pe_cache = None
+        self._mask_cache = {}
+
+    def _after_call(self, module, args, kwargs, output):
+        gen = self.gen
+        if gen is None:
+            return None
+        if gen.phase == "prefill":
+            self._timers["prefill"].stop()
+            for layer in range(gen.num_layers):
+                if gen.layouts[layer] is not None and not gen.identity_at[layer]:
+                    gen.cache_index[layer] = gen.layouts[layer].index
+                    gen.cache_vis[layer] = gen.layer_vis[layer]
+            gen.hidden = None
+        else:
+            self._timers["decode"].stop()
+            self.ledger.decode_visual = [v.shape[-1] * gen.n_images for v in gen.cache_vis]
+        return None
+
+    def _on_lm(self, module, args, kwargs):
+        gen = self.gen
+        if gen is None:
+            return None
+        mask = kwargs.get("attention_mask")
+        if gen.phase == "prefill":
+            return None
+        gen.valid = (mask.bool() if mask is not None and mask.dim() == 2 else
+                     torch.ones(gen.batch_size, gen.prompt_length + gen.step, dtype=torch.bool, device=gen.valid.device))
+        self._mask_cache = {}
+        if not gen.identity:
+            kwargs["attention_mask"] = None  # every layer gets its own mask from _on_layer
+            return args, kwargs
+        return None
+
+    def _on_layer(self, layer, module, args, kwargs):
+        gen = self.gen
+        if gen is None:
+            return None
+        gen.layer = layer
+        if gen.phase == "prefill":
+            return self._prefill_layer(layer, args, kwargs)
+        return self._decode_layer(layer, args, kwargs)
+
+    def _prefill_layer(self, layer, args, kwargs):
+        gen = self.gen
+        if layer == 0:
+            gen.cache = kwargs.get("past_key_values")
+            gen.orig_pe = kwargs.get("position_embeddings")
+            gen.orig_pos = kwargs.get("position_ids")
+            gen.identity_at = [True] * gen.num_layers
+            if self.method.needs_saliency:
+                gen.saliency = self._collect_saliency()
+        hidden = args[0] if args else kwargs["hidden_states"]
+        gen.hidden = hidden
+        self.method.on_prefill_layer(gen)
+        changed = gen.hidden is not hidden
+        if not gen.identity:
+            self._apply_layout(kwargs)
+        gen.layouts[layer] = gen.layout
+        gen.identity_at[layer] = gen.identity
+        gen.layer_vis[layer] = gen.vis
+        self._record_prefill(layer)
+        self._request_scores(layer)
+        if changed:
+            if args:
+                args = (gen.hidden, *args[1:])
+            else:
+                kwargs["hidden_states"] = gen.hidden
+        return args, kwargs
+
+    def _apply_layout(self, kwargs) -> None:
+        gen = self.gen
+        lay = gen.layout
+        if self._pe_cache is None or self._pe_cache[0] is not lay:
+            pe = gather_position_embeddings(gen.orig_pe, lay.index) if gen.orig_pe is not None else None
+            pos = gather_tokens(gen.orig_pos, lay.index) if gen.orig_pos is not None else None
+            mask = None
+            if lay.group is not None or gen.has_padding or self._orig_impl != "sdpa":
+                mask = build_mask(lay, lay, gen.valid, self._mask_dtype())
+            self._pe_cache = (lay, pe, pos, mask)
+        _, pe, pos, mask = self._pe_cache
+        kwargs["position_embeddings"] = pe
+        if "position_ids" in kwargs:
+            kwargs["position_ids"] = pos
+        kwargs["attention_mask"] = mask
+
+    def _mask_dtype(self):
+        return None if self._orig_impl != "eager" else self.gen.hidden.dtype if self.gen.hidden is not None else torch.float32
+
+    def _record_prefill(self, layer) -> None:
+        gen = self.gen
+        lay = gen.layout
+        key = id(lay)
+        if getattr(self, "_count_key", None) != key:
+            if lay.group is None:
+                n = lay.length
+                counts = [(n - p, 0, 0) for p in gen.pads]
+            else:
+                g = lay.group
+                valid = torch.gather(gen.valid, 1, lay.index.to(gen.valid.device)).to(g.device) & (g != PAD)
+                p = ((g == 0) & valid).sum(1).tolist()
+                a = (g == 1).sum(1).tolist()
+                c = (g == 2).sum(1).tolist()
+                counts = list(zip(p, a, c, strict=True))
+            visual = gen.n_images * (gen.vis.shape[-1] if gen.paths is None else gen.n_visual)
+            self._counts = (counts, [visual] * gen.batch_size)
+            self._count_key = key
+        self.ledger.prefill_layer(*self._counts)
+
+    def _decode_layer(self, layer, args, kwargs):
+        gen = self.gen
+        self.method.on_decode_layer(gen)
+        index = gen.cache_index[layer]
+        n_prompt = gen.prompt_length if index is None else index.shape[1]
+        self.ledger.decode_layer(n_prompt + gen.step)
+        self._request_scores(layer)
+        if gen.identity:
+            return None
+        mask = None
+        if gen.has_padding or self._orig_impl == "eager":
+            key = id(index)
+            if key not in self._mask_cache:
+                keys = Layout(gen.key_index(layer))
+                query = Layout(torch.full((gen.batch_size, 1), gen.total_length() - 1, device=keys.index.device))
+                self._mask_cache[key] = build_mask(query, keys, gen.valid, self._mask_dtype())
+            mask = self._mask_cache[key]
+        kwargs["attention_mask"] = mask
+        return args, kwargs
+
+    def _request_scores(self, layer) -> None:
+        gen = self.gen
+        gen.score_request = getattr(gen, "score_request", {})
+        gen.score_request[layer] = self.method.score_rows(gen)
+
+    def _on_attention(self, module, query, key, mask, scaling):
+        gen = self.gen
+        if gen is None:
+            return
+        layer = module.layer_idx
+        kind = getattr(gen, "score_request", {}).get(layer)
+        if kind is None:
+            return
+        if kind == "last":
+            rows = torch.full((query.shape[0], 1), query.shape[2] - 1, dtype=torch.long, device=query.device)
+        else:
+            rows = gen.question_rows()
+        gen.logits[layer] = scoring.row_logits(query, key, rows, mask, scaling)
+
+    def _collect_saliency(self) -> torch.Tensor:
+        gen = self.gen
+        if not self._saliency:
+            raise RuntimeError("the method needs a visual saliency but the vision tower did not run in this call")
+        sal = torch.cat(self._saliency, dim=0)
+        self._saliency.clear()
+        if sal.shape != (gen.batch_size * gen.n_images, gen.n_visual):
+            raise ValueError(f"mismatched images: saliency for {tuple(sal.shape)} image tokens, prompt holds "
+                             f"{gen.batch_size} x {gen.n_images} images of {gen.n_visual} tokens")
+        return sal.view(gen.batch_size, gen.n_images, gen.n_visual)
+
+    # ------------------------------------------------------------------ report
+    def report(self) -> dict:
+        """What the last generation kept and what it saved.
+
+        Returns a JSON-serialisable dict: ``method``, ``options``, ``samples`` (per sample: visual
+        tokens in, visual tokens per layer at prefill and at the last decode step, equivalent budget
+        (mean over layers of visual tokens present, per image), final budget, FLOPs of prefill and
+        decode for this run and for the unpruned model in both conventions (see ``engine/ledger.py``),
+        KV-cache bytes at the end vs unpruned), ``kv_cache`` (bytes measured on the batch's cache
+        tensors vs the unpruned size), ``timing`` (prefill ms = vision encoder + prefill, decode ms
+        per token, end-to-end ms, new tokens). Raises RuntimeError before any generation.
+        """
+        if self.gen is None:
+            raise RuntimeError("no generation has run under this vtprune run yet")
+        gen, dims = self.gen, self.dims
+        cache = gen.cache
+        lengths, measured, elsize = [], 0, 0
+        if cache is not None:
+            for layer in cache.layers[: dims.layers]:
+                lengths.append(layer.keys.shape[2])
+                measured += layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+                elsize = layer.keys.element_size()
+        per_token = 2 * dims.kv_heads * dims.head_dim * elsize
+        samples = self.ledger.summary(measured, per_token, lengths)
+        steps = self.ledger.steps
+        unpruned = dims.layers * gen.batch_size * (gen.prompt_length + steps) * per_token
+        prefill_ms, decode_ms = self._timers["prefill"].ms(), self._timers["decode"].ms()
+        return {
+            "method": self.method.name,
+            "options": self.method.options(),
+            "samples": samples,
+            "kv_cache": {"bytes": measured, "bytes_unpruned": unpruned, "ratio": measured / unpruned if unpruned else 1.0},
+            "timing": {
+                "prefill_ms": sum(prefill_ms),
+                "decode_ms_per_token": sum(decode_ms) / len(decode_ms) if decode_ms else None,
+                "end_to_end_ms": self._generate_ms if self._generate_ms is not None else sum(prefill_ms) + sum(decode_ms),
+                "new_tokens": steps + 1,
+                "device": str(self.model.device),
+            },
+        }
+
+
+def apply(model: torch.nn.Module, method: str | Method = "none", **options) -> Run:
+    """Attach a visual-token method to ``model`` and return the attached :class:`Run`.
+
+    Args:
+        model: a supported HF multimodal model (see ``vtprune.adapters``), any dtype / device.
+        method: a method name (``none``, ``parvts``, ``st3``, ``fastv``) or a method instance.
+        **options: the method's options (e.g. ``budget=64`` visual tokens per image, or
+            ``keep_ratio=0.125``), see each method's docstring.
+
+    Raises:
+        TypeError: unsupported model class, or an option the method does not have.
+        ValueError: unknown method, or an option value out of range (budget vs this model's
+            visual tokens per image, layers vs its depth). Nothing is attached then.
+    """
+    m = make_method(method, **options)
+    return Run(model, m).attach()

@@ -1,0 +1,36 @@
+"""Visual-token methods: one small module each, free of model classes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from vtprune.methods.base import Method
+from vtprune.methods.fastv import FastV
+from vtprune.methods.none import NoPruning
+from vtprune.methods.parvts import ParVTS
+from vtprune.methods.st3 import ST3
+
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (NoPruning, ParVTS, ST3, FastV)}
+
+
+def make_method(method: str | Method, **options) -> Method:
+    """Build a method from its name and options (or return an instance unchanged).
+
+    Raises ValueError for an unknown name and TypeError for an unknown option (both name what is
+    accepted); option values are checked by the method (ValueError).
+    """
+    if isinstance(method, Method):
+        if options:
+            raise TypeError("pass options either in the method instance or as keywords, not both")
+        return method
+    cls = METHODS.get(str(method).lower())
+    if cls is None:
+        raise ValueError(f"unknown method {method!r}; available: {sorted(METHODS)}")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise TypeError(f"method {cls.name!r} has no option(s) {unknown}; its options are {sorted(fields)}")
+    return cls(**options)
+
+
+__all__ = ["METHODS", "Method", "make_method", "NoPruning", "ParVTS", "ST3", "FastV"]

@@ -1,0 +1,83 @@
+"""The method interface: a config dataclass plus the decisions it makes at the stages it declares.
+
+A method never sees a model class. The engine calls it with a :class:`~vtprune.engine.state.Generation`
+(one ``generate`` call: prefill + decode steps), through which it reads scores / saliency and acts
+(keep visual tokens, split or merge ParVTS paths, evict from a layer's KV cache).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    from vtprune.engine.state import Generation
+
+
+@dataclasses.dataclass
+class Method:
+    """Base class. Subclasses are dataclasses whose fields are the method's options.
+
+    Stages (all optional): ``on_prefill_layer`` before each decoder layer of the prefill,
+    ``on_decode_layer`` before each decoder layer of each decode step, ``score_rows`` to ask for
+    attention rows of a layer (computed beside the fused kernel), ``needs_saliency`` for a per-patch
+    saliency from the vision side (adapter-defined).
+    """
+
+    name: ClassVar[str] = "base"
+    needs_saliency: ClassVar[bool] = False
+
+    def validate(self, num_layers: int) -> None:
+        """Check the options against the model (raise ValueError naming the option and its range)."""
+
+    def check_visual(self, n_visual: int) -> None:
+        """Check the options against the number of visual tokens per image (ValueError if out of range)."""
+
+    def score_rows(self, gen: Generation) -> str | None:
+        """Which query rows of the current layer to score: None, ``"last"`` (the last query, or the
+        token being decoded) or ``"question"`` (ParVTS: the question tokens of both paths)."""
+        return None
+
+    def on_prefill_layer(self, gen: Generation) -> None:
+        """Called before decoder layer ``gen.layer`` of the prefill."""
+
+    def on_decode_layer(self, gen: Generation) -> None:
+        """Called before decoder layer ``gen.layer`` of decode step ``gen.step``."""
+
+    def options(self) -> dict:
+        """The method's options as a JSON-serialisable dict."""
+        return dataclasses.asdict(self)
+
+
+def resolve_budget(name: str, budget: int | None, keep_ratio: float | None, n_visual: int,
+                   allow_zero: bool = False) -> int:
+    """Visual tokens to keep per image, from ``budget`` (int) or ``keep_ratio`` (float in (0, 1]).
+
+    Returns ``ceil(keep_ratio * n_visual)`` for a ratio. Raises ValueError if both or neither are
+    given, or the result is outside [1, n_visual] ([0, n_visual] with ``allow_zero``).
+    """
+    if (budget is None) == (keep_ratio is None):
+        raise ValueError(f"{name}: give exactly one of budget (int tokens per image) or keep_ratio (float in (0, 1])")
+    if keep_ratio is not None:
+        if not (0.0 < float(keep_ratio) <= 1.0):
+            raise ValueError(f"{name}: keep_ratio must be in (0, 1], got {keep_ratio}")
+        return max(1, math.ceil(float(keep_ratio) * n_visual))
+    lo = 0 if allow_zero else 1
+    if isinstance(budget, bool) or not isinstance(budget, int) or not (lo <= budget <= n_visual):
+        raise ValueError(
+            f"{name}: budget must be an int in [{lo}, {n_visual}] (visual tokens per image of this model), got {budget!r}"
+        )
+    return budget
+
+
+def check_choice(name: str, option: str, value, choices) -> None:
+    """Raise ValueError unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name}: {option} must be one of {list(choices)}, got {value!r}")
+
+
+def check_layer(name: str, option: str, value, num_layers: int, lo: int = 1) -> None:
+    """Raise ValueError unless ``value`` is an int layer in [lo, num_layers - 1]."""
+    if isinstance(value, bool) or not isinstance(value, int) or not (lo <= value <= num_layers - 1):
+        raise ValueError(f"{name}: {option} must be an int in [{lo}, {num_layers - 1}] for this {num_layers}-layer model, got {value!r}")

@@ -1,0 +1,134 @@
+"""ST³: Spatial-Temporal Visual Token Trimming (Zhuang et al., AAAI 2025, arXiv 2412.20105)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from vtprune.methods.base import Method, check_choice, check_layer, resolve_budget
+
+
+@dataclasses.dataclass
+class ST3(Method):
+    """Progressive visual token pruning (PVTP) across layers plus visual token annealing (VTA) of the
+    visual KV cache during decoding.
+
+    PVTP (prefill): at layers ``start_layer, start_layer + stride, ...`` keep
+    ``ceil((1 - ratio) * current)`` visual tokens per image, ranked by the last query's attention at
+    the previous layer ("QK heredity": taken beside the fused kernel). Given ``budget`` (tokens per
+    image) or ``keep_ratio`` instead, ``ratio`` is solved so that the equivalent budget (mean over
+    layers of visual tokens present) is the closest one not below it.
+
+    VTA (decode step t, t = tokens generated so far): layer l keeps
+    ``G(l,t) = G_min(l) + (G(l) - G_min(l)) * 0.5 * (1 + cos(pi * min(t, T) / T))`` visual entries in its
+    KV cache (rounded up), ``G(l)`` from PVTP, ``G_min(l) = ceil(floor_ratio * G(l))``, evicting the
+    lowest-scored by the current token's attention at layer l-1. Text, prefix and generated tokens
+    are never evicted.
+
+    Options: ratio (R, default 0.2), stride (S, 2), start_layer (2), budget / keep_ratio (solve R),
+    anneal ("cosine" | "linear" | "none", default "cosine"), anneal_steps (T; default None =
+    ``max_new_tokens`` of the generate call), floor_ratio (0.1).
+
+    Source: ST³ paper (PVTP, VTA, cosine decay, lazy layers, QK heredity: abstract and figure
+    captions); scores, schedule, rounding and T are reconstructed (METHODS.md, ST³). Layer 0 is never
+    annealed: it has no previous layer to be scored by (reconstructed).
+    """
+
+    name = "st3"
+    ratio: float | None = None
+    stride: int = 2
+    start_layer: int = 2
+    budget: int | None = None
+    keep_ratio: float | None = None
+    anneal: str = "cosine"
+    anneal_steps: int | None = None
+    floor_ratio: float = 0.1
+
+    def validate(self, num_layers: int) -> None:
+        self.num_layers = num_layers
+        if self.ratio is not None and (self.budget is not None or self.keep_ratio is not None):
+            raise ValueError("st3: give ratio (per pruning step) or a target budget / keep_ratio, not both")
+        if self.ratio is not None and not (isinstance(self.ratio, int | float) and 0.0 <= self.ratio < 1.0):
+            raise ValueError(f"st3: ratio must be a float in [0, 1), got {self.ratio!r}")
+        check_layer(self.name, "start_layer", self.start_layer, num_layers)
+        if isinstance(self.stride, bool) or not isinstance(self.stride, int) or self.stride < 1:
+            raise ValueError(f"st3: stride must be an int >= 1, got {self.stride!r}")
+        check_choice(self.name, "anneal", self.anneal, ("cosine", "linear", "none"))
+        if self.anneal_steps is not None and (not isinstance(self.anneal_steps, int) or self.anneal_steps < 1):
+            raise ValueError(f"st3: anneal_steps must be an int >= 1 or None, got {self.anneal_steps!r}")
+        if not (0.0 <= self.floor_ratio <= 1.0):
+            raise ValueError(f"st3: floor_ratio must be in [0, 1], got {self.floor_ratio!r}")
+        if self.budget is not None or self.keep_ratio is not None:
+            resolve_budget(self.name, self.budget, self.keep_ratio, 10**9)
+
+    def check_visual(self, n_visual: int) -> None:
+        if self.budget is None and self.keep_ratio is None:
+            self._ratio = 0.2 if self.ratio is None else float(self.ratio)
+        else:
+            target = resolve_budget(self.name, self.budget, self.keep_ratio, n_visual)
+            self._ratio = solve_ratio(target, n_visual, self.num_layers, self.start_layer, self.stride)
+        self.G = schedule(n_visual, self.num_layers, self._ratio, self.start_layer, self.stride)
+
+    # ------------------------------------------------------------------ stages
+    def score_rows(self, gen) -> str | None:
+        if gen.phase == "prefill":
+            return "last" if gen.layer + 1 in self.pruning_layers() else None
+        return "last" if self.anneal != "none" and gen.layer < gen.num_layers - 1 else None
+
+    def on_prefill_layer(self, gen) -> None:
+        layer = gen.layer
+        if layer in self.pruning_layers() and self.G[layer] < gen.visual_count():
+            gen.keep_visual(torch.topk(gen.visual_attention(layer - 1), self.G[layer], dim=-1).indices)
+
+    def on_decode_layer(self, gen) -> None:
+        layer = gen.layer
+        if self.anneal == "none" or layer == 0:
+            return
+        steps = self.anneal_steps or gen.max_new_tokens
+        if not steps:
+            raise ValueError("st3: annealing needs the number of new tokens: call generate(max_new_tokens=...) or set anneal_steps")
+        target = annealed(self.G[layer], gen.step, steps, self.floor_ratio, self.anneal)
+        if target < gen.visual_count():
+            gen.keep_visual(torch.topk(gen.visual_attention(layer - 1), target, dim=-1).indices)
+
+    def pruning_layers(self) -> range:
+        return range(self.start_layer, self.num_layers, self.stride)
+
+    def options(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["ratio_used"] = getattr(self, "_ratio", None)
+        return out
+
+
+def schedule(n_visual: int, num_layers: int, ratio: float, start_layer: int, stride: int) -> list[int]:
+    """PVTP: visual tokens per image present in each layer, G(l), l = 0..L-1."""
+    out, current = [], n_visual
+    for layer in range(num_layers):
+        if layer >= start_layer and (layer - start_layer) % stride == 0:
+            current = max(1, math.ceil((1.0 - ratio) * current))
+        out.append(current)
+    return out
+
+
+def annealed(g: int, step: int, steps: int, floor_ratio: float, kind: str = "cosine") -> int:
+    """VTA: visual entries a layer with PVTP count ``g`` keeps at decode step ``step`` of ``steps``."""
+    g_min = math.ceil(floor_ratio * g)
+    frac = min(step, steps) / steps
+    decay = 0.5 * (1.0 + math.cos(math.pi * frac)) if kind == "cosine" else 1.0 - frac if kind == "linear" else 1.0
+    return max(1, math.ceil(g_min + (g - g_min) * decay - 1e-9))
+
+
+def solve_ratio(target: float, n_visual: int, num_layers: int, start_layer: int, stride: int) -> float:
+    """The largest PVTP ratio R whose equivalent budget (mean of the schedule) is >= ``target``."""
+    def mean(r):
+        return sum(schedule(n_visual, num_layers, r, start_layer, stride)) / num_layers
+
+    lo, hi = 0.0, 0.999999
+    if mean(hi) >= target:
+        return hi
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if mean(mid) >= target else (lo, mid)
+    return lo

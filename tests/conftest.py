@@ -1,0 +1,56 @@
+"""Tiny random-weight LLaVA models built from the real config classes (CLIP tower + Llama LM)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+IMAGE_TOKEN = 250
+N_VISUAL = 16  # (32 px / 8 px)^2 patches, CLS dropped ("default" strategy)
+
+
+def tiny_llava(layers: int = 6, attn: str = "sdpa", seed: int = 0) -> LlavaForConditionalGeneration:
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=32, patch_size=8, projection_dim=32)
+    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=256, max_position_embeddings=512,
+                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
+                      image_seq_length=N_VISUAL, vision_feature_layer=-2,
+                      vision_feature_select_strategy="default")
+    model = LlavaForConditionalGeneration(cfg).eval()
+    # random init gives near-uniform logits; a larger LM head scale makes greedy decoding decisive
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    model.config.text_config._attn_implementation = attn
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def make_prompt(prefix_len: int, question_len: int, seed: int, images: int = 1) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    ids = [1] + torch.randint(3, 240, (prefix_len,), generator=g).tolist()
+    for _ in range(images):
+        ids += [IMAGE_TOKEN] * N_VISUAL + torch.randint(3, 240, (2,), generator=g).tolist()
+    return ids + torch.randint(3, 240, (question_len,), generator=g).tolist()
+
+
+def batch(prompts: list[list[int]], seed: int = 0, images: int = 1):
+    """Left-padded batch: input_ids, attention_mask [B, S]; pixel_values [B * images, 3, 32, 32]."""
+    s = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), s, dtype=torch.long)
+    mask = torch.zeros(len(prompts), s, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, s - len(p):] = torch.tensor(p)
+        mask[i, s - len(p):] = 1
+    g = torch.Generator().manual_seed(seed)
+    pix = torch.randn(len(prompts) * images, 3, 32, 32, generator=g)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pix}
+
+
+@pytest.fixture(scope="session")
+def model():
+    return tiny_llava()
