@@ -112,7 +112,7 @@ def locate(sorted_index: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
     Returns:
         LongTensor [B, m] of slot numbers.
     """
-    return torch.searchsorted(sorted_index, wanted.to(sorted_index.device))
+    return torch.searchsorted(sorted_index.contiguous(), wanted.to(sorted_index.device))
 
 
 def select_kv(layer_cache, slots: torch.Tensor) -> None:

@@ -94,6 +94,7 @@ class Ledger:
         self.decode_fastv, self.decode_exact = [0] * b, [0] * b
         self.prefill_visual: list[list[int]] = [[] for _ in range(b)]  # per sample, per layer
         self.decode_visual: list[int] = []  # per layer, last decode step (same for all samples)
+        self.decode_history: list[list[int]] = []  # per decode step, visual tokens per layer (all images)
         self.steps = 0
 
     def prefill_layer(self, counts: list[tuple[int, int, int]], visual: list[int]) -> None:

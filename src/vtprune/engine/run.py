@@ -160,6 +160,7 @@ class Run:
         else:
             self._timers["decode"].stop()
             self.ledger.decode_visual = [v.shape[-1] * gen.n_images for v in gen.cache_vis]
+            self.ledger.decode_history.append(self.ledger.decode_visual)
         return None
 
     def _on_lm(self, module, args, kwargs):
@@ -324,6 +325,7 @@ class Run:
                 lengths.append(layer.keys.shape[2])
                 measured += layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
                 elsize = layer.keys.element_size()
+        # bytes of one token's K and V in one layer
         per_token = 2 * dims.kv_heads * dims.head_dim * elsize
         samples = self.ledger.summary(measured, per_token, lengths)
         steps = self.ledger.steps
@@ -333,7 +335,8 @@ class Run:
             "method": self.method.name,
             "options": self.method.options(),
             "samples": samples,
-            "kv_cache": {"bytes": measured, "bytes_unpruned": unpruned, "ratio": measured / unpruned if unpruned else 1.0},
+            "kv_cache": {"bytes": measured, "bytes_unpruned": unpruned, "ratio": measured / unpruned if unpruned else 1.0,
+                         "entries_per_layer": lengths},
             "timing": {
                 "prefill_ms": sum(prefill_ms),
                 "decode_ms_per_token": sum(decode_ms) / len(decode_ms) if decode_ms else None,

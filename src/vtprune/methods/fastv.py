@@ -35,7 +35,6 @@ class FastV(Method):
 
     def validate(self, num_layers: int) -> None:
         check_layer(self.name, "layer", self.layer, num_layers)
-        resolve_budget(self.name, self.budget, self.keep_ratio, 10**9)
 
     def check_visual(self, n_visual: int) -> None:
         self.keep = resolve_budget(self.name, self.budget, self.keep_ratio, n_visual)

@@ -69,7 +69,6 @@ class ParVTS(Method):
         check_choice(self.name, "schedule", self.schedule, tuple(SCHEDULES))
         if not (isinstance(self.alpha, int | float) and 0.0 <= self.alpha <= 1.0):
             raise ValueError(f"parvts: alpha must be a float in [0, 1], got {self.alpha!r}")
-        resolve_budget(self.name, self.budget, self.keep_ratio, 10**9)
 
     def check_visual(self, n_visual: int) -> None:
         self.keep = resolve_budget(self.name, self.budget, self.keep_ratio, n_visual)
@@ -104,8 +103,9 @@ class ParVTS(Method):
     def _subjects(self, gen) -> torch.Tensor:
         """Subject tokens per image, LongTensor [B, I, budget] of positions among the N_v."""
         if self.subject_score == "random":
+            # one seeded draw per image slot, shared by all samples: independent of the batch size
             g = torch.Generator().manual_seed(self.seed)
-            scores = torch.rand(gen.visual_index.shape, generator=g)
+            scores = torch.rand(gen.visual_index.shape[1:], generator=g).expand(gen.batch_size, -1, -1)
         else:
             scores = gen.saliency
         return torch.topk(scores.float(), self.keep, dim=-1).indices

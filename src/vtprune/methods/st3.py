@@ -60,8 +60,6 @@ class ST3(Method):
             raise ValueError(f"st3: anneal_steps must be an int >= 1 or None, got {self.anneal_steps!r}")
         if not (0.0 <= self.floor_ratio <= 1.0):
             raise ValueError(f"st3: floor_ratio must be in [0, 1], got {self.floor_ratio!r}")
-        if self.budget is not None or self.keep_ratio is not None:
-            resolve_budget(self.name, self.budget, self.keep_ratio, 10**9)
 
     def check_visual(self, n_visual: int) -> None:
         if self.budget is None and self.keep_ratio is None:

@@ -1,0 +1,292 @@
+"""Engine behaviour on tiny random-weight LLaVA models (CLIP tower + Llama LM, real classes)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import IMAGE_TOKEN, N_VISUAL, batch, make_prompt, tiny_llava
+
+import vtprune
+from vtprune.methods.st3 import annealed, schedule
+
+NEW = 20
+PROMPTS = [make_prompt(2, 4, 1), make_prompt(5, 9, 2), make_prompt(3, 2, 3)]
+
+# every method with pruning options that prune, and with options that keep every token
+PRUNING = [
+    ("fastv", {"budget": 4}),
+    ("st3", {}),
+    ("st3", {"keep_ratio": 0.25, "anneal": "linear"}),
+    ("parvts", {"budget": 4}),
+    ("parvts", {"budget": 4, "fusion": "fixed", "alpha": 0.7, "fuse_every_layer": True}),
+    ("parvts", {"budget": 5, "subject_score": "random", "fusion": "size"}),
+    ("parvts", {"budget": 5, "schedule": "sequential_subject_first"}),
+    ("parvts", {"budget": 5, "schedule": "sequential_non_subject_first"}),
+]
+KEEP_ALL = [
+    ("none", {}),
+    ("fastv", {"budget": N_VISUAL}),
+    ("fastv", {"keep_ratio": 1.0}),
+    ("parvts", {"budget": N_VISUAL}),
+    ("st3", {"ratio": 0.0, "anneal": "none"}),
+]
+
+
+def generate(model, inputs, **kw):
+    kw.setdefault("max_new_tokens", NEW)
+    kw.setdefault("do_sample", False)
+    return model.generate(**inputs, **kw)[:, -kw["max_new_tokens"]:]
+
+
+@pytest.mark.parametrize("method,opts", KEEP_ALL)
+@pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS], ids=["single", "batched"])
+def test_keeping_every_token_equals_stock(model, method, opts, prompts):
+    inputs = batch(prompts)
+    stock = generate(model, inputs)
+    with vtprune.apply(model, method, **opts) as run:
+        out = generate(model, inputs)
+    assert torch.equal(out, stock)
+    sample = run.report()["samples"][0]
+    assert sample["visual_tokens_per_layer_prefill"] == [N_VISUAL] * 6
+    assert sample["flops"]["prefill"]["exact_ratio"] == 1.0
+
+
+def test_sampling_with_nothing_pruned_equals_stock(model):
+    inputs = batch(PROMPTS)
+    torch.manual_seed(7)
+    stock = generate(model, inputs, do_sample=True, top_k=20)
+    with vtprune.apply(model, "none"):
+        torch.manual_seed(7)
+        out = generate(model, inputs, do_sample=True, top_k=20)
+    assert torch.equal(out, stock)
+
+
+@pytest.mark.parametrize("method,opts", PRUNING + KEEP_ALL[:1])
+def test_batched_equals_one_by_one(model, method, opts):
+    full = batch(PROMPTS)
+    with vtprune.apply(model, method, **opts):
+        together = generate(model, full)
+        for i, p in enumerate(PROMPTS):
+            one = batch([p])
+            one["pixel_values"] = full["pixel_values"][i:i + 1]
+            assert torch.equal(generate(model, one)[0], together[i]), f"sample {i}"
+
+
+@pytest.mark.parametrize("method,opts", PRUNING)
+def test_pruning_changes_work_and_sampling_runs(model, method, opts):
+    inputs = batch(PROMPTS)
+    with vtprune.apply(model, method, **opts) as run:
+        torch.manual_seed(0)
+        out = generate(model, inputs, do_sample=True, max_new_tokens=6)
+    assert out.shape == (3, 6)
+    r = run.report()
+    assert r["samples"][0]["equivalent_budget"] < N_VISUAL
+    assert r["kv_cache"]["bytes"] == sum(
+        layer.keys.numel() * 4 * 2 for layer in run.gen.cache.layers)  # fp32 K and V, measured
+
+
+def test_fastv_counts_and_kv_lengths(model):
+    inputs = batch(PROMPTS)
+    s = inputs["input_ids"].shape[1]
+    with vtprune.apply(model, "fastv", budget=5, layer=3) as run:
+        generate(model, inputs, max_new_tokens=NEW)
+    sample = run.report()["samples"][0]
+    assert sample["visual_tokens_per_layer_prefill"] == [N_VISUAL] * 3 + [5] * 3
+    assert sample["visual_tokens_per_layer_last_decode"] == [N_VISUAL] * 3 + [5] * 3
+    assert sample["equivalent_budget"] == pytest.approx((3 * N_VISUAL + 3 * 5) / 6)
+    fed = NEW - 1  # the last new token is never fed back
+    assert run.report()["kv_cache"]["entries_per_layer"] == [s + fed] * 3 + [s - N_VISUAL + 5 + fed] * 3
+
+
+def test_st3_pvtp_then_vta_cosine_step_by_step(model):
+    inputs = batch(PROMPTS)
+    s = inputs["input_ids"].shape[1]
+    steps = 12
+    with vtprune.apply(model, "st3", ratio=0.3, stride=2, start_layer=1, floor_ratio=0.25) as run:
+        generate(model, inputs, max_new_tokens=steps)
+    g = schedule(N_VISUAL, 6, 0.3, 1, 2)
+    assert g == [16, 12, 12, 9, 9, 7]  # ceil(0.7 * 16) = 12, ceil(0.7 * 12) = 9, ceil(0.7 * 9) = 7
+    sample = run.report()["samples"][0]
+    assert sample["visual_tokens_per_layer_prefill"] == g
+    history = run.ledger.decode_history
+    assert len(history) == steps - 1
+    for t, counts in enumerate(history, start=1):
+        expected = [g[0]] + [annealed(g[layer], t, steps, 0.25) for layer in range(1, 6)]
+        assert counts == expected, f"step {t}"
+        # cosine: G_min + (G - G_min) * 0.5 * (1 + cos(pi t / T)), rounded up
+        g_min = math.ceil(0.25 * g[5])
+        assert counts[5] == math.ceil(g_min + (g[5] - g_min) * 0.5 * (1 + math.cos(math.pi * t / steps)) - 1e-9)
+    fed = steps - 1
+    assert run.report()["kv_cache"]["entries_per_layer"] == [s - N_VISUAL + c + fed for c in history[-1]]
+
+
+def test_st3_target_budget_solves_ratio(model):
+    with vtprune.apply(model, "st3", budget=8, anneal="none") as run:
+        generate(model, batch(PROMPTS[:1]), max_new_tokens=2)
+    sample = run.report()["samples"][0]
+    assert 8 <= sample["equivalent_budget"] < 9
+
+
+@pytest.mark.parametrize("schedule_name,kept", [("parallel", 4), ("sequential_non_subject_first", 4),
+                                                ("sequential_subject_first", N_VISUAL - 4)])
+def test_parvts_path_a_in_every_layer_after_discard(model, schedule_name, kept):
+    inputs = batch(PROMPTS)
+    s = inputs["input_ids"].shape[1]
+    with vtprune.apply(model, "parvts", budget=4, discard_layer=3, schedule=schedule_name) as run:
+        generate(model, inputs, max_new_tokens=NEW)
+    r = run.report()
+    sample = r["samples"][0]
+    # both paths' visual tokens are present before the discard, one path's after it
+    assert sample["visual_tokens_per_layer_prefill"] == [N_VISUAL] * 3 + [kept] * 3
+    assert r["kv_cache"]["entries_per_layer"] == [s - N_VISUAL + kept + NEW - 1] * 6
+    # the kept subject tokens are the most salient patches of each image ([CLS] attention)
+    if schedule_name == "parallel":
+        top = torch.topk(run.gen.saliency, 4, dim=-1).indices.sort(-1).values
+        assert torch.equal(run.gen.cache_vis[5], torch.gather(run.gen.visual_index, 2, top))
+
+
+def test_parvts_flops_follow_two_path_formula(model):
+    inputs = batch(PROMPTS[:1])
+    n = inputs["input_ids"].shape[1]
+    with vtprune.apply(model, "parvts", budget=4, discard_layer=2) as run:
+        generate(model, inputs, max_new_tokens=1)
+    dims = run.dims
+    n_a, n_b = n - N_VISUAL + 4, n - 4
+    expected = 2 * (dims.fastv(n_a, n_a) + dims.fastv(n_b, n_b)) + 4 * dims.fastv(n_a, n_a)
+    assert run.report()["samples"][0]["flops"]["prefill"]["fastv"] == expected
+
+
+def test_multiple_images_each_span_pruned_separately(model):
+    prompts = [make_prompt(2, 3, 5, images=2), make_prompt(4, 6, 6, images=2)]
+    inputs = batch(prompts, images=2)
+    stock = generate(model, inputs, max_new_tokens=8)
+    with vtprune.apply(model, "none"):
+        assert torch.equal(generate(model, inputs, max_new_tokens=8), stock)
+    with vtprune.apply(model, "fastv", budget=3) as run:
+        generate(model, inputs, max_new_tokens=8)
+    assert run.report()["samples"][1]["visual_tokens_per_layer_prefill"] == [32, 32, 6, 6, 6, 6]
+    kept = run.gen.cache_vis[5]
+    assert kept.shape == (2, 2, 3)
+    assert torch.all(kept[:, 0] < run.gen.visual_index[:, 1, :1])  # three from each image
+
+
+def test_kept_tokens_keep_original_positions(model):
+    inputs = batch(PROMPTS)
+    seen = {}
+
+    def spy(module, args, kwargs):
+        seen["cos"] = kwargs["position_embeddings"][0].clone()
+        seen["pos"] = kwargs["position_ids"].clone()
+
+    with vtprune.apply(model, "fastv", budget=4, layer=2) as run:
+        handle = model.model.language_model.layers[4].register_forward_pre_hook(spy, with_kwargs=True)
+        try:
+            model(**inputs)
+        finally:
+            handle.remove()
+    index = run.gen.layouts[4].index
+    rotary = model.model.language_model.rotary_emb
+    hidden = torch.zeros(1, 1, 64)
+    full_pos = torch.arange(inputs["input_ids"].shape[1])[None].expand(3, -1)
+    cos, _ = rotary(hidden, full_pos)
+    assert torch.equal(seen["pos"], torch.gather(full_pos, 1, index))
+    assert torch.allclose(seen["cos"], torch.gather(cos, 1, index[..., None].expand(-1, -1, cos.shape[-1])))
+
+
+@pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS], ids=["single", "padded-batch"])
+def test_partial_scores_equal_eager_attention_rows(prompts):
+    sdpa, eager = tiny_llava(attn="sdpa"), tiny_llava(attn="eager")
+    inputs = batch(prompts)
+    with torch.no_grad():
+        ref = eager(**inputs, output_attentions=True).attentions
+    for model in (sdpa, eager):
+        with vtprune.apply(model, "st3", ratio=0.0, anneal="none", start_layer=1, stride=1) as run:
+            with torch.no_grad():
+                model(**inputs)
+        for layer in range(5):
+            ours = torch.softmax(run.gen.logits[layer][:, :, -1, :], -1)
+            assert torch.allclose(ours, ref[layer][:, :, -1, :].float(), atol=1e-5), layer
+
+
+@pytest.mark.parametrize("method,opts", [("fastv", {"budget": 4}), ("parvts", {"budget": 4}), ("st3", {})])
+def test_model_is_stock_after_exit_and_after_exception(model, method, opts):
+    inputs = batch(PROMPTS)
+    stock = generate(model, inputs)
+    impl = model.config.text_config._attn_implementation
+    with vtprune.apply(model, method, **opts):
+        generate(model, inputs, max_new_tokens=3)
+    assert torch.equal(generate(model, inputs), stock)
+    with pytest.raises(RuntimeError, match="boom"):
+        with vtprune.apply(model, method, **opts):
+            generate(model, inputs, max_new_tokens=2)
+            raise RuntimeError("boom")
+    assert torch.equal(generate(model, inputs), stock)
+    assert model.config.text_config._attn_implementation == impl
+    assert "generate" not in model.__dict__
+    layer = model.model.language_model.layers[0]
+    assert not layer._forward_pre_hooks and not model._forward_pre_hooks and not model._forward_hooks
+
+
+def test_error_inside_generate_leaves_model_stock(model):
+    inputs = batch(PROMPTS)
+    stock = generate(model, inputs)
+    text_only = {"input_ids": torch.tensor([[1, 5, 6, 7]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    with pytest.raises(ValueError, match="no image tokens"):
+        with vtprune.apply(model, "fastv", budget=4):
+            model.generate(**text_only, max_new_tokens=2)
+    assert torch.equal(generate(model, inputs), stock)
+
+
+@pytest.mark.parametrize("method,opts,exc,match", [
+    ("fastv", {"budget": 0}, ValueError, r"budget must be an int in \[1, 16\]"),
+    ("fastv", {"budget": N_VISUAL + 1}, ValueError, r"budget must be an int in \[1, 16\]"),
+    ("parvts", {"budget": 0}, ValueError, "budget"),
+    ("parvts", {"keep_ratio": 1.5}, ValueError, "keep_ratio"),
+    ("st3", {"ratio": 1.0}, ValueError, "ratio"),
+    ("st3", {"anneal": "exp"}, ValueError, "anneal must be one of"),
+    ("parvts", {"discard_layer": 6}, ValueError, "discard_layer must be an int in"),
+    ("parvts", {"fusion": "mean"}, ValueError, "fusion must be one of"),
+    ("fastv", {"budget": 4, "keep_ratio": 0.5}, ValueError, "exactly one of"),
+    ("fastv", {"k": 2}, TypeError, "has no option"),
+    ("magic", {}, ValueError, "unknown method 'magic'"),
+])
+def test_bad_options_raise_and_attach_nothing(model, method, opts, exc, match):
+    with pytest.raises(exc, match=match):
+        vtprune.apply(model, method, **opts)
+    assert not model._forward_pre_hooks
+    assert model.config.text_config._attn_implementation == "sdpa"
+
+
+def test_unsupported_model_class():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    lm = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, vocab_size=64))
+    with pytest.raises(TypeError, match="unsupported model class LlamaForCausalLM"):
+        vtprune.apply(lm, "fastv")
+
+
+def test_mismatched_images_in_a_batch(model):
+    prompts = [make_prompt(2, 3, 5, images=2), make_prompt(4, 6, 6, images=1)]
+    inputs = batch(prompts, images=1)
+    inputs["pixel_values"] = torch.randn(3, 3, 32, 32)
+    with pytest.raises(ValueError, match="mismatched images"):
+        with vtprune.apply(model, "fastv", budget=4):
+            model(**inputs)
+
+
+def test_report_before_generation_raises(model):
+    with vtprune.apply(model, "fastv", budget=4) as run:
+        with pytest.raises(RuntimeError, match="no generation"):
+            run.report()
+
+
+def test_image_token_is_found_from_config_not_offsets():
+    model = tiny_llava(layers=4)
+    ids = make_prompt(7, 3, 9)
+    assert ids.index(IMAGE_TOKEN) == 8
+    with vtprune.apply(model, "fastv", budget=2) as run:
+        generate(model, batch([ids]), max_new_tokens=2)
+    assert run.gen.visual_index[0, 0].tolist() == list(range(8, 8 + N_VISUAL))
