@@ -4,7 +4,7 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-PHOTO ?= ../shared/data/photos/000000039769.jpg
+PHOTO ?= ../shared/data/photos/COCO_val2017_000000039769_two_cats.jpg
 
 .PHONY: setup demo test lint
 

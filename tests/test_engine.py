@@ -290,3 +290,14 @@ def test_image_token_is_found_from_config_not_offsets():
     with vtprune.apply(model, "fastv", budget=2) as run:
         generate(model, batch([ids]), max_new_tokens=2)
     assert run.gen.visual_index[0, 0].tolist() == list(range(8, 8 + N_VISUAL))
+
+
+def test_unsupported_attention_implementation_is_refused(model):
+    model.config.text_config._attn_implementation = "flex_attention"
+    try:
+        with pytest.raises(ValueError, match="attention implementation 'flex_attention' is not supported"):
+            vtprune.apply(model, "fastv", budget=4)
+        assert model.config.text_config._attn_implementation == "flex_attention"
+        assert not model._forward_pre_hooks
+    finally:
+        model.config.text_config._attn_implementation = "sdpa"

@@ -23,6 +23,9 @@ from vtprune.engine.state import Generation
 from vtprune.methods import Method, make_method
 
 
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+
 class Run:
     """A method attached to a model. Use as a context manager (``with vtprune.apply(...) as run``) or
     call :meth:`detach` yourself. :meth:`report` describes the last generation."""
@@ -49,8 +52,12 @@ class Run:
         if self._attached:
             return self
         cfg = self.adapter.text_config
-        self._orig_impl = cfg._attn_implementation or "eager"
-        name = scoring.register(self._orig_impl)
+        impl = cfg._attn_implementation or "eager"
+        if impl not in SUPPORTED_ATTENTION:
+            raise ValueError(f"attention implementation {impl!r} is not supported yet; load the model with "
+                             f"attn_implementation one of {list(SUPPORTED_ATTENTION)}")
+        self._orig_impl = impl
+        name = scoring.register(impl)
         try:
             model, lm = self.model, self.adapter.language_model
             self._handles.append(model.register_forward_pre_hook(self._on_call, with_kwargs=True))
