@@ -301,3 +301,12 @@ def test_unsupported_attention_implementation_is_refused(model):
         assert not model._forward_pre_hooks
     finally:
         model.config.text_config._attn_implementation = "sdpa"
+
+
+def test_st3_anneals_over_max_length_when_max_new_tokens_is_absent(model):
+    inputs = batch(PROMPTS[:1])
+    s = inputs["input_ids"].shape[1]
+    with vtprune.apply(model, "st3") as run:
+        model.generate(**inputs, max_length=s + 6, do_sample=False)
+    assert run.gen.max_new_tokens == 6
+    assert len(run.ledger.decode_history) == 5

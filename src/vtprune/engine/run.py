@@ -106,6 +106,10 @@ class Run:
     def _generate(self, *args, **kwargs):
         cfg = kwargs.get("generation_config") or self.model.generation_config
         self._max_new_tokens = kwargs.get("max_new_tokens") or getattr(cfg, "max_new_tokens", None)
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        max_length = kwargs.get("max_length") or getattr(cfg, "max_length", None)
+        if self._max_new_tokens is None and ids is not None and max_length:
+            self._max_new_tokens = max(1, max_length - ids.shape[1])
         self._saliency.clear()  # generate may run the vision tower before the prefill forward
         timer = Timer(self.model.device)
         timer.start()
