@@ -310,3 +310,20 @@ def test_st3_anneals_over_max_length_when_max_new_tokens_is_absent(model):
         model.generate(**inputs, max_length=s + 6, do_sample=False)
     assert run.gen.max_new_tokens == 6
     assert len(run.ledger.decode_history) == 5
+
+
+def test_cls_saliency_equals_eager_clip_attention_at_feature_layer(model):
+    inputs = batch(PROMPTS)
+    with vtprune.apply(model, "parvts", budget=4) as run:
+        generate(model, inputs, max_new_tokens=1)
+    tower = model.model.vision_tower
+    impl = tower.config._attn_implementation
+    tower.config._attn_implementation = "eager"
+    try:
+        with torch.no_grad():
+            attn = tower(inputs["pixel_values"], output_attentions=True).attentions
+    finally:
+        tower.config._attn_implementation = impl
+    # vision_feature_layer=-2 of 3 layers -> the output of encoder layer 1; its [CLS] row, summed over heads
+    expected = attn[1][:, :, 0, 1:].sum(1)
+    assert torch.allclose(run.gen.saliency.view(3, N_VISUAL), expected, atol=1e-5)
