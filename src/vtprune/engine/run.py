@@ -22,7 +22,6 @@ from vtprune.engine.ledger import Dims, Ledger, Timer
 from vtprune.engine.state import Generation
 from vtprune.methods import Method, make_method
 
-
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
 
@@ -130,7 +129,7 @@ class Run:
         gen = self.gen
         if not empty and gen is not None and cache is gen.cache and input_ids.shape[1] == 1:
             gen.phase, gen.step = "decode", gen.step + 1
-            gen.prev_logits, gen.logits = gen.logits, {}
+            gen.logits = {}
             self.ledger.steps += 1
             self._timers["decode"].start()
             return None
@@ -155,6 +154,7 @@ class Run:
         self._timers = {"prefill": Timer(input_ids.device), "decode": Timer(input_ids.device)}
         self._generate_ms = None
         self._pe_cache = None
+        self._counted = None
         self._mask_cache = {}
 
     def _after_call(self, module, args, kwargs, output):
@@ -204,7 +204,6 @@ class Run:
             gen.cache = kwargs.get("past_key_values")
             gen.orig_pe = kwargs.get("position_embeddings")
             gen.orig_pos = kwargs.get("position_ids")
-            gen.identity_at = [True] * gen.num_layers
             if self.method.needs_saliency:
                 gen.saliency = self._collect_saliency()
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -242,13 +241,13 @@ class Run:
         kwargs["attention_mask"] = mask
 
     def _mask_dtype(self):
-        return None if self._orig_impl != "eager" else self.gen.hidden.dtype if self.gen.hidden is not None else torch.float32
+        """None (boolean mask) for SDPA; the model dtype (additive mask) for eager attention."""
+        return self.model.dtype if self._orig_impl == "eager" else None
 
     def _record_prefill(self, layer) -> None:
         gen = self.gen
         lay = gen.layout
-        key = id(lay)
-        if getattr(self, "_count_key", None) != key:
+        if self._counted is None or self._counted[0] is not lay:
             if lay.group is None:
                 n = lay.length
                 counts = [(n - p, 0, 0) for p in gen.pads]
@@ -260,9 +259,8 @@ class Run:
                 c = (g == 2).sum(1).tolist()
                 counts = list(zip(p, a, c, strict=True))
             visual = gen.n_images * (gen.vis.shape[-1] if gen.paths is None else gen.n_visual)
-            self._counts = (counts, [visual] * gen.batch_size)
-            self._count_key = key
-        self.ledger.prefill_layer(*self._counts)
+            self._counted = (lay, counts, [visual] * gen.batch_size)
+        self.ledger.prefill_layer(*self._counted[1:])
 
     def _decode_layer(self, layer, args, kwargs):
         gen = self.gen
@@ -285,16 +283,14 @@ class Run:
         return args, kwargs
 
     def _request_scores(self, layer) -> None:
-        gen = self.gen
-        gen.score_request = getattr(gen, "score_request", {})
-        gen.score_request[layer] = self.method.score_rows(gen)
+        self.gen.score_request[layer] = self.method.score_rows(self.gen)
 
     def _on_attention(self, module, query, key, mask, scaling):
         gen = self.gen
         if gen is None:
             return
         layer = module.layer_idx
-        kind = getattr(gen, "score_request", {}).get(layer)
+        kind = gen.score_request.get(layer)
         if kind is None:
             return
         if kind == "last":

@@ -9,6 +9,7 @@ cache: O(rows x keys) per scored layer, never the full attention matrix, never e
 
 from __future__ import annotations
 
+import sys
 import weakref
 from collections.abc import Callable
 
@@ -61,7 +62,10 @@ def row_logits(
 
 def _make_wrapper(original: str) -> Callable:
     def vtprune_attention(module, query, key, value, attention_mask, *args, **kwargs):
-        kernel = ALL_ATTENTION_FUNCTIONS[original]
+        if original == "eager":  # eager lives in each modeling file, next to the attention class
+            kernel = sys.modules[type(module).__module__].eager_attention_forward
+        else:
+            kernel = ALL_ATTENTION_FUNCTIONS[original]
         out = kernel(module, query, key, value, attention_mask, *args, **kwargs)
         listener = _LISTENERS.get(module)
         if listener is not None:
@@ -86,11 +90,6 @@ def register(original: str) -> str:
             f"attention implementation {original!r} is not supported; use one of "
             f"{sorted(k for k in ALL_ATTENTION_FUNCTIONS.keys() if not k.startswith(PREFIX))} or 'eager'"
         )
-    if original == "eager":
-        # eager lives in each modeling file; the Llama one is generic (repeat_kv + softmax + matmul)
-        from transformers.models.llama.modeling_llama import eager_attention_forward
-
-        ALL_ATTENTION_FUNCTIONS._global_mapping["eager"] = eager_attention_forward
     AttentionInterface.register(name, _make_wrapper(original))
     AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])
     return name

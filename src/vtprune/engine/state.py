@@ -45,10 +45,14 @@ class Generation:
         device = valid.device
         self.layout = Layout(torch.arange(self.prompt_length, device=device).expand(self.batch_size, -1))
         self.identity = True  # no layer has deviated from the stock sequence yet
+        self.identity_at = [True] * num_layers  # per layer: still the stock sequence at prefill
+        self.orig_pe = None  # the model's position embeddings of the prompt (cos, sin), [B|1, S, d]
+        self.orig_pos = None  # the model's position ids of the prompt, [B|1, S]
         self.vis = visual_index  # [B, I, n] visual tokens of the main path at the current layer
         self.paths: dict | None = None  # ParVTS packed-path bookkeeping
         self.hidden: torch.Tensor | None = None  # [B, n, d] input of the current layer (prefill)
         self.logits: dict[int, torch.Tensor] = {}  # layer -> [B, H, r, k] logits scored this step
+        self.score_request: dict[int, str | None] = {}  # layer -> rows the method asked to score
         self.layouts: list[Layout | None] = [None] * num_layers  # prefill sequence of each layer
         self.layer_vis: list[torch.Tensor | None] = [None] * num_layers
         # after prefill: prompt tokens in each layer's cache (index [B, n_l], None = all) and its visual tokens
