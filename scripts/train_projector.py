@@ -1,0 +1,392 @@
+#!/usr/bin/env python
+"""Train the LLaVA MLP projector of vtprune's bundled model (EfficientNet-Lite0 -> SmolLM2-135M).
+
+Only the projector (Linear 1280->576, GELU, Linear 576->576) is trained; the tower and the language
+model are frozen.  Tower features are precomputed by ``scripts/prepare_projector_data.py``.
+
+Data
+  * ImageNet sample (``/work/shared/data/imagenet-sample``, 1000 photos, one per class), FIXED split:
+    ``random.Random(seed).shuffle(sorted files)``; first 80 % train, last 20 % held out.
+    Train questions: "Is there a {label} in the image?" -> "Yes" / "No" (negatives: a random other
+    train label, balanced 50/50) and "What is in the image?" -> "{label}".
+  * easy-VQA train questions (PyPI ``easy_vqa``) on the images whose features were precomputed.
+
+Initialisation (``--init ridge``): ridge regression from mean-pooled tower features to the mean input
+embedding of the label's tokens on the train images, W ~= V U (rank 288 SVD), and the MLP set to
+compute it exactly per token: linear_1 rows [U; -U], linear_2 columns [V, -V] (GELU(z) - GELU(-z) = z).
+
+Held-out evaluation: on the held-out 20 % images (classes never seen in training), "Is there a {label}
+in the image?" with one positive and one seeded random negative per image; greedy first token, the
+logit of "Yes" vs "No".
+
+Writes ``<out>/projector.safetensors``, ``<out>/record.json`` and ``<out>/RECORD.md``.
+
+Usage::
+
+    python scripts/prepare_projector_data.py
+    python scripts/train_projector.py --steps 400 --time-budget 2400
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from vtprune.models.default import (  # noqa: E402
+    IMAGE_TOKEN,
+    NUM_IMAGE_TOKENS,
+    PROJECTOR_DIR,
+    assemble,
+    cache_root,
+)
+
+YES, NO = "Yes", "No"
+
+
+def split_imagenet(files, seed, frac=0.8):
+    order = sorted(range(len(files)), key=lambda i: files[i])
+    random.Random(seed).shuffle(order)
+    n = int(round(frac * len(files)))
+    return order[:n], order[n:]
+
+
+def build_prompt(processor, question):
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    text = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    return text.replace(IMAGE_TOKEN, IMAGE_TOKEN * NUM_IMAGE_TOKENS)
+
+
+class Encoder:
+    """Tokenises (question, answer) pairs; caches prompt ids."""
+
+    def __init__(self, processor):
+        self.p = processor
+        self.tok = processor.tokenizer
+        self.cache = {}
+
+    def prompt_ids(self, q):
+        if q not in self.cache:
+            self.cache[q] = self.tok(build_prompt(self.p, q), add_special_tokens=False)["input_ids"]
+        return self.cache[q]
+
+    def answer_ids(self, a):
+        return self.tok(a + "<|im_end|>", add_special_tokens=False)["input_ids"]
+
+
+def make_batch(enc, samples, pad_id):
+    """samples: list of (feat_index_key, question, answer or None). Returns ids, attn, labels (left pad)."""
+    seqs, labs = [], []
+    for _, q, a in samples:
+        p = enc.prompt_ids(q)
+        if a is None:
+            seqs.append(p)
+            labs.append([-100] * len(p))
+        else:
+            ans = enc.answer_ids(a)
+            seqs.append(p + ans)
+            labs.append([-100] * len(p) + ans)
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
+    att = torch.zeros((len(seqs), n), dtype=torch.long)
+    lab = torch.full((len(seqs), n), -100, dtype=torch.long)
+    for i, (s, lb) in enumerate(zip(seqs, labs, strict=True)):
+        ids[i, n - len(s) :] = torch.tensor(s)
+        att[i, n - len(s) :] = 1
+        lab[i, n - len(s) :] = torch.tensor(lb)
+    return ids, att, lab
+
+
+def forward(model, ids, att, feats, labels=None):
+    """Stock Llava forward path with precomputed tower tokens ``feats`` [B, 196, 1280]."""
+    emb = model.get_input_embeddings()(ids)
+    img = model.model.multi_modal_projector(feats.to(emb.dtype))
+    mask = (ids == model.config.image_token_id).unsqueeze(-1).expand_as(emb)
+    emb = emb.masked_scatter(mask, img.reshape(-1, img.shape[-1]).to(emb.dtype))
+    pos = (att.cumsum(-1) - 1).clamp(min=0)
+    return model(inputs_embeds=emb, attention_mask=att, position_ids=pos, labels=labels, use_cache=False)
+
+
+def label_embedding(model, tok, label):
+    ids = tok(" " + label, add_special_tokens=False)["input_ids"]
+    return model.get_input_embeddings().weight[ids].mean(0)
+
+
+@torch.no_grad()
+def ridge_init(model, tok, pooled, labels, lam, rank=288):
+    """Set the projector to the (rank-``rank``) ridge map pooled-feature -> label word embedding."""
+    X = pooled.double()
+    Y = torch.stack([label_embedding(model, tok, lb) for lb in labels]).double()
+    mx, my = X.mean(0), Y.mean(0)
+    Xc, Yc = X - mx, Y - my
+    d = X.shape[1]
+    W = torch.linalg.solve(Xc.T @ Xc + lam * len(X) * torch.eye(d, dtype=X.dtype), Xc.T @ Yc).T  # [576,1280]
+    Uu, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    s = S[:rank].sqrt()
+    V = Uu[:, :rank] * s  # [576, r]
+    U = s[:, None] * Vh[:rank]  # [r, 1280]
+    proj = model.model.multi_modal_projector
+    proj.linear_1.weight.copy_(torch.cat([U, -U]).float())
+    b1 = U @ mx
+    proj.linear_1.bias.copy_(torch.cat([-b1, b1]).float())
+    proj.linear_2.weight.copy_(torch.cat([V, -V], dim=1).float())
+    proj.linear_2.bias.copy_(my.float())
+    resid = ((Xc @ W.T - Yc) ** 2).sum() / (Yc**2).sum()
+    return float(resid), float(S[rank:].pow(2).sum() / S.pow(2).sum())
+
+
+@torch.no_grad()
+def evaluate(model, enc, feats, items, yes_id, no_id, pad_id, batch=8):
+    """items: list of (feat_idx, question, gold 'Yes'/'No'). Returns accuracy and mean P(yes)-bias."""
+    model.eval()
+    correct = 0
+    n_yes = 0
+    for i in range(0, len(items), batch):
+        chunk = items[i : i + batch]
+        ids, att, _ = make_batch(enc, [(k, q, None) for k, q, _ in chunk], pad_id)
+        f = torch.stack([feats[k] for k, _, _ in chunk]).float()
+        logits = forward(model, ids, att, f).logits[:, -1]
+        pred_yes = logits[:, yes_id] > logits[:, no_id]
+        for (_, _, gold), py in zip(chunk, pred_yes.tolist(), strict=True):
+            correct += int(py == (gold == YES))
+            n_yes += int(py)
+    return correct / max(1, len(items)), n_yes / max(1, len(items))
+
+
+def _other_running_processes():
+    me, n = os.getpid(), 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == me:
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        n += state == "R"
+    return n
+
+
+def adaptive_threads(max_threads):
+    """Pick the torch thread count for the next step from the other processes currently running.
+
+    On a shared 2-core machine, 2 intra-op threads competing with another busy process are several
+    times slower than 1 thread, so use ``max_threads`` only when no other process is running.
+    """
+    try:
+        counts = []
+        for _ in range(5):
+            counts.append(_other_running_processes())
+            time.sleep(0.01)
+    except OSError:
+        return max_threads
+    return max_threads if sorted(counts)[len(counts) // 2] == 0 else 1
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--features", default=str(cache_root() / "projector-features.pt"))
+    ap.add_argument("--data", default="/work/shared/data")
+    ap.add_argument("--out", default=str(PROJECTOR_DIR))
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init", choices=["ridge", "random"], default="ridge")
+    ap.add_argument("--ridge-lambda", type=float, default=1e-3)
+    ap.add_argument("--mix", default="0.5,0.25,0.25", help="fractions yes/no, what-is, easy-VQA")
+    ap.add_argument("--time-budget", type=float, default=0, help="stop training after this many seconds (0: off)")
+    ap.add_argument("--eval-max", type=int, default=0, help="cap held-out questions (0: all)")
+    ap.add_argument("--eval-every", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2, help="max torch threads (adaptive, see adaptive_threads)")
+    ap.add_argument("--skip-init-eval", action="store_true")
+    ap.add_argument("--save-every", type=int, default=50)
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    t_start = time.time()
+
+    data = torch.load(args.features)
+    inet = data["imagenet"]
+    files, labels = inet["files"], inet["labels"]
+    feats = {("in", i): inet["feats"][i] for i in range(len(files))}
+    tr, ho = split_imagenet(files, args.seed)
+    print(f"imagenet: {len(tr)} train / {len(ho)} held-out images", flush=True)
+    evqa = []
+    if "easyvqa" in data:
+        import easy_vqa
+
+        qs, ans, img_ids = easy_vqa.get_train_questions()
+        have = {iid: j for j, iid in enumerate(data["easyvqa"]["ids"])}
+        for q, a, iid in zip(qs, ans, img_ids, strict=True):
+            if iid in have:
+                a = a.capitalize() if a in ("yes", "no") else a
+                evqa.append((("ev", have[iid]), q, a))
+        for j in have.values():
+            feats[("ev", j)] = data["easyvqa"]["feats"][j]
+    print(f"easy-VQA: {len(evqa)} questions on {len(data.get('easyvqa', {}).get('ids', []))} images", flush=True)
+
+    model, processor = assemble(None)
+    tok = processor.tokenizer
+    enc = Encoder(processor)
+    pad_id = tok.pad_token_id
+    yes_id = tok(YES, add_special_tokens=False)["input_ids"][0]
+    no_id = tok(NO, add_special_tokens=False)["input_ids"][0]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    proj = model.model.multi_modal_projector
+    for p in proj.parameters():
+        p.requires_grad_(True)
+
+    # held-out yes/no set: one positive + one seeded negative (another held-out label) per image
+    erng = random.Random(args.seed + 1)
+    eval_items = []
+    for i in ho:
+        eval_items.append((("in", i), f"Is there a {labels[i]} in the image?", YES))
+        j = erng.choice([k for k in ho if labels[k] != labels[i]])
+        eval_items.append((("in", i), f"Is there a {labels[j]} in the image?", NO))
+    if args.eval_max:
+        eval_items = eval_items[: args.eval_max]
+    quick_eval = eval_items[::4]
+
+    record = {"init": args.init}
+    if args.init == "ridge":
+        pooled = torch.stack([feats[("in", i)].float().mean(0) for i in tr])
+        resid, trunc = ridge_init(model, tok, pooled, [labels[i] for i in tr], args.ridge_lambda)
+        print(f"ridge init: relative train residual {resid:.3f}, rank-288 truncation energy {trunc:.4f}", flush=True)
+        record["ridge"] = {"lambda": args.ridge_lambda, "train_rel_residual": resid, "rank": 288}
+    acc0 = None
+    if not args.skip_init_eval:
+        t0 = time.time()
+        acc0, py0 = evaluate(model, enc, feats, quick_eval, yes_id, no_id, pad_id)
+        print(f"step 0 quick held-out acc {acc0:.3f} (P(pred yes)={py0:.2f}) [{time.time() - t0:.0f}s]", flush=True)
+        record["heldout_quick_acc_at_init"] = acc0
+
+    def save_projector():
+        from safetensors.torch import save_file
+
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous() for k, v in proj.state_dict().items()},
+                  str(Path(args.out) / "projector.safetensors"), metadata={"format": "pt"})
+
+    def sample():
+        r = rng.random()
+        m = [float(x) for x in args.mix.split(",")]
+        if r < m[0] or (not evqa and r < m[0] + m[2]):
+            i = rng.choice(tr)
+            if rng.random() < 0.5:
+                return (("in", i), f"Is there a {labels[i]} in the image?", YES)
+            j = rng.choice(tr)
+            while labels[j] == labels[i]:
+                j = rng.choice(tr)
+            return (("in", i), f"Is there a {labels[j]} in the image?", NO)
+        if r < m[0] + m[1] or not evqa:
+            i = rng.choice(tr)
+            return (("in", i), "What is in the image?", labels[i])
+        return rng.choice(evqa)
+
+    opt = torch.optim.AdamW(proj.parameters(), lr=args.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 10) * max(0.05, 1 - s / max(1, args.steps))
+    )
+    losses, steps_done, thread_hist = [], 0, {}
+    t_train = time.time()
+    for step in range(1, args.steps + 1):
+        model.train()
+        nthreads = adaptive_threads(args.threads)
+        if nthreads != torch.get_num_threads():
+            torch.set_num_threads(nthreads)
+        thread_hist[nthreads] = thread_hist.get(nthreads, 0) + 1
+        batch = [sample() for _ in range(args.batch)]
+        ids, att, lab = make_batch(enc, batch, pad_id)
+        f = torch.stack([feats[k] for k, _, _ in batch]).float()
+        out = forward(model, ids, att, f, labels=lab)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(proj.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(out.loss.detach()))
+        steps_done = step
+        el = time.time() - t_train
+        if step % 5 == 0 or step == 1:
+            print(f"step {step} loss {sum(losses[-20:]) / len(losses[-20:]):.3f} "
+                  f"({el / step:.2f}s/step, {el:.0f}s, threads {nthreads})", flush=True)
+        if args.eval_every and step % args.eval_every == 0:
+            acc, py = evaluate(model, enc, feats, quick_eval, yes_id, no_id, pad_id)
+            print(f"step {step} quick held-out acc {acc:.3f} (P(pred yes)={py:.2f})", flush=True)
+        if args.save_every and step % args.save_every == 0 and not args.no_write:
+            save_projector()  # intermediate checkpoint (overwritten at the end)
+        if args.time_budget and el > args.time_budget:
+            print(f"time budget reached after {step} steps", flush=True)
+            break
+    train_s = time.time() - t_train
+
+    out_dir = Path(args.out)
+    if not args.no_write:
+        save_projector()
+        print("wrote", out_dir / "projector.safetensors", flush=True)
+    torch.set_num_threads(adaptive_threads(args.threads))
+    t0 = time.time()
+    acc, py = evaluate(model, enc, feats, eval_items, yes_id, no_id, pad_id)
+    print(f"FINAL held-out yes/no acc {acc:.3f} on {len(eval_items)} questions (P(pred yes)={py:.2f}) "
+          f"[{time.time() - t0:.0f}s]", flush=True)
+    final_loss = sum(losses[-20:]) / max(1, len(losses[-20:]))
+    record.update({
+        "model": "EfficientNet-Lite0 (ImageNet) -> LlavaMultiModalProjector -> SmolLM2-135M-Instruct (GGUF Q4_1)",
+        "trained": "projector only (tower and LM frozen)",
+        "data": {
+            "imagenet_sample": f"{args.data}/imagenet-sample ({len(files)} photos, one per class)",
+            "imagenet_split": {"seed": args.seed, "rule": "random.Random(seed).shuffle(indices sorted by file); "
+                               "first 80% train, rest held out", "n_train": len(tr), "n_heldout": len(ho),
+                               "heldout_files": [files[i] for i in ho]},
+            "easy_vqa": {"images": len(data.get("easyvqa", {}).get("ids", [])), "questions": len(evqa),
+                         "image_ids": "first N sorted train image ids"},
+            "mix_yesno_what_easyvqa": args.mix,
+        },
+        "steps": steps_done, "batch": args.batch, "lr": args.lr, "optimizer": "AdamW, warmup 10, linear decay",
+        "seed": args.seed, "train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t_start, 1),
+        "final_loss_last20": final_loss,
+        "heldout_eval": {"questions": len(eval_items), "accuracy": acc, "frac_pred_yes": py,
+                         "protocol": "Is there a {label} in the image?; 1 positive + 1 seeded (seed+1) random "
+                                     "held-out negative per held-out image; first-token logit Yes vs No; "
+                                     "unpruned model"},
+        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "threads": args.threads, "steps_per_thread_count": thread_hist,
+    })
+    print(json.dumps({k: v for k, v in record.items() if k != "data"}, indent=1), flush=True)
+    if not args.no_write:
+        (out_dir / "record.json").write_text(json.dumps(record, indent=1) + "\n")
+        md = [
+            "# Projector training record", "",
+            f"- model: {record['model']}", f"- trained: {record['trained']}",
+            f"- data: ImageNet sample {len(tr)} train / {len(ho)} held-out images (split seed {args.seed}); "
+            f"easy-VQA {record['data']['easy_vqa']['questions']} questions on "
+            f"{record['data']['easy_vqa']['images']} images; mix {args.mix}",
+            f"- init: {args.init}" + (f" (ridge lambda {args.ridge_lambda}, rank 288)" if args.init == "ridge" else ""),
+            f"- steps {steps_done}, batch {args.batch}, lr {args.lr}, {train_s:.0f} s training on a shared 2-core CPU "
+            f"(max {args.threads} torch threads, adaptive; steps per thread count {thread_hist})",
+            f"- final loss (mean of last 20 steps): {final_loss:.3f}",
+            f"- held-out yes/no accuracy: {acc:.3f} on {len(eval_items)} questions (fraction predicted yes {py:.2f})"
+            + (f"; at init (quick subset): {acc0:.3f}" if acc0 is not None else ""),
+            f"- date: {record['date']}", f"- command: `{record['command']}`", "",
+            "Held-out images belong to classes never seen in training; the list is in record.json.", "",
+        ]
+        (out_dir / "RECORD.md").write_text("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()

