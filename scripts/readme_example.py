@@ -29,6 +29,10 @@ def run_one(photo: Path, prompt: str, method: str, extra: list[str], max_new: in
     return json.loads(done.stdout)
 
 
+def _ms(value) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--photos", nargs="*", default=[str(PHOTOS / "COCO_val2017_000000039769_two_cats.jpg")])
@@ -46,15 +50,16 @@ def main() -> int:
             rows.append((photo.name, result))
     print(f"date {stamp}, device {rows[0][1]['timing']['device']}, {platform.processor() or platform.machine()}, "
           f"torch threads default, prompt {args.prompt!r}, greedy, {args.max_new_tokens} new tokens max\n")
-    print("| photo | method | answer | unpruned answer | visual tokens in → equiv. → final | prefill FLOPs | total FLOPs | KV bytes | prefill ms (unpruned) | end-to-end ms (unpruned) | speedup e2e |")
+    print("| photo | method | answer (unpruned) | visual tokens in → equiv. → final | prefill FLOPs (exact) | total FLOPs (FastV) | KV bytes | prefill ms (unpruned) | prefill speedup | decode ms/token (unpruned) | new tokens (unpruned) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in rows:
         b, t, bt = r["baseline"], r["timing"], r["baseline"]["timing"]
-        print(f"| {name} | {r['method']} {json.dumps({k: v for k, v in r['options'].items() if v is not None})} "
-              f"| {r['answer']!r} | {b['answer']!r} | {r['visual_tokens_in']} → {r['equivalent_budget']:.1f} → "
-              f"{r['final_budget']} | {r['flops']['prefill']['exact_ratio']:.1%} | {r['flops']['total_fastv_ratio']:.1%} "
-              f"| {r['kv_cache']['ratio']:.1%} | {t['prefill_ms']:.0f} ({bt['prefill_ms']:.0f}) "
-              f"| {t['end_to_end_ms']:.0f} ({bt['end_to_end_ms']:.0f}) | {r['speedup']['end_to_end']:.2f}x |")
+        opts = {k: v for k, v in r["options"].items() if k in ("budget", "keep_ratio", "ratio_used", "discard_layer", "layer")}
+        print(f"| {name} | {r['method']} {json.dumps(opts)} | {r['answer']!r} ({b['answer']!r}) "
+              f"| {r['visual_tokens_in']} → {r['equivalent_budget']:.1f} → {r['final_budget']} "
+              f"| {r['flops']['prefill']['exact_ratio']:.1%} | {r['flops']['total_fastv_ratio']:.1%} | {r['kv_cache']['ratio']:.1%} "
+              f"| {t['prefill_ms']:.0f} ({bt['prefill_ms']:.0f}) | {r['speedup']['prefill']:.2f}x "
+              f"| {_ms(t['decode_ms_per_token'])} ({_ms(bt['decode_ms_per_token'])}) | {t['new_tokens']} ({bt['new_tokens']}) |")
     print(f"\nraw JSON: {out_dir.relative_to(ROOT)}")
     return 0
 
