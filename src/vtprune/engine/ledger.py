@@ -113,7 +113,7 @@ class Ledger:
             self.decode_fastv[b] += self.dims.fastv(1, kv)
             self.decode_exact[b] += self.dims.exact(1, kv)
 
-    def summary(self, kv_bytes: int, kv_bytes_per_token: int, cache_lengths: list[int]) -> list[dict]:
+    def summary(self, kv_bytes_per_token: int, cache_lengths: list[int]) -> list[dict]:
         """Per-sample report dicts (see :meth:`vtprune.engine.run.Run.report`)."""
         dims, out = self.dims, []
         for b, pad in enumerate(self.pads):

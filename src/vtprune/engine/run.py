@@ -334,7 +334,7 @@ class Run:
                 elsize = layer.keys.element_size()
         # bytes of one token's K and V in one layer
         per_token = 2 * dims.kv_heads * dims.head_dim * elsize
-        samples = self.ledger.summary(measured, per_token, lengths)
+        samples = self.ledger.summary(per_token, lengths)
         steps = self.ledger.steps
         unpruned = dims.layers * gen.batch_size * (gen.prompt_length + steps) * per_token
         prefill_ms, decode_ms = self._timers["prefill"].ms(), self._timers["decode"].ms()
