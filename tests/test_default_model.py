@@ -23,7 +23,7 @@ _MISSING = [
 if _MISSING:
     pytest.skip(f"weight packages not installed: {', '.join(_MISSING)}", allow_module_level=True)
 
-PHOTOS = Path("/work/shared/data/photos")
+PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "photos"  # ../shared beside the repo
 CATS = PHOTOS / "COCO_val2017_000000039769_two_cats.jpg"
 
 
