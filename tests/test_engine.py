@@ -327,3 +327,19 @@ def test_cls_saliency_equals_eager_clip_attention_at_feature_layer(model):
     # vision_feature_layer=-2 of 3 layers -> the output of encoder layer 1; its [CLS] row, summed over heads
     expected = attn[1][:, :, 0, 1:].sum(1)
     assert torch.allclose(run.gen.saliency.view(3, N_VISUAL), expected, atol=1e-5)
+
+
+def test_decode_only_annealing_on_a_padded_batch(model):
+    """ST3 with no prefill pruning still evicts during decoding: the evicted layers need their own masks."""
+    opts = {"ratio": 0.0, "floor_ratio": 0.25}
+    full = batch(PROMPTS)
+    s = full["input_ids"].shape[1]
+    with vtprune.apply(model, "st3", **opts) as run:
+        together = generate(model, full, max_new_tokens=10)
+        entries = run.report()["kv_cache"]["entries_per_layer"]
+        for i, p in enumerate(PROMPTS):
+            one = batch([p])
+            one["pixel_values"] = full["pixel_values"][i:i + 1]
+            assert torch.equal(generate(model, one, max_new_tokens=10)[0], together[i]), f"sample {i}"
+    last = [N_VISUAL] + [annealed(N_VISUAL, 9, 10, 0.25)] * 5
+    assert entries == [s - N_VISUAL + c + 9 for c in last]

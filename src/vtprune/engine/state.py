@@ -28,22 +28,21 @@ class Generation:
     """
 
     def __init__(self, *, visual_index: torch.Tensor, text_index: torch.Tensor, valid: torch.Tensor,
-                 num_layers: int, saliency: torch.Tensor | None, max_new_tokens: int | None):
+                 num_layers: int, max_new_tokens: int | None):
         self.visual_index = visual_index
         self.text_index = text_index
         self.valid = valid  # [B, S_total] bool, False at padding; grows during decoding
         self.batch_size, self.n_images, self.n_visual = visual_index.shape
         self.prompt_length = valid.shape[1]
         self.num_layers = num_layers
-        self.saliency = saliency
+        self.saliency: torch.Tensor | None = None  # set by the run before layer 0 when a method needs it
         self.max_new_tokens = max_new_tokens
         self.pads = (~valid).sum(1).tolist()  # per-sample left padding (one host sync, prefill only)
         self.has_padding = any(self.pads)
         self.phase = "prefill"
         self.layer = 0
         self.step = 0
-        device = valid.device
-        self.layout = Layout(torch.arange(self.prompt_length, device=device).expand(self.batch_size, -1))
+        self.layout = Layout(self._prompt_index())
         self.identity = True  # no layer has deviated from the stock sequence yet
         self.identity_at = [True] * num_layers  # per layer: still the stock sequence at prefill
         self.orig_pe = None  # the model's position embeddings of the prompt (cos, sin), [B|1, S, d]
@@ -77,9 +76,7 @@ class Generation:
         that layer (prefill), or its KV cache after this step's update (decode)."""
         if self.phase == "prefill":
             return self.layouts[layer].index
-        prompt = self.cache_index[layer]
-        if prompt is None:
-            prompt = torch.arange(self.prompt_length, device=self.valid.device).expand(self.batch_size, -1)
+        prompt = self._cache_prompt_index(layer)
         fed = torch.arange(self.prompt_length, self.total_length(), device=prompt.device)
         return torch.cat([prompt, fed.expand(self.batch_size, -1)], dim=1)
 
@@ -114,22 +111,32 @@ class Generation:
             if self.paths is not None:
                 raise RuntimeError("keep_visual while the ParVTS paths run: merge the paths first")
             new_vis = torch.gather(self.vis, 2, keep.to(self.vis.device))
-            new_index = torch.cat([self.text_index, new_vis.flatten(1)], dim=1).sort(dim=1).values
+            new_index = self._index_with(new_vis)
             self._set_layout(Layout(new_index), locate(self.layout.index, new_index))
             self.vis = new_vis
             return
         layer = self.layer
-        old_vis = self.cache_vis[layer]
-        new_vis = torch.gather(old_vis, 2, keep.to(old_vis.device))
-        old_index = self.cache_index[layer]
-        if old_index is None:
-            old_index = torch.arange(self.prompt_length, device=new_vis.device).expand(self.batch_size, -1)
-        new_index = torch.cat([self.text_index, new_vis.flatten(1)], dim=1).sort(dim=1).values
+        new_vis = torch.gather(self.cache_vis[layer], 2, keep.to(self.cache_vis[layer].device))
+        old_index, new_index = self._cache_prompt_index(layer), self._index_with(new_vis)
         n_old, fed = old_index.shape[1], self.step - 1  # tokens fed back before this step are cached
         fed_slots = torch.arange(n_old, n_old + fed, device=new_index.device).expand(self.batch_size, -1)
         select_kv(self.cache.layers[layer], torch.cat([locate(old_index, new_index), fed_slots], 1))
         self.cache_index[layer] = new_index
         self.cache_vis[layer] = new_vis
+        self.identity = False  # this layer's cache, hence its mask, now differs from the stock one
+
+    def _prompt_index(self) -> torch.Tensor:
+        """Every prompt token, in order: LongTensor [B, S]."""
+        return torch.arange(self.prompt_length, device=self.valid.device).expand(self.batch_size, -1)
+
+    def _cache_prompt_index(self, layer: int) -> torch.Tensor:
+        """Prompt tokens in ``layer``'s KV cache after the prefill, LongTensor [B, n_l]."""
+        index = self.cache_index[layer]
+        return self._prompt_index() if index is None else index
+
+    def _index_with(self, vis: torch.Tensor) -> torch.Tensor:
+        """All text tokens plus the visual tokens ``vis`` [B, I, n], sorted: LongTensor [B, T + I n]."""
+        return torch.cat([self.text_index, vis.flatten(1)], dim=1).sort(dim=1).values
 
     def _set_layout(self, layout: Layout, src: torch.Tensor) -> None:
         """Make ``layout`` the sequence from this layer on; slot i takes the hidden state of slot
