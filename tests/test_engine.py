@@ -98,6 +98,10 @@ def test_fastv_counts_and_kv_lengths(model):
     assert sample["equivalent_budget"] == pytest.approx((3 * N_VISUAL + 3 * 5) / 6)
     fed = NEW - 1  # the last new token is never fed back
     assert run.report()["kv_cache"]["entries_per_layer"] == [s + fed] * 3 + [s - N_VISUAL + 5 + fed] * 3
+    # decode FLOPs of sample 0 (pads p): step t reads s - p + t keys in layers 0-2, 11 fewer after K
+    p, dims = run.gen.pads[0], run.dims
+    expected = sum(3 * dims.fastv(1, s - p + t) + 3 * dims.fastv(1, s - p - N_VISUAL + 5 + t) for t in range(1, NEW))
+    assert sample["flops"]["decode"]["fastv"] == expected
 
 
 def test_st3_pvtp_then_vta_cosine_step_by_step(model):

@@ -84,18 +84,27 @@ class Timer:
 
 
 class Ledger:
-    """Per-sample work of one generation, filled by the run layer by layer."""
+    """Per-sample work of one generation: the run records each prefill layer and, after each decode
+    step, the visual tokens in every layer's cache; decode work is derived from those at report time
+    (nothing is counted per layer inside the decode loop)."""
 
     def __init__(self, dims: Dims, pads: list[int], prompt_length: int, n_images: int, n_visual: int):
         self.dims, self.pads, self.prompt_length = dims, pads, prompt_length
         self.n_images, self.n_visual = n_images, n_visual
         b = len(pads)
         self.prefill_fastv, self.prefill_exact = [0] * b, [0] * b
-        self.decode_fastv, self.decode_exact = [0] * b, [0] * b
         self.prefill_visual: list[list[int]] = [[] for _ in range(b)]  # per sample, per layer
-        self.decode_visual: list[int] = []  # per layer, last decode step (same for all samples)
         self.decode_history: list[list[int]] = []  # per decode step, visual tokens per layer (all images)
-        self.steps = 0
+
+    @property
+    def steps(self) -> int:
+        """Decode steps so far (tokens fed back)."""
+        return len(self.decode_history)
+
+    @property
+    def decode_visual(self) -> list[int]:
+        """Visual tokens per layer at the last decode step (empty before any)."""
+        return self.decode_history[-1] if self.decode_history else []
 
     def prefill_layer(self, counts: list[tuple[int, int, int]], visual: list[int]) -> None:
         """Record one prefill layer: per sample (shared prefix, path-1 tail, path-2 tail) real tokens
@@ -106,12 +115,20 @@ class Ledger:
             self.prefill_fastv[b] += self.dims.fastv(p + a, p + a) + (self.dims.fastv(p + c, p + c) if c else 0)
             self.prefill_visual[b].append(visual[b])
 
-    def decode_layer(self, kv_len: int) -> None:
-        """Record one layer of a decode step whose cache holds ``kv_len`` entries (padding included)."""
-        for b, pad in enumerate(self.pads):
-            kv = kv_len - pad
-            self.decode_fastv[b] += self.dims.fastv(1, kv)
-            self.decode_exact[b] += self.dims.exact(1, kv)
+    def decode_step(self, visual: list[int]) -> None:
+        """Record one decode step: visual tokens (all images) in each layer's cache during it."""
+        self.decode_history.append(list(visual))
+
+    def _decode_flops(self, pad: int) -> tuple[int, int]:
+        """(FastV, exact) FLOPs of all decode steps of the sample with ``pad`` padding tokens. At step t
+        a layer's cache holds the prompt's text tokens, its visual tokens and the t tokens fed back."""
+        text = self.prompt_length - self.n_images * self.n_visual - pad
+        fastv = exact = 0
+        for t, visual in enumerate(self.decode_history, start=1):
+            for v in visual:
+                fastv += self.dims.fastv(1, text + v + t)
+                exact += self.dims.exact(1, text + v + t)
+        return fastv, exact
 
     def summary(self, kv_bytes_per_token: int, cache_lengths: list[int]) -> list[dict]:
         """Per-sample report dicts (see :meth:`vtprune.engine.run.Run.report`)."""
@@ -125,7 +142,8 @@ class Ledger:
             kv_entries = sum(n - pad for n in cache_lengths)
             kv_entries0 = dims.layers * (n0 + self.steps)
             vis = self.prefill_visual[b]
-            total_f = self.prefill_fastv[b] + self.decode_fastv[b]
+            decode_f, decode_e = self._decode_flops(pad)
+            total_f = self.prefill_fastv[b] + decode_f
             total_f0 = base_prefill_f + base_dec_f
             out.append({
                 "visual_tokens_in": self.n_images * self.n_visual,
@@ -136,7 +154,7 @@ class Ledger:
                 "final_budget": vis[-1] / self.n_images if vis else self.n_visual,
                 "flops": {
                     "prefill": _pair(self.prefill_fastv[b], base_prefill_f, self.prefill_exact[b], base_prefill_e),
-                    "decode": _pair(self.decode_fastv[b], base_dec_f, self.decode_exact[b], base_dec_e),
+                    "decode": _pair(decode_f, base_dec_f, decode_e, base_dec_e),
                     "total_fastv_ratio": total_f / total_f0 if total_f0 else 1.0,
                 },
                 "kv_cache": {"bytes": kv_entries * kv_bytes_per_token, "bytes_unpruned": kv_entries0 * kv_bytes_per_token,

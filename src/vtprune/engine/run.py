@@ -130,7 +130,6 @@ class Run:
         if not empty and gen is not None and cache is gen.cache and input_ids.shape[1] == 1:
             gen.phase, gen.step = "decode", gen.step + 1
             gen.logits = {}
-            self.ledger.steps += 1
             self._timers["decode"].start()
             return None
         if not empty:
@@ -170,8 +169,7 @@ class Run:
             gen.hidden = None
         else:
             self._timers["decode"].stop()
-            self.ledger.decode_visual = [v.shape[-1] * gen.n_images for v in gen.cache_vis]
-            self.ledger.decode_history.append(self.ledger.decode_visual)
+            self.ledger.decode_step([v.shape[-1] * gen.n_images for v in gen.cache_vis])
         return None
 
     def _on_lm(self, module, args, kwargs):
@@ -265,14 +263,12 @@ class Run:
     def _decode_layer(self, layer, args, kwargs):
         gen = self.gen
         self.method.on_decode_layer(gen)
-        index = gen.cache_index[layer]
-        n_prompt = gen.prompt_length if index is None else index.shape[1]
-        self.ledger.decode_layer(n_prompt + gen.step)
         self._request_scores(layer)
         if gen.identity:
             return None
         mask = None
         if gen.has_padding or self._orig_impl == "eager":
+            index = gen.cache_index[layer]
             key = id(index)
             if key not in self._mask_cache:
                 keys = Layout(gen.key_index(layer))
