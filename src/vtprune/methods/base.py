@@ -50,6 +50,28 @@ class Method:
         return dataclasses.asdict(self)
 
 
+@dataclasses.dataclass
+class PerImageBudget(Method):
+    """Base of methods that keep a fixed number of visual tokens per image.
+
+    Options: ``budget`` (int, visual tokens kept per image) or ``keep_ratio`` (float in (0, 1]);
+    exactly one; neither gives ``keep_ratio = default_keep_ratio``. After :meth:`check_visual`,
+    ``self.keep`` is the resolved count and ``self.n_visual`` the model's tokens per image.
+    """
+
+    default_keep_ratio: ClassVar[float] = 0.25
+    budget: int | None = None
+    keep_ratio: float | None = None
+
+    def __post_init__(self):
+        if self.budget is None and self.keep_ratio is None:
+            self.keep_ratio = self.default_keep_ratio
+
+    def check_visual(self, n_visual: int) -> None:
+        self.keep = resolve_budget(self.name, self.budget, self.keep_ratio, n_visual)
+        self.n_visual = n_visual
+
+
 def resolve_budget(name: str, budget: int | None, keep_ratio: float | None, n_visual: int,
                    allow_zero: bool = False) -> int:
     """Visual tokens to keep per image, from ``budget`` (int) or ``keep_ratio`` (float in (0, 1]).

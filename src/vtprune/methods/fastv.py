@@ -6,11 +6,11 @@ import dataclasses
 
 import torch
 
-from vtprune.methods.base import Method, check_layer, resolve_budget
+from vtprune.methods.base import PerImageBudget, check_layer
 
 
 @dataclasses.dataclass
-class FastV(Method):
+class FastV(PerImageBudget):
     """At layer ``layer`` (K), keep the top ``budget`` visual tokens per image ranked by the last
     query's attention at layer K-1 (softmax over the whole row, mean over heads); static afterwards.
 
@@ -25,19 +25,10 @@ class FastV(Method):
     """
 
     name = "fastv"
-    budget: int | None = None
-    keep_ratio: float | None = None
     layer: int = 2
-
-    def __post_init__(self):
-        if self.budget is None and self.keep_ratio is None:
-            self.keep_ratio = 0.25
 
     def validate(self, num_layers: int) -> None:
         check_layer(self.name, "layer", self.layer, num_layers)
-
-    def check_visual(self, n_visual: int) -> None:
-        self.keep = resolve_budget(self.name, self.budget, self.keep_ratio, n_visual)
 
     def score_rows(self, gen) -> str | None:
         return "last" if gen.phase == "prefill" and gen.layer == self.layer - 1 else None
@@ -45,6 +36,3 @@ class FastV(Method):
     def on_prefill_layer(self, gen) -> None:
         if gen.layer == self.layer and self.keep < gen.visual_count():
             gen.keep_visual(torch.topk(gen.visual_attention(self.layer - 1), self.keep, dim=-1).indices)
-
-    def options(self) -> dict:
-        return {"budget": self.budget, "keep_ratio": self.keep_ratio, "layer": self.layer}

@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 
-from vtprune.methods.base import Method, check_choice, check_layer, resolve_budget
+from vtprune.methods.base import PerImageBudget, check_choice, check_layer
 
 SCHEDULES = {  # question tokens in which path(s); path whose visual tokens survive; question source
     "parallel": ((1, 2), 1, 1),
@@ -16,7 +16,7 @@ SCHEDULES = {  # question tokens in which path(s); path whose visual tokens surv
 
 
 @dataclasses.dataclass
-class ParVTS(Method):
+class ParVTS(PerImageBudget):
     """Subject and non-subject visual tokens run as two parallel paths whose information migrates
     into the question tokens; the non-subject path is discarded mid-network.
 
@@ -48,8 +48,6 @@ class ParVTS(Method):
 
     name = "parvts"
     needs_saliency = True
-    budget: int | None = None
-    keep_ratio: float | None = None
     discard_layer: int = 3
     subject_score: str = "cls_attention"
     fusion: str = "attention_mass"
@@ -58,10 +56,6 @@ class ParVTS(Method):
     schedule: str = "parallel"
     seed: int = 0
 
-    def __post_init__(self):
-        if self.budget is None and self.keep_ratio is None:
-            self.keep_ratio = 0.25
-
     def validate(self, num_layers: int) -> None:
         check_layer(self.name, "discard_layer", self.discard_layer, num_layers)
         check_choice(self.name, "subject_score", self.subject_score, ("cls_attention", "random"))
@@ -69,10 +63,6 @@ class ParVTS(Method):
         check_choice(self.name, "schedule", self.schedule, tuple(SCHEDULES))
         if not (isinstance(self.alpha, int | float) and 0.0 <= self.alpha <= 1.0):
             raise ValueError(f"parvts: alpha must be a float in [0, 1], got {self.alpha!r}")
-
-    def check_visual(self, n_visual: int) -> None:
-        self.keep = resolve_budget(self.name, self.budget, self.keep_ratio, n_visual)
-        self.n_visual = n_visual
 
     # ------------------------------------------------------------------ stages
     def _active(self) -> bool:
@@ -119,6 +109,3 @@ class ParVTS(Method):
             return torch.full((gen.batch_size, q), self.keep / self.n_visual)
         lse_s, lse_n, _ = gen.question_visual_lse(layer)
         return torch.sigmoid(lse_s - lse_n).nan_to_num(0.5).mean(1)
-
-    def options(self) -> dict:
-        return dataclasses.asdict(self)
