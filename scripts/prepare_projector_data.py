@@ -11,7 +11,7 @@ Inputs (read in place, never copied into the repository):
 Output: one ``torch.save`` file (default ``~/.cache/vtprune/projector-features.pt``) with
 ``{"imagenet": {"files", "labels", "feats"[N,196,1280] fp16}, "easyvqa": {"ids", "feats"}}``.
 
-Usage: ``python scripts/prepare_projector_data.py [--data /work/shared/data] [--out PATH]``
+Usage: ``python scripts/prepare_projector_data.py [--data ../shared/data] [--out PATH]``
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from vtprune.models.default import build_image_processor  # noqa: E402
 from vtprune.models.efficientnet_tower import EfficientNetLiteTower  # noqa: E402
 
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
 DEFAULT_OUT = Path(os.environ.get("VTPRUNE_CACHE") or Path.home() / ".cache" / "vtprune") / "projector-features.pt"
 
 
@@ -49,7 +51,7 @@ def extract(tower, image_processor, paths, batch=8, tag=""):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default="/work/shared/data")
+    ap.add_argument("--data", default=str(SHARED_DATA), help="../shared/data beside the repository")
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     ap.add_argument("--easyvqa-images", type=int, default=300)
     ap.add_argument("--threads", type=int, default=2)

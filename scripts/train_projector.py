@@ -5,7 +5,7 @@ Only the projector (Linear 1280->576, GELU, Linear 576->576) is trained; the tow
 model are frozen.  Tower features are precomputed by ``scripts/prepare_projector_data.py``.
 
 Data
-  * ImageNet sample (``/work/shared/data/imagenet-sample``, 1000 photos, one per class), FIXED split:
+  * ImageNet sample (``../shared/data/imagenet-sample``, 1000 photos, one per class), FIXED split:
     ``random.Random(seed).shuffle(sorted files)``; first 80 % train, last 20 % held out.
     Train questions: "Is there a {label} in the image?" -> "Yes" / "No" (negatives: a random other
     train label, balanced 50/50) and "What is in the image?" -> "{label}".
@@ -51,6 +51,7 @@ from vtprune.models.default import (  # noqa: E402
     cache_root,
 )
 
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared beside the repo
 YES, NO = "Yes", "No"
 
 
@@ -206,7 +207,7 @@ def adaptive_threads(max_threads):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--features", default=str(cache_root() / "projector-features.pt"))
-    ap.add_argument("--data", default="/work/shared/data")
+    ap.add_argument("--data", default=str(SHARED_DATA), help="../shared/data beside the repository")
     ap.add_argument("--out", default=str(PROJECTOR_DIR))
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--batch", type=int, default=4)
