@@ -52,6 +52,38 @@ def test_tower_returns_196_tokens_of_width_1280():
     assert tower.patch_size == 32
 
 
+def test_class_posterior_tokens_append_the_classifier_posterior():
+    from vtprune.models import EfficientNetLiteTower, EfficientNetLiteTowerConfig
+    from vtprune.models.efficientnet_tower import class_activation_saliency, class_posterior
+
+    tower = EfficientNetLiteTower.from_imagenet(EfficientNetLiteTowerConfig(class_posterior_tokens=True))
+    assert tower.config.hidden_size == 1280 + 1000
+    px = torch.linspace(-1, 1, 2 * 3 * 448 * 448).reshape(2, 3, 448, 448)
+    with torch.no_grad():
+        out = tower(px)
+    tokens = out.last_hidden_state
+    assert tokens.shape == (2, 196, 2280)
+    feats, post = tokens[..., :1280], tokens[..., 1280:]
+    torch.testing.assert_close(post.sum(-1), torch.ones(2, 196))
+    # posterior = softmax((0.5 * token logits + image logits) / 0.1) from the classifier head
+    fc = tower.backbone._fc
+    logits = fc(feats)
+    expect = torch.softmax((0.5 * logits + fc(feats.mean(1))[:, None]) / 0.1, dim=-1)
+    torch.testing.assert_close(post, expect, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(class_posterior(tower, feats), post)
+    # CAM saliency ignores the posterior channels
+    assert torch.equal(class_activation_saliency(tower, tokens), class_activation_saliency(tower, feats))
+
+
+def test_tower_config_rejects_inconsistent_width():
+    from vtprune.models import EfficientNetLiteTowerConfig
+
+    with pytest.raises(ValueError, match="hidden_size=1280"):
+        EfficientNetLiteTowerConfig(hidden_size=1280, class_posterior_tokens=True)
+    with pytest.raises(ValueError, match="posterior_temperature"):
+        EfficientNetLiteTowerConfig(posterior_temperature=0)
+
+
 def test_load_default_is_stock_llava_with_196_image_tokens(model_and_processor):
     from PIL import Image
     from transformers import LlavaForConditionalGeneration, LlavaProcessor

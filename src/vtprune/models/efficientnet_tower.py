@@ -29,6 +29,7 @@ __all__ = [
     "EfficientNetLiteTowerConfig",
     "EfficientNetLiteTower",
     "class_activation_saliency",
+    "class_posterior",
     "efficientnet_lite0_weights_path",
 ]
 
@@ -77,9 +78,19 @@ class EfficientNetLiteTowerConfig(PreTrainedConfig):
     Args:
         model_name: EfficientNet variant understood by ``efficientnet_lite_pytorch`` ("efficientnet-lite0").
         image_size: input side in px (square), 448 by default -> 14x14 = 196 tokens.
-        hidden_size: channels of the final feature map (1280 for Lite0).
+        hidden_size: token width: ``feature_size`` (+ ``num_classes`` with ``class_posterior_tokens``).
+            Derived from the other options; a given value must agree.
         patch_size: px per output token along one side (total stride, 32).
         num_classes: ImageNet classes of the kept classifier head (1000).
+        feature_size: channels of the final feature map (1280 for Lite0).
+        class_posterior_tokens: append to each token the ImageNet class posterior of
+            :func:`class_posterior` (``num_classes`` more channels).
+        posterior_temperature: softmax temperature of that posterior (logit units).
+        posterior_local_weight: weight of the token's own class logits against the image's
+            (global-average-pooled) logits in that posterior.
+
+    Raises:
+        ValueError: if ``hidden_size`` disagrees with the other options.
     """
 
     model_type = "efficientnet_lite_tower"
@@ -88,15 +99,29 @@ class EfficientNetLiteTowerConfig(PreTrainedConfig):
         self,
         model_name: str = "efficientnet-lite0",
         image_size: int = 448,
-        hidden_size: int = 1280,
+        hidden_size: int | None = None,
         patch_size: int = 32,
         num_classes: int = 1000,
         num_channels: int = 3,
+        feature_size: int = 1280,
+        class_posterior_tokens: bool = False,
+        posterior_temperature: float = 0.1,
+        posterior_local_weight: float = 0.5,
         **kwargs,
     ):
+        width = feature_size + (num_classes if class_posterior_tokens else 0)
+        if hidden_size is not None and hidden_size != width:
+            raise ValueError(f"hidden_size={hidden_size} but feature_size={feature_size} and "
+                             f"class_posterior_tokens={class_posterior_tokens} give token width {width}")
+        if posterior_temperature <= 0:
+            raise ValueError(f"posterior_temperature must be > 0, got {posterior_temperature}")
         self.model_name = model_name
         self.image_size = image_size
-        self.hidden_size = hidden_size
+        self.hidden_size = width
+        self.feature_size = feature_size
+        self.class_posterior_tokens = class_posterior_tokens
+        self.posterior_temperature = posterior_temperature
+        self.posterior_local_weight = posterior_local_weight
         self.patch_size = patch_size
         self.num_classes = num_classes
         self.num_channels = num_channels
@@ -109,13 +134,15 @@ class EfficientNetLiteTower(PreTrainedModel):
     ``forward(pixel_values[B, 3, 448, 448] in [-1, 1])`` returns a
     :class:`BaseModelOutputWithPooling` with
 
-    * ``last_hidden_state``: ``[B, 196, 1280]`` final feature map tokens (row-major, 14x14);
-    * ``hidden_states``: ``(stem_and_blocks_out_tokens, last_hidden_state)``; entry ``-1`` is the
-      final feature map that Llava (``vision_feature_layer=-1``, strategy ``"full"``) projects;
-    * ``pooler_output``: ``[B, 1280]`` mean over tokens (the CNN's global average pooling).
+    * ``last_hidden_state``: ``[B, 196, 1280]`` final feature map tokens (row-major, 14x14); with
+      ``config.class_posterior_tokens`` each token is followed by its class posterior
+      (:func:`class_posterior`): ``[B, 196, 1280 + 1000]``;
+    * ``hidden_states``: ``(stem_and_blocks_out_tokens, last_hidden_state)``; entry ``-1`` is what
+      Llava (``vision_feature_layer=-1``, strategy ``"full"``) projects;
+    * ``pooler_output``: ``[B, 1280]`` mean of the feature-map tokens (the CNN's global average pooling).
 
-    The ImageNet classifier head ``backbone._fc`` (Linear 1280 -> 1000) is kept with its
-    weights but not used in ``forward``; :func:`class_activation_saliency` uses it.
+    The ImageNet classifier head ``backbone._fc`` (Linear 1280 -> 1000) is kept with its weights;
+    :func:`class_posterior` and :func:`class_activation_saliency` use it.
     """
 
     config_class = EfficientNetLiteTowerConfig
@@ -174,7 +201,7 @@ class EfficientNetLiteTower(PreTrainedModel):
                 states are always returned (Llava reads ``hidden_states[-1]``).
 
         Returns:
-            ``BaseModelOutputWithPooling`` (see class docstring); token width 1280.
+            ``BaseModelOutputWithPooling`` (see class docstring); token width ``config.hidden_size``.
         """
         bb = self.backbone
         x = pixel_values.to(dtype=bb._conv_stem.weight.dtype)
@@ -185,15 +212,46 @@ class EfficientNetLiteTower(PreTrainedModel):
         x = bb._swish(bb._bn1(bb._conv_head(x)))
         tokens = x.flatten(2).transpose(1, 2)  # [B, H*W, 1280], row-major
         block_tokens = blocks_out.flatten(2).transpose(1, 2)
+        pooled = tokens.mean(dim=1)
+        if self.config.class_posterior_tokens:
+            post = class_posterior(self, tokens)
+            tokens = torch.cat([tokens, post.to(tokens.dtype)], dim=-1)
         return BaseModelOutputWithPooling(
             last_hidden_state=tokens,
-            pooler_output=tokens.mean(dim=1),
+            pooler_output=pooled,
             hidden_states=(block_tokens, tokens),
         )
 
     def class_activation_saliency(self, features: torch.Tensor) -> torch.Tensor:
         """Per-token CAM saliency of the top-1 ImageNet class; see :func:`class_activation_saliency`."""
         return class_activation_saliency(self, features)
+
+
+def class_posterior(tower: EfficientNetLiteTower, features: torch.Tensor) -> torch.Tensor:
+    """ImageNet class posterior carried by each visual token (``class_posterior_tokens``).
+
+    ``softmax((w * fc(features[b, i]) + fc(mean_i features[b, i])) / T)`` with
+    ``w = config.posterior_local_weight`` and ``T = config.posterior_temperature``: the token's own
+    class-activation logits mixed with the image's logits (the CNN's prediction), so a token says what
+    the image shows and, more strongly where the object is, what is at that token.
+
+    Reconstructed (our design for the bundled model): the frozen 135M language model cannot be taught
+    ImageNet's 1000 names from 800 photos through the projector alone (held-out classes stayed at
+    chance), whereas the classifier head already names all 1000 classes; the projector maps this
+    posterior to word embeddings (see ``scripts/train_projector.py``).
+
+    Args:
+        tower: the tower whose classifier head ``backbone._fc`` and config options are used.
+        features: ``[B, N, 1280]`` feature-map tokens (any float dtype/device).
+
+    Returns:
+        ``[B, N, 1000]`` float32 probabilities (each row sums to 1).
+    """
+    fc = tower.backbone._fc
+    cfg = tower.config
+    logits = features.float() @ fc.weight.float().T.to(features.device) + fc.bias.float().to(features.device)
+    mixed = cfg.posterior_local_weight * logits + logits.mean(dim=1, keepdim=True)
+    return torch.softmax(mixed / cfg.posterior_temperature, dim=-1)
 
 
 @torch.no_grad()
@@ -213,7 +271,8 @@ def class_activation_saliency(tower: EfficientNetLiteTower, features: torch.Tens
     Args:
         tower: the :class:`EfficientNetLiteTower` (its classifier head is used).
         features: ``[B, N, 1280]`` token features from the tower's forward (``hidden_states[-1]``,
-            N = 196 at 448 px); any float dtype/device.
+            N = 196 at 448 px; with ``class_posterior_tokens`` the appended posterior channels are
+            ignored); any float dtype/device.
 
     Returns:
         ``[B, N]`` float32 saliency on ``features.device`` (higher = more evidence for the top-1 class).
@@ -222,8 +281,10 @@ def class_activation_saliency(tower: EfficientNetLiteTower, features: torch.Tens
         ValueError: if ``features`` is not 3-D with last dim equal to the head's input width.
     """
     fc = tower.backbone._fc
-    if features.dim() != 3 or features.shape[-1] != fc.in_features:
-        raise ValueError(f"features must be [B, N, {fc.in_features}], got {tuple(features.shape)}")
+    if features.dim() != 3 or features.shape[-1] not in (fc.in_features, fc.in_features + fc.out_features):
+        raise ValueError(f"features must be [B, N, {fc.in_features}] (or [B, N, {fc.in_features + fc.out_features}] "
+                         f"with class posteriors), got {tuple(features.shape)}")
+    features = features[..., : fc.in_features]
     w = fc.weight.to(device=features.device, dtype=torch.float32)
     b = fc.bias.to(device=features.device, dtype=torch.float32)
     f = features.float()
