@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """Train the LLaVA MLP projector of vtprune's bundled model (EfficientNet-Lite0 -> SmolLM2-135M).
 
-Only the projector (Linear 1280->576, GELU, Linear 576->576) is trained; the tower and the language
-model are frozen.  Tower features are precomputed by ``scripts/prepare_projector_data.py``.
+Only the projector (Linear 2280->576, GELU, Linear 576->576) is trained; the tower and the language
+model are frozen.  Each visual token is the tower's 1280 feature channels followed by its 1000-class
+ImageNet posterior (``class_posterior`` in ``vtprune/models/efficientnet_tower.py``).  Feature-map
+tokens are precomputed by ``scripts/prepare_projector_data.py``; the posterior is computed here.
 
 Data
   * ImageNet sample (``../shared/data/imagenet-sample``, 1000 photos, one per class), FIXED split:
@@ -11,9 +13,15 @@ Data
     train label, balanced 50/50) and "What is in the image?" -> "{label}".
   * easy-VQA train questions (PyPI ``easy_vqa``) on the images whose features were precomputed.
 
-Initialisation (``--init ridge``): ridge regression from mean-pooled tower features to the mean input
-embedding of the label's tokens on the train images, W ~= V U (rank 288 SVD), and the MLP set to
-compute it exactly per token: linear_1 rows [U; -U], linear_2 columns [V, -V] (GELU(z) - GELU(-z) = z).
+Initialisation (``--init classifier``): the projector starts as "posterior -> expected label word
+embedding": linear_1 = [0 | L^T] with bias +c, linear_2 = I with bias -c (c = 5, where GELU(z) = z to
+1e-6), L[k] = mean input embedding of the tokens of " {name of ImageNet class k}".  The 1000 class
+names come from ``labels.jsonl`` (class k = k-th wnid in sorted order).
+
+Training (``--trainable posterior-bias --yesno-loss bce``): only the posterior columns of linear_1 and
+its bias get gradients (held-out classes' columns never do: their posterior mass is on their own class);
+a yes/no question's loss is binary cross-entropy on logit(Yes) - logit(No) at the answer position, other questions' loss is the answer tokens' cross-entropy.  Training the whole projector with
+cross-entropy on everything lost the held-out discrimination (see ``projector/RECORD.md``).
 
 Held-out evaluation: on the held-out 20 % images (classes never seen in training), "Is there a {label}
 in the image?" with one positive and one seeded random negative per image; greedy first token, the
@@ -24,7 +32,16 @@ Writes ``<out>/projector.safetensors``, ``<out>/record.json`` and ``<out>/RECORD
 Usage::
 
     python scripts/prepare_projector_data.py
-    python scripts/train_projector.py --steps 400 --time-budget 2400
+    # the committed weights: four runs, each resumed from the previous one's last checkpoint (the
+    # first three were stopped by hand at these step counts; lr is constant, so --steps N reproduces them)
+    COMMON="--batch 8 --lr 1e-3 --schedule constant --yesno-loss bce --skip-init-eval"
+    python scripts/train_projector.py $COMMON --steps 120 --mix 0.8,0.2,0 --trainable posterior --out /tmp/s1
+    python scripts/train_projector.py $COMMON --steps 100 --mix 1,0,0 --trainable posterior \
+        --resume /tmp/s1/projector.safetensors --out /tmp/s2
+    python scripts/train_projector.py $COMMON --steps 60 --mix 1,0,0 --trainable posterior-bias \
+        --resume /tmp/s2/projector.safetensors --out /tmp/s3
+    python scripts/train_projector.py $COMMON --steps 400 --time-budget 1260 --mix 1,0,0 \
+        --trainable posterior-bias --resume /tmp/s3/projector.safetensors    # writes projector/
 """
 
 from __future__ import annotations
@@ -50,6 +67,7 @@ from vtprune.models.default import (  # noqa: E402
     assemble,
     cache_root,
 )
+from vtprune.models.efficientnet_tower import class_posterior  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared beside the repo
 YES, NO = "Yes", "No"
@@ -92,7 +110,8 @@ class Encoder:
         return self.cache[q, n_image_tokens]
 
     def answer_ids(self, a):
-        return self.tok(a + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        # the template renders an answer as " {answer}" + newline (see CHAT_TEMPLATE)
+        return self.tok(" " + a + "\n", add_special_tokens=False)["input_ids"]
 
 
 def make_batch(enc, samples, pad_id, n_image_tokens=NUM_IMAGE_TOKENS):
@@ -118,14 +137,48 @@ def make_batch(enc, samples, pad_id, n_image_tokens=NUM_IMAGE_TOKENS):
     return ids, att, lab
 
 
-def forward(model, ids, att, feats, labels=None):
-    """Stock Llava forward path with precomputed tower tokens ``feats`` [B, 196, 1280]."""
+def tower_tokens(model, feats):
+    """Tower output tokens from precomputed feature-map tokens: ``[B, N, 1280]`` -> ``[B, N, 2280]``
+    (features followed by the class posterior, exactly as the tower's forward builds them)."""
+    tower = model.model.vision_tower
+    return torch.cat([feats, class_posterior(tower, feats)], dim=-1)
+
+
+def forward(model, ids, att, feats, labels=None, logits_to_keep=0):
+    """Stock Llava forward path with precomputed feature-map tokens ``feats`` [B, N, 1280].
+
+    ``logits_to_keep=k > 0`` computes the LM-head logits of the last k positions only."""
     emb = model.get_input_embeddings()(ids)
-    img = model.model.multi_modal_projector(feats.to(emb.dtype))
+    img = model.model.multi_modal_projector(tower_tokens(model, feats.float()).to(emb.dtype))
     mask = (ids == model.config.image_token_id).unsqueeze(-1).expand_as(emb)
     emb = emb.masked_scatter(mask, img.reshape(-1, img.shape[-1]).to(emb.dtype))
     pos = (att.cumsum(-1) - 1).clamp(min=0)
-    return model(inputs_embeds=emb, attention_mask=att, position_ids=pos, labels=labels, use_cache=False)
+    return model(inputs_embeds=emb, attention_mask=att, position_ids=pos, labels=labels, use_cache=False,
+                 logits_to_keep=logits_to_keep)
+
+
+def training_loss(model, enc, batch, feats, pad_id, yes_id, no_id, yesno_loss="bce"):
+    """Mean loss over a batch of (key, question, answer).
+
+    With ``yesno_loss="bce"`` a yes/no question contributes binary cross-entropy on
+    ``logit(Yes) - logit(No)`` at the answer position (only the decision is trained, not the rest of
+    the vocabulary); every other question contributes its answer tokens' cross-entropy.
+    """
+    is_yn = [yesno_loss == "bce" and a in (YES, NO) for _, _, a in batch]
+    ids, att, lab = make_batch(enc, [(k, q, None if yn else a) for (k, q, a), yn in zip(batch, is_yn, strict=True)],
+                               pad_id, feats.shape[1])
+    # rows are left-padded, so every answer lies in the last (longest answer + 1) positions
+    keep = 1 + max([len(enc.answer_ids(a)) for (_, _, a), yn in zip(batch, is_yn, strict=True) if not yn] or [0])
+    logits = forward(model, ids, att, feats, logits_to_keep=keep).logits  # [B, keep, vocab]
+    lab = lab[:, lab.shape[1] - keep + 1 :]  # targets of the first keep - 1 kept positions
+    per_item = []
+    for b, ((_, _, a), yn) in enumerate(zip(batch, is_yn, strict=True)):
+        if yn:  # the prompt ends the row: its last position predicts the answer
+            d = logits[b, -1, yes_id] - logits[b, -1, no_id]
+            per_item.append(torch.nn.functional.binary_cross_entropy_with_logits(d, d.new_tensor(float(a == YES))))
+        else:
+            per_item.append(torch.nn.functional.cross_entropy(logits[b, :-1], lab[b], ignore_index=-100))
+    return torch.stack(per_item).mean()
 
 
 def label_embedding(model, tok, label):
@@ -134,26 +187,17 @@ def label_embedding(model, tok, label):
 
 
 @torch.no_grad()
-def ridge_init(model, tok, pooled, labels, lam, rank=288):
-    """Set the projector to the (rank-``rank``) ridge map pooled-feature -> label word embedding."""
-    X = pooled.double()
-    Y = torch.stack([label_embedding(model, tok, lb) for lb in labels]).double()
-    mx, my = X.mean(0), Y.mean(0)
-    Xc, Yc = X - mx, Y - my
-    d = X.shape[1]
-    W = torch.linalg.solve(Xc.T @ Xc + lam * len(X) * torch.eye(d, dtype=X.dtype), Xc.T @ Yc).T  # [576,1280]
-    Uu, S, Vh = torch.linalg.svd(W, full_matrices=False)
-    s = S[:rank].sqrt()
-    V = Uu[:, :rank] * s  # [576, r]
-    U = s[:, None] * Vh[:rank]  # [r, 1280]
+def classifier_init(model, tok, class_names, offset=5.0):
+    """Set the projector to map a token's class posterior p to sum_k p_k L[k] (see module docstring)."""
+    L = torch.stack([label_embedding(model, tok, name) for name in class_names])  # [1000, 576]
     proj = model.model.multi_modal_projector
-    proj.linear_1.weight.copy_(torch.cat([U, -U]).float())
-    b1 = U @ mx
-    proj.linear_1.bias.copy_(torch.cat([-b1, b1]).float())
-    proj.linear_2.weight.copy_(torch.cat([V, -V], dim=1).float())
-    proj.linear_2.bias.copy_(my.float())
-    resid = ((Xc @ W.T - Yc) ** 2).sum() / (Yc**2).sum()
-    return float(resid), float(S[rank:].pow(2).sum() / S.pow(2).sum())
+    n_feat = proj.linear_1.in_features - L.shape[0]
+    w1 = torch.zeros_like(proj.linear_1.weight)
+    w1[:, n_feat:] = L.T
+    proj.linear_1.weight.copy_(w1)
+    proj.linear_1.bias.fill_(offset)
+    proj.linear_2.weight.copy_(torch.eye(proj.linear_2.out_features))
+    proj.linear_2.bias.fill_(-offset)
 
 
 @torch.no_grad()
@@ -213,8 +257,7 @@ def main():
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--init", choices=["ridge", "random"], default="ridge")
-    ap.add_argument("--ridge-lambda", type=float, default=1e-3)
+    ap.add_argument("--init", choices=["classifier", "random"], default="classifier")
     ap.add_argument("--mix", default="0.5,0.25,0.25", help="fractions yes/no, what-is, easy-VQA")
     ap.add_argument("--time-budget", type=float, default=0, help="stop training after this many seconds (0: off)")
     ap.add_argument("--eval-max", type=int, default=0, help="cap held-out questions (0: all)")
@@ -224,6 +267,17 @@ def main():
     ap.add_argument("--save-every", type=int, default=50)
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--resume", default=None, help="start from these projector weights (safetensors) instead of --init")
+    ap.add_argument("--trainable", choices=["all", "posterior", "posterior-bias", "shared"], default="posterior-bias",
+                    help="posterior: only linear_1's class-posterior columns; posterior-bias: those and "
+                         "linear_1's bias, a shift shared by every token (the probe that kept held-out "
+                         "discrimination trained exactly these); shared: linear_1's bias and linear_2, the parameters "
+                         "every class shares, with the per-class columns frozen at their init; all: the whole "
+                         "projector")
+    ap.add_argument("--yesno-loss", choices=["bce", "ce"], default="bce",
+                    help="bce: binary cross-entropy on logit(Yes) - logit(No) for yes/no questions; "
+                         "ce: cross-entropy over the vocabulary like the other questions")
+    ap.add_argument("--schedule", choices=["constant", "linear"], default="constant")
+    ap.add_argument("--clip", type=float, default=0.0, help="gradient-norm clip (0: off)")
     ap.add_argument("--pool-frac", type=float, default=0.0,
                     help="fraction of steps trained on 2x2-pooled tower tokens (49 instead of 196 tokens)")
     args = ap.parse_args()
@@ -235,6 +289,7 @@ def main():
     data = torch.load(args.features)
     inet = data["imagenet"]
     files, labels = inet["files"], inet["labels"]
+    class_names = [labels[i] for i in sorted(range(len(files)), key=lambda i: inet["wnids"][i])]
     feats = {("in", i): inet["feats"][i] for i in range(len(files))}
     tr, ho = split_imagenet(files, args.seed)
     print(f"imagenet: {len(tr)} train / {len(ho)} held-out images", flush=True)
@@ -256,13 +311,25 @@ def main():
     tok = processor.tokenizer
     enc = Encoder(processor)
     pad_id = tok.pad_token_id
-    yes_id = tok(YES, add_special_tokens=False)["input_ids"][0]
-    no_id = tok(NO, add_special_tokens=False)["input_ids"][0]
+    yes_id = enc.answer_ids(YES)[0]
+    no_id = enc.answer_ids(NO)[0]
     for p in model.parameters():
         p.requires_grad_(False)
     proj = model.model.multi_modal_projector
-    for p in proj.parameters():
-        p.requires_grad_(True)
+    n_feat = model.config.vision_config.hidden_size - len(class_names)  # feature channels before the posterior
+    if args.trainable == "all":
+        for p in proj.parameters():
+            p.requires_grad_(True)
+    elif args.trainable == "shared":  # held-out classes' columns get no gradient anyway: train what all share
+        for p in (proj.linear_1.bias, *proj.linear_2.parameters()):
+            p.requires_grad_(True)
+    else:  # only the posterior columns of linear_1: the features' columns get zero gradient
+        proj.linear_1.weight.requires_grad_(True)
+        proj.linear_1.bias.requires_grad_(args.trainable == "posterior-bias")
+        col_mask = torch.zeros_like(proj.linear_1.weight)
+        col_mask[:, n_feat:] = 1.0
+        proj.linear_1.weight.register_hook(lambda g: g * col_mask)
+    params = [p for p in proj.parameters() if p.requires_grad]
 
     # held-out yes/no set: one positive + one seeded negative (another held-out label) per image
     erng = random.Random(args.seed + 1)
@@ -273,7 +340,7 @@ def main():
         eval_items.append((("in", i), f"Is there a {labels[j]} in the image?", NO))
     if args.eval_max:
         eval_items = eval_items[: args.eval_max]
-    quick_eval = eval_items[::4]
+    quick_eval = eval_items[:100]  # 50 held-out images: their positive and negative questions
 
     record = {"init": args.init if not args.resume else f"resume:{Path(args.resume).name}",
               "pool_frac": args.pool_frac}
@@ -282,11 +349,8 @@ def main():
 
         proj.load_state_dict(load_file(args.resume))
         print(f"resumed projector from {args.resume}", flush=True)
-    elif args.init == "ridge":
-        pooled = torch.stack([feats[("in", i)].float().mean(0) for i in tr])
-        resid, trunc = ridge_init(model, tok, pooled, [labels[i] for i in tr], args.ridge_lambda)
-        print(f"ridge init: relative train residual {resid:.3f}, rank-288 truncation energy {trunc:.4f}", flush=True)
-        record["ridge"] = {"lambda": args.ridge_lambda, "train_rel_residual": resid, "rank": 288}
+    elif args.init == "classifier":
+        classifier_init(model, tok, class_names)
     acc0 = None
     if not args.skip_init_eval:
         t0 = time.time()
@@ -317,10 +381,13 @@ def main():
             return (("in", i), "What is in the image?", labels[i])
         return rng.choice(evqa)
 
-    opt = torch.optim.AdamW(proj.parameters(), lr=args.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 10) * max(0.05, 1 - s / max(1, args.steps))
-    )
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    if args.schedule == "linear":
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min(1.0, (s + 1) / 10) * max(0.05, 1 - s / max(1, args.steps))
+        )
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     losses, steps_done, thread_hist = [], 0, {}
     t_train = time.time()
     for step in range(1, args.steps + 1):
@@ -334,14 +401,14 @@ def main():
         pooled = rng.random() < args.pool_frac
         if pooled:
             f = pool_tokens(f)
-        ids, att, lab = make_batch(enc, batch, pad_id, f.shape[1])
-        out = forward(model, ids, att, f, labels=lab)
+        loss = training_loss(model, enc, batch, f, pad_id, yes_id, no_id, args.yesno_loss)
         opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(proj.parameters(), 1.0)
+        loss.backward()
+        if args.clip:
+            torch.nn.utils.clip_grad_norm_(params, args.clip)
         opt.step()
         sched.step()
-        losses.append(float(out.loss.detach()))
+        losses.append(float(loss.detach()))
         steps_done = step
         el = time.time() - t_train
         if step % 5 == 0 or step == 1:
@@ -369,7 +436,7 @@ def main():
     final_loss = sum(losses[-20:]) / max(1, len(losses[-20:]))
     record.update({
         "model": "EfficientNet-Lite0 (ImageNet) -> LlavaMultiModalProjector -> SmolLM2-135M-Instruct (GGUF Q4_1)",
-        "trained": "projector only (tower and LM frozen)",
+        "trained": "projector only (tower and LM frozen)", "tokens": "1280 EfficientNet features + 1000-class posterior (T=0.1, local weight 0.5)",
         "data": {
             "imagenet_sample": f"{args.data}/imagenet-sample ({len(files)} photos, one per class)",
             "imagenet_split": {"seed": args.seed, "rule": "random.Random(seed).shuffle(indices sorted by file); "
@@ -379,7 +446,8 @@ def main():
                          "image_ids": "first N sorted train image ids"},
             "mix_yesno_what_easyvqa": args.mix,
         },
-        "steps": steps_done, "batch": args.batch, "lr": args.lr, "optimizer": "AdamW, warmup 10, linear decay",
+        "steps": steps_done, "batch": args.batch, "lr": args.lr, "optimizer": f"AdamW, {args.schedule} lr" + (f", clip {args.clip}" if args.clip else ""),
+        "trainable": args.trainable, "yesno_loss": args.yesno_loss,
         "seed": args.seed, "train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t_start, 1),
         "final_loss_last20": final_loss,
         "heldout_eval": {"questions": len(eval_items), "accuracy": acc, "frac_pred_yes": py,
@@ -399,9 +467,8 @@ def main():
             f"- data: ImageNet sample {len(tr)} train / {len(ho)} held-out images (split seed {args.seed}); "
             f"easy-VQA {record['data']['easy_vqa']['questions']} questions on "
             f"{record['data']['easy_vqa']['images']} images; mix {args.mix}",
-            f"- init: {record['init']}" + (f" (ridge lambda {args.ridge_lambda}, rank 288)"
-                                           if record["init"] == "ridge" else "")
-            + f"; fraction of steps on 2x2-pooled tokens: {args.pool_frac}",
+            f"- init: {record['init']}; fraction of steps on 2x2-pooled tokens: {args.pool_frac}",
+            f"- trained parameters: {args.trainable}; yes/no loss: {args.yesno_loss}; {record['optimizer']}",
             f"- steps {steps_done}, batch {args.batch}, lr {args.lr}, {train_s:.0f} s training on a shared 2-core CPU "
             f"(max {args.threads} torch threads, adaptive; steps per thread count {thread_hist})",
             f"- final loss (mean of last 20 steps): {final_loss:.3f}",
