@@ -1,4 +1,5 @@
-"""Command-line interface: ``vtprune generate`` (one image + one prompt through a method).
+"""Command-line interface: ``vtprune generate`` (one image + one prompt through a method) and
+``vtprune bench`` (latency / memory of methods x budgets against the unpruned model, :mod:`vtprune.bench`).
 
 Thin by design (see ARCHITECTURE.md, layer 1): it parses arguments, calls the library
 (:func:`vtprune.apply`, :mod:`vtprune.models`) and prints. The reusable steps (load a model, build the
@@ -128,7 +129,63 @@ def build_parser() -> argparse.ArgumentParser:
                         "does not enter the timings (default: on with --compare, off otherwise)")
     g.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout (logs go to stderr)")
     g.set_defaults(func=cmd_generate)
+    add_bench_parser(sub)
     return parser
+
+
+def parse_list(cast):
+    """An argparse type: a comma-separated list of ``cast`` values (``"192,128,64"`` -> ``[192, 128, 64]``)."""
+    def parse(text: str) -> list:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        try:
+            return [cast(t) for t in items]
+        except ValueError:
+            kind = "int or 'default'" if cast.__name__ == "_budget" else cast.__name__
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind}, got {text!r}") from None
+    return parse
+
+
+def _budget(text: str) -> int | str:
+    """A ``--budgets`` item: an int (visual tokens per image) or ``default``."""
+    return "default" if text.lower() == "default" else int(text)
+
+
+def add_bench_parser(sub) -> None:
+    """The ``bench`` subcommand's arguments (defaults from :class:`vtprune.bench.BenchSpec`)."""
+    from vtprune.bench.archs import ARCHS, ATTENTION
+    from vtprune.bench.runner import DEFAULT_BUDGETS, DEFAULT_METHODS
+
+    b = sub.add_parser("bench", help="latency / memory of methods x budgets against the unpruned model",
+                       description="Benchmark visual-token methods x budgets against the unpruned model in one "
+                                   "process on synthetic inputs: TTFT, decode ms/token, end-to-end ms, tokens/s, "
+                                   "peak memory, KV bytes, with FLOPs-ideal and roofline-ideal speedups beside the "
+                                   "measured ones. Writes JSON + Markdown + PNG under --out and prints the Markdown.")
+    src = b.add_mutually_exclusive_group()
+    src.add_argument("--model", default=None, help="local path or HuggingFace id; default: the bundled model")
+    src.add_argument("--arch", default=None,
+                     help=f"build this architecture with random weights (no download): {', '.join(ARCHS)}")
+    b.add_argument("--methods", type=parse_list(str), default=list(DEFAULT_METHODS),
+                   help=f"comma-separated methods (default {','.join(DEFAULT_METHODS)}); the stock model always runs")
+    b.add_argument("--budgets", type=parse_list(_budget), default=list(DEFAULT_BUDGETS),
+                   help="comma-separated visual tokens kept per image, or 'default' for each method's own defaults "
+                        f"(default {','.join(map(str, DEFAULT_BUDGETS))})")
+    b.add_argument("--batch", type=int, default=1, help="batch size B, identical rows (default 1)")
+    b.add_argument("--prompt-tokens", type=int, default=60, help="text tokens around the image (default 60)")
+    b.add_argument("--new-tokens", type=int, default=16, help="new tokens per generation, exactly (default 16)")
+    b.add_argument("--dtype", choices=DTYPES, default=None, help="default float32 on CPU, bfloat16 on GPU")
+    b.add_argument("--attn", choices=ATTENTION, default="sdpa", help="attention implementation (default sdpa)")
+    b.add_argument("--repeats", type=int, default=3, help="timed rounds; medians are reported (default 3)")
+    b.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
+    b.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (default 0)")
+    b.add_argument("--device", default=None, help='device (default "cuda" if available, else "cpu")')
+    b.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    b.add_argument("--matmul-size", type=int, default=None,
+                   help="side of the square matmul measuring the matrix rate (default 2048 CPU, 8192 GPU)")
+    b.add_argument("--copy-mb", type=int, default=None,
+                   help="MiB copied to measure the memory bandwidth (default 256 CPU, 2048 GPU)")
+    b.add_argument("--out", default=None,
+                   help="output directory (default benchmarks/results/<date>-<host>-bench-<arch or model>/)")
+    b.set_defaults(func=cmd_bench)
 
 
 # ---------------------------------------------------------------------------------------- library calls
@@ -313,6 +370,48 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------- bench
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``vtprune bench``: validate, build or load the model, run :func:`vtprune.bench.run_bench`, write
+    the JSON / Markdown / PNG and print the Markdown. Returns 0."""
+    import torch
+
+    from vtprune.bench import archs, report, runner
+
+    spec = runner.BenchSpec(methods=tuple(args.methods), budgets=tuple(args.budgets), batch=args.batch,
+                            prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeats=args.repeats,
+                            warmup=args.warmup, seed=args.seed, matmul_size=args.matmul_size,
+                            copy_bytes=args.copy_mb << 20 if args.copy_mb else None)
+    with user_errors(ValueError):
+        spec.validate()
+        runner.check_methods(spec.methods)
+        if args.arch:  # check budgets against the architecture before allocating it
+            cfg = archs.arch_config(args.arch)
+            runner.plan_cases(spec.methods, spec.budgets, archs.image_tokens(cfg), cfg.text_config.num_hidden_layers)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device or default_device()
+    dtype = resolve_dtype(args.dtype, device)
+    label = args.arch or (Path(args.model).name if args.model and not is_default_model(args.model)
+                          else _default_model_id().split("/")[-1])
+    _log(f"{'building' if args.arch else 'loading'} {label} ({str(dtype).removeprefix('torch.')}, {device}, {args.attn})")
+    with _quiet(False), user_errors():
+        if args.arch:
+            model = archs.build_model(args.arch, dtype, device, args.attn, args.seed)
+        else:
+            model, _ = load_model(args.model, dtype, device)
+            model.config.text_config._attn_implementation = args.attn
+    command = " ".join(["vtprune", *getattr(args, "argv", [])])
+    with _quiet(False), user_errors(ValueError):
+        result = runner.run_bench(model, spec, label=label, log=_log,
+                                  meta={"command": command, "source": "arch" if args.arch else "model"})
+    out_dir = Path(args.out) if args.out else runner.default_out_dir(label)
+    paths = report.write_results(result, out_dir)
+    print(report.markdown(result))
+    _log("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 def _default_model_id() -> str:
     from vtprune.models import DEFAULT_MODEL_ID
 
@@ -413,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 2
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     _silence_transformers()
     try:
         return args.func(args)

@@ -1,0 +1,131 @@
+"""LLaVA architectures with random weights, built from their configs (no download): speed does not depend
+on the weight values, only on the shapes.
+
+``llava-1.5-7b`` and ``llava-1.5-13b`` are the shapes of the ``llava-hf/llava-1.5-*-hf`` checkpoints
+(CLIP ViT-L/14-336 tower, 576 visual tokens per image, Llama-2 / Vicuna language model, vocabulary
+32064, image token 32000). ``llava-cpu-small`` keeps the shape family (576 visual tokens from a 336 px
+CLIP tower, a Llama decoder with head dim 64 and a SwiGLU MLP of ~2.75 d, the real vocabulary) scaled
+down so that one generation takes seconds on a 2-core CPU while the decoder's matrix work still
+dominates. ``tiny`` (16 visual tokens, 6 layers) is for tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+ATTENTION = ("sdpa", "eager")  # what the vtprune engine supports (vtprune.engine.run.SUPPORTED_ATTENTION)
+
+
+@dataclass(frozen=True)
+class Arch:
+    """One architecture: keyword arguments of ``CLIPVisionConfig``, ``LlamaConfig`` and ``LlavaConfig``."""
+
+    name: str
+    description: str
+    vision: dict = field(default_factory=dict)
+    text: dict = field(default_factory=dict)
+    llava: dict = field(default_factory=dict)
+
+
+_CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                   image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+_LLAVA_15 = dict(image_token_id=32000, image_seq_length=576, vision_feature_layer=-2,
+                 vision_feature_select_strategy="default", projector_hidden_act="gelu")
+_VOCAB = dict(vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5,
+              pad_token_id=32001, bos_token_id=1, eos_token_id=2)
+
+ARCHS: dict[str, Arch] = {a.name: a for a in (
+    Arch("llava-1.5-7b", "LLaVA-1.5-7B: CLIP ViT-L/14-336 (576 tokens) + Llama-2-7B / Vicuna-7B",
+         vision=_CLIP_L_336,
+         text=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                   num_key_value_heads=32, **_VOCAB),
+         llava=_LLAVA_15),
+    Arch("llava-1.5-13b", "LLaVA-1.5-13B: CLIP ViT-L/14-336 (576 tokens) + Llama-2-13B / Vicuna-13B",
+         vision=_CLIP_L_336,
+         text=dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                   num_key_value_heads=40, **_VOCAB),
+         llava=_LLAVA_15),
+    Arch("llava-cpu-small", "LLaVA-1.5 shape family scaled for a 2-core CPU: small CLIP tower (336 px, patch 14, "
+                            "576 tokens) + 8-layer Llama (d 1024, 16 heads, MLP 2816, vocab 32064)",
+         vision=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                     image_size=336, patch_size=14, projection_dim=256, hidden_act="quick_gelu", layer_norm_eps=1e-5),
+         text=dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+                   num_key_value_heads=16, **_VOCAB),
+         llava=_LLAVA_15),
+    Arch("tiny", "test-sized LLaVA: CLIP tower 32 px / patch 8 (16 tokens) + 6-layer Llama (d 64, GQA 4/2, vocab 256)",
+         vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                     image_size=32, patch_size=8, projection_dim=32),
+         text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=256, max_position_embeddings=1024,
+                   pad_token_id=0, bos_token_id=1, eos_token_id=2),
+         llava=dict(image_token_id=250, image_seq_length=16, vision_feature_layer=-2,
+                    vision_feature_select_strategy="default")),
+)}
+
+
+def get_arch(name: str) -> Arch:
+    """The :class:`Arch` called ``name``. Raises ValueError naming the accepted names."""
+    try:
+        return ARCHS[name]
+    except KeyError:
+        raise ValueError(f"unknown arch {name!r}; accepted: {', '.join(sorted(ARCHS))}") from None
+
+
+def arch_config(name: str):
+    """The ``transformers.LlavaConfig`` of architecture ``name`` (only the config: nothing is allocated).
+
+    Raises:
+        ValueError: unknown name (the message names the accepted ones).
+    """
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    arch = get_arch(name)
+    return LlavaConfig(vision_config=CLIPVisionConfig(**arch.vision), text_config=LlamaConfig(**arch.text),
+                       **arch.llava)
+
+
+def image_tokens(config) -> int:
+    """Visual tokens per image of a LLaVA config: ``image_seq_length`` when set, else
+    ``(image_size // patch_size) ** 2`` (+1 for the ``"full"`` feature strategy, which keeps [CLS])."""
+    n = getattr(config, "image_seq_length", None)
+    if n:
+        return int(n)
+    vc = config.vision_config
+    n = (vc.image_size // vc.patch_size) ** 2
+    return n + 1 if getattr(config, "vision_feature_select_strategy", "default") == "full" else n
+
+
+def build_model(name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                attn: str = "sdpa", seed: int = 0):
+    """A stock ``LlavaForConditionalGeneration`` of architecture ``name`` with random weights, in eval mode.
+
+    Parameters are allocated directly on ``device`` in ``dtype`` and initialised by transformers'
+    own ``_init_weights`` (normal, std = ``initializer_range`` = 0.02; norms at 1), which keeps the
+    activations finite in float16 / bfloat16. The generation config has ``eos_token_id = None`` so
+    that generation runs exactly ``max_new_tokens`` steps.
+
+    Args:
+        name: one of :data:`ARCHS`.
+        dtype: parameter dtype.
+        device: where to allocate (the 7B architecture needs ~14 GB in bf16, 28 GB in fp32).
+        attn: attention implementation, ``"sdpa"`` or ``"eager"``.
+        seed: seed of the random weights.
+
+    Raises:
+        ValueError: unknown name or attention implementation (the message names the accepted ones).
+    """
+    from transformers import LlavaForConditionalGeneration
+
+    if attn not in ATTENTION:
+        raise ValueError(f"unsupported attention implementation {attn!r}; accepted: {', '.join(ATTENTION)}")
+    cfg = arch_config(name)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration._from_config(cfg, attn_implementation=attn, dtype=dtype)
+    model.eval()
+    model.generation_config.pad_token_id = cfg.text_config.pad_token_id
+    model.generation_config.bos_token_id = cfg.text_config.bos_token_id
+    model.generation_config.eos_token_id = None
+    return model

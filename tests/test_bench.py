@@ -1,0 +1,202 @@
+"""The benchmark harness (``vtprune.bench``, ``vtprune bench``): architecture configs, synthetic inputs,
+the ideal-speedup arithmetic, one tiny end-to-end run through the CLI, and bad input. Nothing here
+asserts a timing value: timings only have to exist and be positive."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from vtprune import cli
+from vtprune.bench import archs, ideal, measure, runner
+from vtprune.bench.inputs import synthetic_inputs
+
+TINY_VISUAL = 16
+PHASES = ("prefill", "decode", "end_to_end")
+
+
+# ---------------------------------------------------------------------------------------- architectures
+@pytest.mark.parametrize("name, d, layers, heads, mlp", [
+    ("llava-1.5-7b", 4096, 32, 32, 11008),
+    ("llava-1.5-13b", 5120, 40, 40, 13824),
+    ("llava-cpu-small", 1024, 8, 16, 2816),
+])
+def test_arch_configs_have_the_stated_dims(name, d, layers, heads, mlp):
+    cfg = archs.arch_config(name)  # the config only: no weights are allocated
+    t, v = cfg.text_config, cfg.vision_config
+    assert (t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.intermediate_size, t.vocab_size) == \
+        (d, layers, heads, mlp, 32064)
+    assert (v.image_size, v.patch_size) == (336, 14)
+    assert archs.image_tokens(cfg) == 576 == (336 // 14) ** 2
+    assert cfg.vision_feature_layer == -2 and cfg.vision_feature_select_strategy == "default"
+    assert cfg.image_token_id == 32000
+
+
+def test_clip_tower_of_llava_15():
+    v = archs.arch_config("llava-1.5-7b").vision_config
+    assert (v.hidden_size, v.num_hidden_layers, v.num_attention_heads, v.intermediate_size) == (1024, 24, 16, 4096)
+
+
+def test_unknown_arch_names_the_accepted_ones():
+    for call in (lambda: archs.arch_config("llava-9b"), lambda: archs.build_model("llava-9b")):
+        with pytest.raises(ValueError, match="unknown arch 'llava-9b'; accepted: .*llava-1.5-7b.*llava-cpu-small"):
+            call()
+    with pytest.raises(ValueError, match="accepted: sdpa, eager"):
+        archs.build_model("tiny", attn="flash_attention_3")
+
+
+def test_tiny_model_and_inputs():
+    model = archs.build_model("tiny")
+    assert model.generation_config.eos_token_id is None
+    inputs = synthetic_inputs(model, batch=3, prompt_tokens=10, seed=1)
+    ids = inputs["input_ids"]
+    assert ids.shape == (3, 10 + TINY_VISUAL) and inputs["attention_mask"].all()
+    assert ((ids == model.config.image_token_id).sum(1) == TINY_VISUAL).all()
+    assert torch.equal(ids[0], ids[2])  # identical rows
+    assert inputs["pixel_values"].shape == (3, 3, 32, 32)
+    with pytest.raises(ValueError, match="prompt_tokens must be an int >= 2"):
+        synthetic_inputs(model, prompt_tokens=1)
+
+
+# ---------------------------------------------------------------------------------------- planning / bad input
+def test_plan_cases():
+    cases = runner.plan_cases(["none", "fastv", "st3"], [8, 4, "default"], TINY_VISUAL, 6)
+    assert [c.name for c in cases] == ["stock", "none", "fastv@8", "fastv@4", "fastv@default",
+                                       "st3@8", "st3@4", "st3@default"]
+    assert cases[0].method is None
+    assert dict(cases[2].options) == {"budget": 8} and cases[-1].options == ()
+
+
+@pytest.mark.parametrize("methods, budgets, match", [
+    (["fastv", "magic"], [4], r"unknown method 'magic'; accepted: fastv, none, parvts, st3"),
+    (["fastv"], [17], r"budget 17 out of range: budgets are ints in \[1, 16\]"),
+    (["parvts"], [0], r"budget 0 out of range: budgets are ints in \[1, 16\]"),
+    (["st3"], [], r"method 'st3' needs at least one budget"),
+])
+def test_plan_cases_rejects_bad_input(methods, budgets, match):
+    with pytest.raises(ValueError, match=match):
+        runner.plan_cases(methods, budgets, TINY_VISUAL, 6)
+
+
+@pytest.mark.parametrize("field, value", [("batch", 0), ("new_tokens", 0), ("repeats", 0), ("prompt_tokens", 1),
+                                          ("warmup", -1)])
+def test_spec_rejects_bad_values(field, value):
+    with pytest.raises(ValueError, match=f"{field} must be an int >= "):
+        runner.BenchSpec(**{field: value}).validate()
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--arch", "llava-9b"], "unknown arch 'llava-9b'; accepted: llava-1.5-13b, llava-1.5-7b, llava-cpu-small, tiny"),
+    (["--arch", "tiny", "--methods", "none,magic"], "unknown method 'magic'; accepted: fastv, none, parvts, st3"),
+    (["--arch", "tiny", "--budgets", "64"], r"budget 64 out of range: budgets are ints in [1, 16]"),
+    (["--arch", "tiny", "--new-tokens", "0"], "new_tokens must be an int >= 1"),
+    (["--arch", "tiny", "--model", "x"], "not allowed with argument"),
+    (["--arch", "tiny", "--budgets", "a,b"], "expected a comma-separated list of int or 'default'"),
+    (["--arch", "tiny", "--attn", "flash_attention_2"], "invalid choice"),
+])
+def test_cli_bench_bad_input(capsys, monkeypatch, argv, match):
+    def boom(*a, **k):
+        raise AssertionError("no model may be built on bad input")
+    monkeypatch.setattr(archs, "build_model", boom)
+    code = cli.main(["bench", *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and match in err
+
+
+# ---------------------------------------------------------------------------------------- ideal speedups
+def test_ideal_speedups_arithmetic():
+    work = {"decode_steps": 2,
+            "unpruned": {"prefill": {"decoder_flops": 100, "flops": 120, "bytes": 10},
+                         "decode": {"decoder_flops": 10, "flops": 12, "bytes": 100}},
+            "pruned": {"prefill": {"decoder_flops": 25, "flops": 45, "bytes": 10},
+                       "decode": {"decoder_flops": 5, "flops": 7, "bytes": 80}}}
+    out = ideal.ideal_speedups(work, flops_per_s=1000.0, bytes_per_s=1000.0)
+    assert out["flops"] == {"prefill": 4.0, "decode": 2.0, "end_to_end": 110 / 30}
+    # prefill compute-bound (120 vs 45 FLOPs), decode memory-bound (100 vs 80 bytes)
+    assert out["roofline"]["prefill"] == pytest.approx(120 / 45)
+    assert out["roofline"]["decode"] == pytest.approx(100 / 80)
+    assert out["roofline"]["end_to_end"] == pytest.approx((120 + 100) / (45 + 80))
+    assert out["roofline_ms"]["pruned"]["decode"]["bound"] == "memory"
+    assert out["roofline_ms"]["pruned"]["prefill"]["bound"] == "compute"
+
+
+def test_peak_memory_reports_a_kind_or_a_reason():
+    with measure.PeakMemory("cpu") as mem:
+        torch.ones(1 << 20)
+    r = mem.result
+    assert set(r) == {"kind", "peak_bytes", "delta_bytes", "note"}
+    assert (r["kind"] == "cpu_peak_rss" and r["peak_bytes"] > 0) or (r["kind"] is None and r["note"])
+
+
+# ---------------------------------------------------------------------------------------- a tiny run
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    argv = ["bench", "--arch", "tiny", "--methods", "none,fastv,st3,parvts", "--budgets", "4",
+            "--prompt-tokens", "12", "--new-tokens", "3", "--batch", "2", "--repeats", "2", "--warmup", "1",
+            "--matmul-size", "128", "--copy-mb", "4", "--out", str(out)]
+    code = cli.main(argv)
+    assert code == 0
+    files = {p.suffix: p for p in out.iterdir()}
+    return json.loads(files[".json"].read_text()), files
+
+
+def test_bench_writes_json_markdown_and_plot(tiny_run, capsys):
+    result, files = tiny_run
+    assert files[".json"].name == "bench-b2-p12-n3-float32.json"
+    assert ".md" in files
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert files[".png"].stat().st_size > 0
+    md = files[".md"].read_text()
+    for text in ("# vtprune bench: tiny", "| stock |", "| none |", "| fastv@4 |", "| st3@4 |", "| parvts@4 |",
+                 "Speedup vs stock: TTFT", "Speedup vs stock: decode per token", "Speedup vs stock: end-to-end",
+                 "machinery overhead", "Scoring cost"):
+        assert text in md
+    assert set(result) == {"meta", "spec", "ceilings", "model_work", "cases", "overhead", "scoring"}
+    for key in ("date", "host", "device", "device_name", "torch", "transformers", "dtype", "attention", "command"):
+        assert result["meta"][key]
+    assert result["meta"]["visual_tokens_per_image"] == TINY_VISUAL
+    assert result["ceilings"]["matmul"]["flops_per_s"] > 0 and result["ceilings"]["copy"]["bytes_per_s"] > 0
+
+
+def test_bench_cases_hold_raw_repeats_medians_and_ideals(tiny_run):
+    result, _ = tiny_run
+    cases = {c["name"]: c for c in result["cases"]}
+    assert list(cases) == ["stock", "none", "fastv@4", "st3@4", "parvts@4"]
+    for c in cases.values():
+        assert len(c["repeats"]["end_to_end_ms"]) == 2  # raw values of every timed round
+        m = c["median"]
+        for key in ("ttft_ms", "decode_ms_per_token", "end_to_end_ms", "tokens_per_s", "decode_tokens_per_s"):
+            assert m[key] > 0
+        assert set(c["speedup"]) >= {"measured", "flops_ideal", "roofline_ideal", "measured_over_flops_ideal",
+                                     "measured_over_roofline"}
+        assert set(c["speedup"]["measured"]) == set(PHASES)
+        assert "kind" in c["peak_memory"]
+    stock, fastv = cases["stock"], cases["fastv@4"]
+    assert stock["speedup"]["flops_ideal"] == {p: 1.0 for p in PHASES}
+    assert fastv["visual"]["visual_tokens_per_layer_prefill"][-1] == 4 * 1  # one image per sample
+    assert fastv["kv_cache"]["ratio"] < 1.0
+    # fewer tokens than the 16 visual tokens -> the decoder does less work in every phase
+    for key in ("flops_ideal", "roofline_ideal"):
+        for phase in PHASES:
+            assert fastv["speedup"][key][phase] > 1.0
+    assert cases["st3@4"]["speedup"]["flops_ideal"]["end_to_end"] > 1.0
+    work = fastv["work"]
+    # summed over the batch of 2 identical rows
+    assert work["pruned"]["prefill"]["decoder_flops"] == 2 * fastv["flops_per_sample"]["prefill"]["exact"]
+    assert work["unpruned"]["decode"]["kv_bytes"] > work["pruned"]["decode"]["kv_bytes"] > 0
+
+
+def test_bench_overhead_and_scoring(tiny_run):
+    result, _ = tiny_run
+    ov = result["overhead"]
+    assert ov["target_end_to_end_ratio"] == 1.02
+    assert ov["end_to_end_ratio"] > 0 and isinstance(ov["within_target"], bool)
+    sc = result["scoring"]
+    assert sc["none"]["calls_prefill"] == sc["none"]["calls_decode"] == 0
+    assert sc["fastv@4"]["calls_prefill"] == 1 and sc["fastv@4"]["calls_decode"] == 0
+    assert sc["st3@4"]["calls_decode"] > 0 and sc["st3@4"]["ms_per_call_decode"] > 0
+    assert sc["parvts@4"]["calls_prefill"] >= 1
