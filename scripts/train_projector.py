@@ -20,7 +20,8 @@ names come from ``labels.jsonl`` (class k = k-th wnid in sorted order).
 
 Training (``--trainable posterior-bias --yesno-loss bce``): only the posterior columns of linear_1 and
 its bias get gradients (held-out classes' columns never do: their posterior mass is on their own class);
-a yes/no question's loss is binary cross-entropy on logit(Yes) - logit(No) at the answer position, other questions' loss is the answer tokens' cross-entropy.  Training the whole projector with
+a yes/no question's loss is binary cross-entropy on logit(Yes) - logit(No) at the answer position,
+other questions' loss is the answer tokens' cross-entropy.  Training the whole projector with
 cross-entropy on everything lost the held-out discrimination (see ``projector/RECORD.md``).
 
 Held-out evaluation: on the held-out 20 % images (classes never seen in training), "Is there a {label}
@@ -144,7 +145,7 @@ def tower_tokens(model, feats):
     return torch.cat([feats, class_posterior(tower, feats)], dim=-1)
 
 
-def forward(model, ids, att, feats, labels=None, logits_to_keep=0):
+def forward(model, ids, att, feats, logits_to_keep=0):
     """Stock Llava forward path with precomputed feature-map tokens ``feats`` [B, N, 1280].
 
     ``logits_to_keep=k > 0`` computes the LM-head logits of the last k positions only."""
@@ -153,7 +154,7 @@ def forward(model, ids, att, feats, labels=None, logits_to_keep=0):
     mask = (ids == model.config.image_token_id).unsqueeze(-1).expand_as(emb)
     emb = emb.masked_scatter(mask, img.reshape(-1, img.shape[-1]).to(emb.dtype))
     pos = (att.cumsum(-1) - 1).clamp(min=0)
-    return model(inputs_embeds=emb, attention_mask=att, position_ids=pos, labels=labels, use_cache=False,
+    return model(inputs_embeds=emb, attention_mask=att, position_ids=pos, use_cache=False,
                  logits_to_keep=logits_to_keep)
 
 
@@ -210,7 +211,7 @@ def evaluate(model, enc, feats, items, yes_id, no_id, pad_id, batch=8):
         chunk = items[i : i + batch]
         ids, att, _ = make_batch(enc, [(k, q, None) for k, q, _ in chunk], pad_id)
         f = torch.stack([feats[k] for k, _, _ in chunk]).float()
-        logits = forward(model, ids, att, f).logits[:, -1]
+        logits = forward(model, ids, att, f, logits_to_keep=1).logits[:, -1]
         pred_yes = logits[:, yes_id] > logits[:, no_id]
         for (_, _, gold), py in zip(chunk, pred_yes.tolist(), strict=True):
             correct += int(py == (gold == YES))
