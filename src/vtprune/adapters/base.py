@@ -47,11 +47,13 @@ class Adapter:
         """Visual tokens per image when fixed by the config (used to split adjacent images), else None."""
         return None
 
-    def visual_index(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def visual_index(self, input_ids: torch.Tensor, inputs: dict | None = None) -> torch.Tensor:
         """Original indices of every image's visual tokens.
 
         Args:
             input_ids: LongTensor [B, S] of the prefill call.
+            inputs: the prefill call's other keyword arguments (``pixel_values``, ``image_sizes``,
+                ``image_grid_thw``, ...), for families whose image spans depend on them.
 
         Returns:
             LongTensor [B, I, N_v] (ascending), on the device of ``input_ids``.

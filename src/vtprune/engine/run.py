@@ -135,12 +135,12 @@ class Run:
         if not empty:
             raise ValueError("vtprune: unsupported call: a cache that vtprune did not fill, or more than one new token "
                              "per decode step (speculative / chunked decoding is not supported)")
-        self._start_generation(input_ids, kwargs.get("attention_mask"))
+        self._start_generation(input_ids, kwargs.get("attention_mask"), kwargs)
         self._timers["prefill"].start()
         return None
 
-    def _start_generation(self, input_ids, attention_mask) -> None:
-        visual = self.adapter.visual_index(input_ids)
+    def _start_generation(self, input_ids, attention_mask, inputs: dict) -> None:
+        visual = self.adapter.visual_index(input_ids, inputs)
         self.method.check_visual(visual.shape[-1])
         valid = (attention_mask.bool() if attention_mask is not None
                  else torch.ones_like(input_ids, dtype=torch.bool))
