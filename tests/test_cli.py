@@ -43,7 +43,7 @@ def _run(capsys, *argv):
 # ---------------------------------------------------------------------------------------- parsing
 @pytest.mark.parametrize("text, value", [
     ("4", 4), ("-2", -2), ("0.5", 0.5), ("1e-3", 1e-3), ("true", True), ("False", False),
-    ("fixed", "fixed"), ("attention_mass", "attention_mass"), ("", ""),
+    ("fixed", "fixed"), ("attention_mass", "attention_mass"), ("", ""), ("8,16,24", [8, 16, 24]), ("2,", [2]),
 ])
 def test_parse_value(text, value):
     got = cli.parse_value(text)

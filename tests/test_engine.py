@@ -24,6 +24,15 @@ PRUNING = [
     ("parvts", {"budget": 5, "subject_score": "random", "fusion": "size"}),
     ("parvts", {"budget": 5, "schedule": "sequential_subject_first"}),
     ("parvts", {"budget": 5, "schedule": "sequential_non_subject_first"}),
+    ("vtw", {"layer": 3}),
+    ("vtw", {"keep_ratio": 0.25}),
+    ("pdrop", {}),
+    ("pdrop", {"budget": 4, "layers": [1, 3]}),
+    ("visionzip", {"budget": 6}),
+    ("visionzip", {"budget": 4, "contextual": 0}),
+    ("random", {"budget": 4, "seed": 3}),
+    ("pool", {"budget": 4}),
+    ("pool", {"keep_ratio": 0.5}),
 ]
 KEEP_ALL = [
     ("none", {}),
@@ -31,6 +40,11 @@ KEEP_ALL = [
     ("fastv", {"keep_ratio": 1.0}),
     ("parvts", {"budget": N_VISUAL}),
     ("st3", {"ratio": 0.0, "anneal": "none"}),
+    ("vtw", {"budget": N_VISUAL}),
+    ("pdrop", {"ratio": 1.0}),
+    ("visionzip", {"budget": N_VISUAL}),
+    ("random", {"keep_ratio": 1.0}),
+    ("pool", {"budget": N_VISUAL}),
 ]
 
 

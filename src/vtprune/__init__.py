@@ -7,7 +7,21 @@
 """
 
 from vtprune.engine.run import Run, apply
-from vtprune.methods import METHODS, ST3, FastV, Method, NoPruning, ParVTS, make_method
+from vtprune.methods import (
+    METHODS,
+    ST3,
+    VTW,
+    FastV,
+    Method,
+    NoPruning,
+    ParVTS,
+    PDrop,
+    Pool,
+    RandomSubset,
+    VisionZip,
+    make_method,
+)
 
 __version__ = "0.1.0"
-__all__ = ["apply", "Run", "Method", "METHODS", "make_method", "NoPruning", "ParVTS", "ST3", "FastV"]
+__all__ = ["apply", "Run", "Method", "METHODS", "make_method", "NoPruning", "ParVTS", "ST3", "FastV", "VTW", "PDrop",
+           "VisionZip", "RandomSubset", "Pool"]

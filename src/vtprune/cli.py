@@ -48,9 +48,12 @@ def _one_line(e: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------------------------- parsing
-def parse_value(text: str) -> bool | int | float | str:
+def parse_value(text: str) -> bool | int | float | str | list:
     """Parse an option value: ``true`` / ``false`` (any case) -> bool, then int, then float, else the
-    string unchanged (``"4"`` -> 4, ``"0.5"`` -> 0.5, ``"fixed"`` -> ``"fixed"``)."""
+    string unchanged (``"4"`` -> 4, ``"0.5"`` -> 0.5, ``"fixed"`` -> ``"fixed"``); a comma-separated
+    value is a list of such values (``"8,16,24"`` -> [8, 16, 24], e.g. PDrop's ``layers``)."""
+    if "," in text:
+        return [parse_value(part) for part in text.split(",") if part.strip()]
     low = text.strip().lower()
     if low in ("true", "false"):
         return low == "true"
@@ -62,7 +65,7 @@ def parse_value(text: str) -> bool | int | float | str:
     return text
 
 
-def parse_option(text: str) -> tuple[str, bool | int | float | str]:
+def parse_option(text: str) -> tuple[str, bool | int | float | str | list]:
     """Parse one ``--option KEY=VALUE`` into ``(key, value)`` (value through :func:`parse_value`).
 
     Raises:

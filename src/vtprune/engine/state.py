@@ -24,7 +24,8 @@ class Generation:
         phase ("prefill" | "decode"), layer (current decoder layer), step (decode: tokens generated so
         far, 1 at the first decode step), max_new_tokens (int or None),
         visual_index: LongTensor [B, I, N_v], original indices of every image's tokens,
-        saliency: FloatTensor [B, I, N_v] or None (per-patch saliency from the adapter).
+        saliency: FloatTensor [B, I, N_v] or None (per-patch saliency from the adapter),
+        visual_grid: (rows, cols) of each image's patch grid when the adapter knows it, else None.
     """
 
     def __init__(self, *, visual_index: torch.Tensor, text_index: torch.Tensor, valid: torch.Tensor,
@@ -36,6 +37,7 @@ class Generation:
         self.prompt_length = valid.shape[1]
         self.num_layers = num_layers
         self.saliency: torch.Tensor | None = None  # set by the run before layer 0 when a method needs it
+        self.visual_grid: tuple[int, int] | None = None  # (rows, cols) of each image's patch grid, if known
         self.max_new_tokens = max_new_tokens
         self.pads = (~valid).sum(1).tolist()  # per-sample left padding (one host sync, prefill only)
         self.has_padding = any(self.pads)
@@ -98,15 +100,27 @@ class Generation:
         return torch.gather(by_index, 1, vis.flatten(1).to(probs.device)).view(vis.shape)
 
     # ------------------------------------------------------------------ acting
-    def keep_visual(self, keep: torch.Tensor) -> None:
+    def visual_hidden(self) -> torch.Tensor:
+        """Hidden states of the current visual tokens at the input of the current prefill layer
+        (at layer 0: the projected visual embeddings), FloatTensor [B, I, n, d] in the model dtype,
+        aligned with ``visual_count()``. Raises RuntimeError outside the prefill or while paths run."""
+        if self.phase != "prefill" or self.paths is not None:
+            raise RuntimeError("visual_hidden is available in the prefill, on a single path")
+        slots = locate(self.layout.index, self.vis.flatten(1))
+        return gather_tokens(self.hidden, slots).view(*self.vis.shape, self.hidden.shape[-1])
+
+    def keep_visual(self, keep: torch.Tensor, hidden: torch.Tensor | None = None) -> None:
         """Keep, from the current layer on, the visual tokens at ``keep`` (LongTensor [B, I, k] of
-        positions among the current ``visual_count()`` tokens of each image; any order).
+        positions among the current ``visual_count()`` tokens of each image; any order; k may be 0).
 
         Prefill: this and every later layer's sequence holds only those visual tokens (plus all text).
+        ``hidden`` (optional, [B, I, k, d], in the order of ``keep``) replaces their hidden states: a
+        merged token (pooling, VisionZip's contextual tokens) sits at the original position of the
+        token it replaces.
         Decode: the current layer's KV cache keeps only those visual entries (text, prefix and
-        generated tokens are never evicted).
+        generated tokens are never evicted); ``hidden`` is not accepted.
         """
-        keep = keep.sort(dim=-1).values
+        keep, order = keep.sort(dim=-1)
         if self.phase == "prefill":
             if self.paths is not None:
                 raise RuntimeError("keep_visual while the ParVTS paths run: merge the paths first")
@@ -114,7 +128,12 @@ class Generation:
             new_index = self._index_with(new_vis)
             self._set_layout(Layout(new_index), locate(self.layout.index, new_index))
             self.vis = new_vis
+            if hidden is not None:
+                self._replace_visual_hidden(torch.gather(
+                    hidden, 2, order.to(hidden.device)[..., None].expand(-1, -1, -1, hidden.shape[-1])))
             return
+        if hidden is not None:
+            raise ValueError("keep_visual(hidden=...) replaces hidden states, which exist only in the prefill")
         layer = self.layer
         new_vis = torch.gather(self.cache_vis[layer], 2, keep.to(self.cache_vis[layer].device))
         old_index, new_index = self._cache_prompt_index(layer), self._index_with(new_vis)
@@ -124,6 +143,16 @@ class Generation:
         self.cache_index[layer] = new_index
         self.cache_vis[layer] = new_vis
         self.identity = False  # this layer's cache, hence its mask, now differs from the stock one
+
+    def _replace_visual_hidden(self, hidden: torch.Tensor) -> None:
+        """Set the hidden states of the current visual tokens ([B, I, n, d], aligned with ``vis``)."""
+        if hidden.shape[:3] != self.vis.shape or hidden.shape[-1] != self.hidden.shape[-1]:
+            raise ValueError(f"replacement hidden states of shape {tuple(hidden.shape)} do not match the "
+                             f"{tuple(self.vis.shape)} kept visual tokens of width {self.hidden.shape[-1]}")
+        slots = locate(self.layout.index, self.vis.flatten(1)).to(self.hidden.device)
+        h = self.hidden.clone()
+        h.scatter_(1, slots[:, :, None].expand(-1, -1, h.shape[-1]), hidden.flatten(1, 2).to(h))
+        self.hidden = h
 
     def _prompt_index(self) -> torch.Tensor:
         """Every prompt token, in order: LongTensor [B, S]."""

@@ -8,9 +8,16 @@ from vtprune.methods.base import Method
 from vtprune.methods.fastv import FastV
 from vtprune.methods.none import NoPruning
 from vtprune.methods.parvts import ParVTS
+from vtprune.methods.pdrop import PDrop
+from vtprune.methods.pool import Pool
+from vtprune.methods.random_subset import RandomSubset
 from vtprune.methods.st3 import ST3
+from vtprune.methods.visionzip import VisionZip
+from vtprune.methods.vtw import VTW
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (NoPruning, ParVTS, ST3, FastV)}
+METHODS: dict[str, type[Method]] = {
+    cls.name: cls for cls in (NoPruning, ParVTS, ST3, FastV, VTW, PDrop, VisionZip, RandomSubset, Pool)
+}
 
 
 def make_method(method: str | Method, **options) -> Method:
@@ -33,4 +40,5 @@ def make_method(method: str | Method, **options) -> Method:
     return cls(**options)
 
 
-__all__ = ["METHODS", "Method", "make_method", "NoPruning", "ParVTS", "ST3", "FastV"]
+__all__ = ["METHODS", "Method", "make_method", "NoPruning", "ParVTS", "ST3", "FastV", "VTW", "PDrop", "VisionZip",
+           "RandomSubset", "Pool"]

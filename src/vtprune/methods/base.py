@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar
+
+import torch
 
 if TYPE_CHECKING:
     from vtprune.engine.state import Generation
@@ -103,3 +106,36 @@ def check_layer(name: str, option: str, value, num_layers: int, lo: int = 1) -> 
     """Raise ValueError unless ``value`` is an int layer in [lo, num_layers - 1]."""
     if isinstance(value, bool) or not isinstance(value, int) or not (lo <= value <= num_layers - 1):
         raise ValueError(f"{name}: {option} must be an int in [{lo}, {num_layers - 1}] for this {num_layers}-layer model, got {value!r}")
+
+
+def seeded_scores(gen: Generation, seed: int) -> torch.Tensor:
+    """Uniform random scores, FloatTensor [B, I, N_v]: one seeded draw per image slot, shared by all
+    samples of the batch, so a sample's selection does not depend on the batch it runs in."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(gen.visual_index.shape[1:], generator=g).expand(gen.batch_size, -1, -1)
+
+
+def check_int(name: str, option: str, value, lo: int, hi: int | None = None) -> None:
+    """Raise ValueError unless ``value`` is an int in [lo, hi] (no upper bound when ``hi`` is None)."""
+    bad = isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi)
+    if bad:
+        upper = "" if hi is None else f", {hi}]"
+        raise ValueError(f"{name}: {option} must be an int in [{lo}{upper or ', inf)'}, got {value!r}")
+
+
+def solve_for_budget(mean: Callable[[float], float], target: float, lo: float, hi: float, increasing: bool,
+                     iters: int = 60) -> float:
+    """Solve a schedule parameter for a target equivalent budget by bisection.
+
+    ``mean(x)`` is the equivalent budget (visual tokens per image averaged over layers) of parameter
+    ``x``, monotone on [lo, hi] (``increasing`` or decreasing). Returns the parameter nearest the
+    crossing on the side where ``mean(x) >= target`` (the most pruning that still meets the target), or
+    the end of the range that prunes most when even it meets the target.
+    """
+    ok, bad = (hi, lo) if increasing else (lo, hi)
+    if mean(bad) >= target:
+        return bad
+    for _ in range(iters):
+        mid = (ok + bad) / 2
+        ok, bad = (mid, bad) if mean(mid) >= target else (ok, mid)
+    return ok

@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 
-from vtprune.methods.base import PerImageBudget, check_choice, check_layer
+from vtprune.methods.base import PerImageBudget, check_choice, check_layer, seeded_scores
 
 SCHEDULES = {  # question tokens in which path(s); path whose visual tokens survive; question source
     "parallel": ((1, 2), 1, 1),
@@ -92,12 +92,7 @@ class ParVTS(PerImageBudget):
 
     def _subjects(self, gen) -> torch.Tensor:
         """Subject tokens per image, LongTensor [B, I, budget] of positions among the N_v."""
-        if self.subject_score == "random":
-            # one seeded draw per image slot, shared by all samples: independent of the batch size
-            g = torch.Generator().manual_seed(self.seed)
-            scores = torch.rand(gen.visual_index.shape[1:], generator=g).expand(gen.batch_size, -1, -1)
-        else:
-            scores = gen.saliency
+        scores = seeded_scores(gen, self.seed) if self.subject_score == "random" else gen.saliency
         return torch.topk(scores.float(), self.keep, dim=-1).indices
 
     def _weights(self, gen, layer: int) -> torch.Tensor:

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from vtprune.methods.base import Method, check_choice, check_layer, resolve_budget
+from vtprune.methods.base import Method, check_choice, check_layer, resolve_budget, solve_for_budget
 
 
 @dataclasses.dataclass
@@ -120,13 +120,5 @@ def annealed(g: int, step: int, steps: int, floor_ratio: float, kind: str = "cos
 
 def solve_ratio(target: float, n_visual: int, num_layers: int, start_layer: int, stride: int) -> float:
     """The largest PVTP ratio R whose equivalent budget (mean of the schedule) is >= ``target``."""
-    def mean(r):
-        return sum(schedule(n_visual, num_layers, r, start_layer, stride)) / num_layers
-
-    lo, hi = 0.0, 0.999999
-    if mean(hi) >= target:
-        return hi
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if mean(mid) >= target else (lo, mid)
-    return lo
+    return solve_for_budget(lambda r: sum(schedule(n_visual, num_layers, r, start_layer, stride)) / num_layers,
+                            target, lo=0.0, hi=0.999999, increasing=False)
