@@ -61,6 +61,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from vtprune.eval.datasets import split_imagenet  # noqa: E402  (the fixed split, shared with evaluation)
 from vtprune.models.default import (  # noqa: E402
     IMAGE_TOKEN,
     NUM_IMAGE_TOKENS,
@@ -72,13 +73,6 @@ from vtprune.models.efficientnet_tower import class_posterior  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared beside the repo
 YES, NO = "Yes", "No"
-
-
-def split_imagenet(files, seed, frac=0.8):
-    order = sorted(range(len(files)), key=lambda i: files[i])
-    random.Random(seed).shuffle(order)
-    n = int(round(frac * len(files)))
-    return order[:n], order[n:]
 
 
 def build_prompt(processor, question, n_image_tokens=NUM_IMAGE_TOKENS):

@@ -1,5 +1,6 @@
-"""Command-line interface: ``vtprune generate`` (one image + one prompt through a method) and
-``vtprune bench`` (latency / memory of methods x budgets against the unpruned model, :mod:`vtprune.bench`).
+"""Command-line interface: ``vtprune generate`` (one image + one prompt through a method),
+``vtprune bench`` (latency / memory of methods x budgets against the unpruned model, :mod:`vtprune.bench`)
+and the data-set commands of :mod:`vtprune.cli_eval` (``eval``, ``calibrate``, ``show``).
 
 Thin by design (see ARCHITECTURE.md, layer 1): it parses arguments, calls the library
 (:func:`vtprune.apply`, :mod:`vtprune.models`) and prints. The reusable steps (load a model, build the
@@ -22,6 +23,17 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from vtprune.inputs import (
+    build_inputs,
+    default_device,
+    is_default_model,
+    load_image,
+    load_model,
+    resolve_dtype,
+)
+
+__all__ = ["main", "build_inputs", "default_device", "is_default_model", "load_image", "load_model", "resolve_dtype"]
 
 PROG = "vtprune"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -133,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout (logs go to stderr)")
     g.set_defaults(func=cmd_generate)
     add_bench_parser(sub)
+    from vtprune import cli_eval
+
+    cli_eval.add_parsers(sub)
     return parser
 
 
@@ -192,94 +207,6 @@ def add_bench_parser(sub) -> None:
 
 
 # ---------------------------------------------------------------------------------------- library calls
-def default_device() -> str:
-    """``"cuda"`` if a CUDA device is available, else ``"cpu"``."""
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def resolve_dtype(name: str | None, device: str):
-    """The torch dtype named ``name``; ``None`` gives float32 on CPU and bfloat16 elsewhere."""
-    import torch
-
-    if name is None:
-        name = "float32" if str(device).startswith("cpu") else "bfloat16"
-    return getattr(torch, name)
-
-
-def is_default_model(model_id: str | None) -> bool:
-    """Whether ``model_id`` names the bundled model (``None``, ``"default"`` or ``DEFAULT_MODEL_ID``)."""
-    if model_id is None or model_id == "default":
-        return True
-    try:
-        from vtprune.models import DEFAULT_MODEL_ID
-    except ImportError:
-        return False
-    return model_id == DEFAULT_MODEL_ID
-
-
-def load_model(model_id: str | None, dtype, device: str):
-    """Load ``(model, processor)`` in eval mode on ``device``.
-
-    ``model_id`` naming the bundled model (see :func:`is_default_model`) loads it with
-    :func:`vtprune.models.load_default`; anything else is a local path or HuggingFace id loaded with
-    ``AutoModelForImageTextToText`` / ``AutoProcessor`` (from the local cache when offline).
-
-    Raises:
-        ImportError: weight packages of the bundled model missing; FileNotFoundError: no such local
-        directory; OSError: HuggingFace id not in the local cache and the hub unreachable.
-    """
-    if is_default_model(model_id):
-        from vtprune.models import load_default
-
-        return load_default(dtype=dtype, device=device)
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    path = Path(model_id).expanduser()
-    if path.exists():
-        model_id = str(path)
-    elif model_id.startswith(("/", ".", "~")) or model_id.count("/") > 1:
-        raise FileNotFoundError(f"model directory not found: {model_id}")
-    model = AutoModelForImageTextToText.from_pretrained(model_id, dtype=dtype)
-    processor = AutoProcessor.from_pretrained(model_id)
-    return model.to(device).eval(), processor
-
-
-def load_image(path: str | os.PathLike):
-    """Open an image file as an RGB ``PIL.Image``.
-
-    Raises:
-        FileNotFoundError: no such file; OSError: not a readable image.
-    """
-    from PIL import Image
-
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
-    with Image.open(p) as im:
-        return im.convert("RGB")
-
-
-def build_inputs(processor, image, prompt: str, device=None, dtype=None):
-    """Model inputs (``input_ids``, ``attention_mask``, ``pixel_values``, ...) for one image + prompt.
-
-    The prompt is one user turn ``[image, text]`` through the processor's chat template with the
-    generation prompt appended. Tensors are moved to ``device``; floating ones (pixel values) cast to
-    ``dtype`` when given.
-    """
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = processor(images=image, text=text, return_tensors="pt")
-    if device is not None:
-        inputs = inputs.to(device)
-    if dtype is not None:
-        for key, value in inputs.items():
-            if hasattr(value, "is_floating_point") and value.is_floating_point():
-                inputs[key] = value.to(dtype)
-    return inputs
-
-
 def generate_once(model, processor, inputs, method: str = "none", options: dict[str, Any] | None = None,
                   max_new_tokens: int = 32) -> tuple[str, dict]:
     """Run one greedy generation under ``method`` and return ``(answer, report)``.

@@ -1,0 +1,86 @@
+"""``vtprune eval`` (accuracy of methods x budgets on a data set, resumable) and its siblings that
+read data sets: ``vtprune calibrate`` and ``vtprune show``. Thin: parse, call :mod:`vtprune.eval`,
+print. Registered by :func:`vtprune.cli.build_parser`."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+from pathlib import Path
+
+from vtprune.cli import DTYPES, UsageError, _log, _quiet, parse_list, user_errors
+from vtprune.inputs import default_device, is_default_model, load_model, resolve_dtype
+
+DEFAULT_EVAL_METHODS = ("parvts", "st3", "fastv", "vtw", "pdrop", "visionzip", "random", "pool")
+DEFAULT_EVAL_BUDGETS = ("50%", "25%", "12.5%", "6.25%")
+
+
+def add_parsers(sub) -> None:
+    """Add the ``eval`` subcommand (and the other data-set commands) to the CLI's subparsers."""
+    e = sub.add_parser("eval", help="accuracy of methods x budgets on a data set (resumable; tables + plots)",
+                       description="Answer every sample of the data sets under the unpruned model and every "
+                                   "method x budget; append one JSON line per answer to OUT/results.jsonl (a rerun "
+                                   "skips what is done) and write results.csv, results.md and two plots.")
+    e.add_argument("--data", type=parse_list(str), required=True,
+                   help="comma-separated data sets (see vtprune.eval.DATASETS: imagenet-pope, scenes, easy-vqa, "
+                        "pope-coco)")
+    e.add_argument("--split", default="test", help="data split (default test)")
+    e.add_argument("--methods", type=parse_list(str), default=list(DEFAULT_EVAL_METHODS),
+                   help=f"comma-separated methods (default {','.join(DEFAULT_EVAL_METHODS)}); the unpruned model "
+                        "always runs")
+    e.add_argument("--budgets", type=parse_list(str), default=list(DEFAULT_EVAL_BUDGETS),
+                   help="comma-separated budgets: visual tokens per image (64), a percentage of them (12.5%%) or "
+                        f"'default' (default {','.join(DEFAULT_EVAL_BUDGETS)})")
+    e.add_argument("--model", default=None, help="local path or HF id (default: the bundled small model)")
+    e.add_argument("--limit", type=int, default=None, help="first N samples of each data set")
+    e.add_argument("--batch", type=int, default=8, help="samples per generate call (default 8)")
+    e.add_argument("--max-new-tokens", type=int, default=8, help="greedy tokens per answer (default 8)")
+    e.add_argument("--seed", type=int, default=0, help="seed of the data sets' random choices (default 0)")
+    e.add_argument("--out", default=None, help="output folder (default eval-results/<data>-<model>/)")
+    e.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
+    e.add_argument("--dtype", choices=DTYPES, default=None, help="default float32 on CPU, bfloat16 on GPU")
+    e.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """``vtprune eval``: check everything cheap first, then load the model, run, write, print."""
+    from vtprune.eval import datasets, runner, tables
+
+    for flag, value, lo in (("--batch", args.batch, 1), ("--max-new-tokens", args.max_new_tokens, 1),
+                            ("--limit", args.limit, 0)):
+        if value is not None and value < lo:
+            raise UsageError(f"{flag} must be >= {lo}, got {value}")
+    with user_errors(ValueError):
+        conds = runner.conditions(args.methods, args.budgets)
+    with user_errors(ValueError, FileNotFoundError):
+        samples = {name: datasets.load_dataset(name, args.split, args.limit, seed=args.seed) for name in args.data}
+    for name, s in samples.items():
+        if not s:
+            raise UsageError(f"data set {name!r} ({args.split}) has no samples")
+    device = args.device or default_device()
+    dtype = resolve_dtype(args.dtype, device)
+    label = "default" if is_default_model(args.model) else Path(args.model).name
+    out = Path(args.out) if args.out else Path("eval-results") / f"{'+'.join(args.data)}-{label}"
+    _log(f"loading {args.model or 'the bundled model'} ({str(dtype).removeprefix('torch.')}, {device})")
+    with _quiet(False), user_errors():
+        model, processor = load_model(args.model, dtype, device)
+    with _quiet(False), user_errors(ValueError, TypeError):
+        for cond in conds:  # every option against this model, before the first answer
+            _check_condition(model, cond)
+        records = runner.run_eval(model, processor, samples, conds, out / "results.jsonl", batch_size=args.batch,
+                                  max_new_tokens=args.max_new_tokens, progress=not args.no_progress, log=_log)
+    records = [r for r in records if r["data"] in samples]
+    paths = tables.write_all(records, out, plots=not args.no_plots)
+    (out / "command.txt").write_text(f"{datetime.date.today()}  vtprune {' '.join(getattr(args, 'argv', []))}\n")
+    print(tables.markdown(tables.summarize(records)))
+    _log("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _check_condition(model, cond) -> None:
+    """Attach and detach the condition's method once: raises its option errors before any work."""
+    import vtprune
+
+    vtprune.apply(model, cond.method, **dict(cond.options)).detach()

@@ -1,0 +1,202 @@
+"""The accuracy runner: every method x budget on every sample of a data set, appended as it goes.
+
+One record (a JSON line) per (data set, sample, method, budget): the answer, whether it is correct,
+and what the run kept (equivalent budget, relative FLOPs, relative KV). The unpruned model (method
+``none``) always runs first; tables compare every answer with it. A rerun with the same output folder
+skips the records already written, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+REFERENCE = ("none", "all")  # (method, budget label) of the unpruned reference every run includes
+
+
+@dataclasses.dataclass(frozen=True)
+class Condition:
+    """One method at one budget: ``budget`` is its label (``"25%"``, ``"64"``, ``"default"``, ``"all"``)
+    and ``options`` the method options it stands for."""
+
+    method: str
+    budget: str
+    options: tuple[tuple[str, object], ...] = ()
+
+
+def parse_budget(text: str | int | float) -> tuple[str, dict]:
+    """A ``--budgets`` item as ``(label, options)``.
+
+    ``"25%"`` -> keep_ratio 0.25 (a fraction of each image's visual tokens); ``"64"`` -> budget 64
+    (visual tokens per image); ``"default"`` -> the method's own defaults. For progressive methods
+    (st3, pdrop, vtw) the budget is the target *equivalent* budget (mean over layers).
+
+    Raises:
+        ValueError: anything else, or a percentage outside (0, 100].
+    """
+    label = str(text).strip()
+    if label.lower() == "default":
+        return "default", {}
+    if label.endswith("%"):
+        try:
+            pct = float(label[:-1])
+        except ValueError:
+            pct = float("nan")
+        if not 0.0 < pct <= 100.0:
+            raise ValueError(f"budget {label!r}: a percentage must be in (0, 100]")
+        return label, {"keep_ratio": pct / 100.0}
+    try:
+        return label, {"budget": int(label)}
+    except ValueError:
+        raise ValueError(f"budget {label!r}: expected visual tokens per image (e.g. 64), a percentage of them "
+                         "(e.g. 12.5%) or 'default'") from None
+
+
+def conditions(methods: Iterable[str], budgets: Iterable[str | int | float]) -> list[Condition]:
+    """The unpruned reference, then every method x budget (``none`` is the reference, not repeated).
+
+    Raises:
+        ValueError: an unknown method (naming the accepted ones) or a malformed budget.
+    """
+    import vtprune
+
+    parsed = [parse_budget(b) for b in budgets]
+    out = [Condition(*REFERENCE)]
+    for name in methods:
+        name = str(name).strip().lower()
+        if name not in vtprune.METHODS:
+            raise ValueError(f"unknown method {name!r}; accepted: {', '.join(sorted(vtprune.METHODS))}")
+        if name == "none":
+            continue
+        for label, opts in parsed:
+            out.append(Condition(name, label, tuple(sorted(opts.items()))))
+    return out
+
+
+def record_key(record: dict) -> tuple[str, str, str, str]:
+    """The identity of a record: (data set, sample id, method, budget label)."""
+    return record["data"], str(record["id"]), record["method"], record["budget"]
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """The records of a results file (JSON lines); a missing file gives []. A truncated last line (an
+    interrupted write) is ignored."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def run_eval(model, processor, samples_by_data: dict[str, list], conds: list[Condition], results: str | Path,
+             batch_size: int = 8, max_new_tokens: int = 8, progress: bool = True,
+             log: Callable[[str], None] = print) -> list[dict]:
+    """Answer every sample under every condition and append one record per answer to ``results``.
+
+    Args:
+        model, processor: a supported HF model (see ``vtprune.adapters``) and its processor.
+        samples_by_data: data set name -> its samples (:class:`vtprune.eval.datasets.Sample`).
+        conds: from :func:`conditions` (the reference first).
+        results: the JSONL file; records already there are skipped (resume).
+        batch_size: samples per ``generate`` call (left-padded; every image of a batch must give the
+            same number of visual tokens).
+        max_new_tokens: greedy tokens per answer; the answer is the first line of the decoded text.
+
+    Returns:
+        Every record in ``results`` after the run (old and new).
+
+    Raises:
+        ValueError / TypeError: a method option out of range for this model (before any generation of
+            that condition), mismatched images in a batch.
+    """
+    import vtprune
+    from vtprune.eval.scoring import is_correct
+    from vtprune.inputs import build_batch
+
+    results = Path(results)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    _drop_partial_line(results)
+    done = {record_key(r) for r in read_records(results)}
+    todo = [(data, cond, s) for data, samples in samples_by_data.items() for cond in conds for s in samples
+            if (data, str(s.id), cond.method, cond.budget) not in done]
+    log(f"{len(done)} records already in {results}; {len(todo)} answers to compute")
+    bar = _progress(len(todo), progress)
+    with results.open("a") as out:
+        for data, cond, chunk in _chunks(todo, batch_size):
+            images = [s.load_image() for s in chunk]
+            inputs = build_batch(processor, images, [s.question for s in chunk], device=model.device, dtype=model.dtype)
+            with vtprune.apply(model, cond.method, **dict(cond.options)) as run:
+                generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            texts = processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            report = run.report()
+            for i, (sample, text) in enumerate(zip(chunk, texts, strict=True)):
+                prediction = text.strip().split("\n")[0].strip()
+                record = {"data": data, "id": str(sample.id), "kind": sample.kind, "method": cond.method,
+                          "budget": cond.budget, "options": report["options"], "question": sample.question,
+                          "answer": sample.answer, "prediction": prediction,
+                          "correct": bool(is_correct(prediction, sample)), **_accounting(report["samples"][i])}
+                out.write(json.dumps(record) + "\n")
+            out.flush()
+            bar.update(len(chunk))
+    bar.close()
+    return read_records(results)
+
+
+def _drop_partial_line(path: Path) -> None:
+    """Cut an interrupted write (text after the last newline) so that appended records start on a line
+    of their own."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
+def _accounting(sample_report: dict) -> dict:
+    """What one sample's run kept, relative to the unpruned model (from :meth:`vtprune.Run.report`)."""
+    flops = sample_report["flops"]
+    done = flops["prefill"]["exact"] + flops["decode"]["exact"]
+    full = flops["prefill"]["exact_unpruned"] + flops["decode"]["exact_unpruned"]
+    return {"visual_tokens": sample_report["visual_tokens_in"],
+            "equivalent_budget": sample_report["equivalent_budget"],
+            "final_budget": sample_report["final_budget"],
+            "relative_flops": done / full if full else 1.0,
+            "relative_prefill_flops": flops["prefill"]["exact_ratio"],
+            "relative_kv": sample_report["kv_cache"]["ratio"]}
+
+
+def _chunks(todo: list, size: int):
+    """Consecutive runs of at most ``size`` items sharing (data set, condition)."""
+    chunk: list = []
+    key = None
+    for data, cond, sample in todo:
+        if chunk and (len(chunk) == size or (data, cond) != key):
+            yield key[0], key[1], chunk
+            chunk = []
+        key = (data, cond)
+        chunk.append(sample)
+    if chunk:
+        yield key[0], key[1], chunk
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="answer", desc="vtprune eval")

@@ -1,0 +1,134 @@
+"""The accuracy runner (resumable JSONL records), the tables / plots, and ``vtprune eval`` end to end on
+the bundled model with a few held-out ImageNet questions."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from vtprune import cli
+from vtprune.eval import runner, tables
+from vtprune.eval.runner import Condition, conditions, parse_budget
+
+
+@pytest.mark.parametrize("text,label,opts", [
+    ("25%", "25%", {"keep_ratio": 0.25}), ("12.5%", "12.5%", {"keep_ratio": 0.125}), ("64", "64", {"budget": 64}),
+    ("default", "default", {}), (" 100% ", "100%", {"keep_ratio": 1.0}),
+])
+def test_parse_budget(text, label, opts):
+    assert parse_budget(text) == (label, opts)
+
+
+@pytest.mark.parametrize("text", ["0%", "101%", "x%", "half", "1.5"])
+def test_parse_budget_rejects(text):
+    with pytest.raises(ValueError, match="budget"):
+        parse_budget(text)
+
+
+def test_conditions_put_the_unpruned_reference_first_once():
+    conds = conditions(["none", "parvts", "pool"], ["25%", "64"])
+    assert conds[0] == Condition("none", "all")
+    assert [(c.method, c.budget) for c in conds[1:]] == [("parvts", "25%"), ("parvts", "64"), ("pool", "25%"),
+                                                        ("pool", "64")]
+    assert dict(conds[2].options) == {"budget": 64}
+    with pytest.raises(ValueError, match="accepted: .*fastv"):
+        conditions(["fastvv"], ["25%"])
+
+
+def _record(data, sid, kind, method, budget, pred, correct, eq=196.0, flops=1.0):
+    return {"data": data, "id": sid, "kind": kind, "method": method, "budget": budget, "prediction": pred,
+            "correct": correct, "visual_tokens": 196, "equivalent_budget": eq, "relative_flops": flops,
+            "relative_kv": flops}
+
+
+def test_summarize_accuracy_agreement_and_kinds():
+    recs = [
+        _record("d", "1", "subject", "none", "all", "Yes", True),
+        _record("d", "2", "background", "none", "all", "red", False),
+        _record("d", "1", "subject", "pool", "25%", "yes.", True, eq=49, flops=0.4),
+        _record("d", "2", "background", "pool", "25%", "blue", True, eq=49, flops=0.6),
+    ]
+    rows = {(r["kind"], r["method"]): r for r in tables.summarize(recs)}
+    assert rows[("all", "none")]["accuracy"] == 0.5 and rows[("all", "none")]["agreement"] == 1.0
+    pool = rows[("all", "pool")]
+    assert pool["accuracy"] == 1.0 and pool["agreement"] == 0.5  # "yes." == "Yes" after normalisation
+    assert pool["equivalent_budget_pct"] == pytest.approx(25.0) and pool["relative_flops"] == pytest.approx(0.5)
+    assert rows[("background", "pool")]["n"] == 1 and rows[("background", "pool")]["agreement"] == 0.0
+    first = tables.summarize(recs)[0]
+    assert (first["kind"], first["method"]) == ("all", "none")
+    md = tables.markdown(tables.summarize(recs))
+    assert "| all | pool | 25% | 2 | 100.0 | 50.0 | 49.0 (25.0 %) | 50.0 | 50.0 |" in md
+
+
+def test_read_records_ignores_a_truncated_last_line(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps({"a": 1}) + "\n" + '{"a": ')
+    assert runner.read_records(path) == [{"a": 1}]
+    assert runner.read_records(tmp_path / "missing.jsonl") == []
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    default = pytest.importorskip("vtprune.models.default", reason="bundled model packages not installed")
+    return default.load_default()
+
+
+@pytest.fixture(scope="module")
+def samples():
+    from vtprune.eval.datasets import load_dataset
+
+    try:
+        return load_dataset("imagenet-pope", limit=3)
+    except FileNotFoundError as e:
+        pytest.skip(f"../shared/data not found: {e}")
+
+
+def test_run_eval_resumes_and_batched_equals_one_by_one(bundled, samples, tmp_path):
+    model, processor = bundled
+    conds = conditions(["parvts", "visionzip"], ["12.5%"])
+    path = tmp_path / "results.jsonl"
+    recs = runner.run_eval(model, processor, {"imagenet-pope": samples}, conds, path, batch_size=3, progress=False,
+                           log=lambda m: None)
+    assert len(recs) == 9 and len(path.read_text().splitlines()) == 9
+    assert {r["method"] for r in recs} == {"none", "parvts", "visionzip"}
+    assert all(r["equivalent_budget"] < 196 for r in recs if r["method"] != "none")
+    assert all(r["relative_flops"] < 1 for r in recs if r["method"] != "none")
+    # resume: nothing left to do, nothing appended
+    again = runner.run_eval(model, processor, {"imagenet-pope": samples}, conds, path, batch_size=3,
+                            progress=False, log=lambda m: None)
+    assert again == recs
+    # an interrupted run: drop the last two records and cut the file mid-line; the rerun completes it
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:7]) + "\n" + lines[7][:20])
+    redone = runner.run_eval(model, processor, {"imagenet-pope": samples}, conds, path, batch_size=1,
+                             progress=False, log=lambda m: None)
+    assert len(redone) == 9
+    key = runner.record_key
+    assert {key(r): r["prediction"] for r in redone} == {key(r): r["prediction"] for r in recs}
+
+
+def test_cli_eval_writes_tables_and_plots(tmp_path, capsys):
+    pytest.importorskip("vtprune.models.default", reason="bundled model packages not installed")
+    out = tmp_path / "ev"
+    code = cli.main(["eval", "--data", "imagenet-pope", "--limit", "2", "--methods", "pool", "--budgets", "25%",
+                     "--out", str(out), "--no-progress", "--batch", "2"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| all | pool | 25% | 2 |" in printed
+    assert (out / "results.csv").read_text().startswith(",".join(tables.COLUMNS))
+    assert len(runner.read_records(out / "results.jsonl")) == 4
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (out / "accuracy_vs_budget.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--data", "nope"], "unknown data set 'nope'"),
+    (["--data", "imagenet-pope", "--methods", "fastvv"], "unknown method 'fastvv'"),
+    (["--data", "imagenet-pope", "--budgets", "half"], "budget 'half'"),
+    (["--data", "imagenet-pope", "--batch", "0"], "--batch must be >= 1"),
+])
+def test_cli_eval_bad_input_is_a_one_line_error(argv, match, capsys):
+    assert cli.main(["eval", *argv]) == 2
+    assert match in capsys.readouterr().err
