@@ -1,0 +1,282 @@
+"""LLaVA-NeXT (``LlavaNextForConditionalGeneration``, llava-hf/llava-v1.6-* checkpoints).
+
+LLaVA-NeXT encodes each image as several CLIP tiles ("any resolution"): a base tile (the whole image
+resized, 576 tokens at 336 px) plus a grid of high-resolution tiles chosen from
+``config.image_grid_pinpoints``. The model packs their features per image as: the base tile's patches,
+then the high-resolution grid as one feature map, unpadded to the image's aspect ratio, row by row with
+the learned ``image_newline`` token after every row (``LlavaNextModel.pack_image_features``). The number
+of visual tokens of an image therefore depends on its ``image_sizes`` entry, and the processor expands
+``<image>`` into exactly that many image tokens (newline positions included).
+
+This adapter finds the visual positions from ``input_ids == config.image_token_id``, splits them into
+images with the token count the model computes for each image, and maps the CLIP [CLS] attention of
+every tile through the model's own packing so that saliency[i] scores the i-th visual token.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+
+import torch
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+from vtprune.adapters.base import register_adapter, visual_spans
+from vtprune.adapters.llava import LlavaAdapter
+
+NEWLINE = -1  # marks an ``image_newline`` token in a packing map
+
+
+@register_adapter
+class LlavaNextAdapter(LlavaAdapter):
+    """LLaVA-NeXT: CLIP ViT tower run on every tile, MLP projector, any-resolution packing, Llama /
+    Mistral / Vicuna language model (the decoder, text config and image token id sit where LLaVA-1.5
+    keeps them, so those answers are inherited from :class:`LlavaAdapter`).
+
+    Visual tokens per image: not fixed by the config (:meth:`tokens_per_image` is None); they follow
+    each image's size. vtprune needs, within one batch, the same number of images per sample and the
+    same number of visual tokens per image, so images in one batch (and two images in one prompt) must
+    give equal token counts, in practice equal sizes (or sizes that select the same grid and unpad
+    alike); otherwise :meth:`visual_index` raises ValueError. Budgets are per image (``budget`` tokens)
+    or a ``keep_ratio`` resolved per call, as ``ceil(keep_ratio * N_v)`` of that call's images.
+
+    Saliency (``attach_saliency``): for every tile (the tower runs all tiles of all images as one batch)
+    the [CLS] query attention to each patch in the encoder layer whose output LLaVA-NeXT projects
+    (``vision_feature_layer``), summed over heads (:func:`vtprune.adapters.llava.cls_attention`), then
+    packed by the model's own ``pack_image_features`` (base tile, unpadded high-resolution grid, one
+    newline per row). A newline token has no [CLS] attention of its own (it is a learned embedding, not
+    a patch): its saliency is ``-inf``, so saliency-ranked selection (ParVTS subjects, VisionZip
+    dominant tokens) never spends budget on it; it stays with the non-selected tokens. Source: ParVTS
+    (arXiv 2511.18875) Fig. 4 ([CLS] attention); the per-tile computation and the newline value are
+    reconstructed (ParVTS describes LLaVA-1.5's single tile).
+
+    Only ``vision_feature_select_strategy="default"`` (every llava-hf LLaVA-NeXT checkpoint) is
+    supported where the packing is needed: with ``"full"`` the model's own packing does not line up.
+    """
+
+    model_classes = ("LlavaNextForConditionalGeneration",)
+    family = "llava_next"
+
+    def __init__(self, model):
+        super().__init__(model)
+        self._maps: dict[tuple[int, int], tuple[torch.Tensor, int]] = {}
+
+    def tokens_per_image(self) -> int | None:
+        """None: LLaVA-NeXT's visual tokens per image depend on each image's size."""
+        return None
+
+    # ------------------------------------------------------------------ packing
+    def packing(self, image_size) -> tuple[torch.Tensor, int]:
+        """Where each visual token of an image comes from, in the model's packing order.
+
+        Args:
+            image_size: the image's (height, width) in pixels, as in ``image_sizes`` (list, tuple or
+                tensor).
+
+        Returns:
+            (source LongTensor [N_v] on the CPU, n_tiles): ``source[i] = t * P + p`` when token i is
+            patch p of tile t (tile 0 the base image, tiles 1.. the high-resolution grid in the
+            processor's row-major order; P patches per tile after dropping [CLS]), ``NEWLINE`` (-1) for
+            an ``image_newline`` token; n_tiles the tiles the model encodes for this image.
+
+        Computed by running the model's ``pack_image_features`` on tile-patch numbers instead of
+        features, so it follows the model exactly (grid choice, unpadding, newlines).
+
+        Raises:
+            ValueError: ``vision_feature_select_strategy`` other than ``"default"``, or an image size
+                that is not two positive ints.
+        """
+        size = _size_tuple(image_size)
+        if size not in self._maps:
+            cfg = self.model.config
+            if cfg.vision_feature_select_strategy != "default":
+                raise ValueError("vtprune supports LLaVA-NeXT with vision_feature_select_strategy='default' (every "
+                                 f"llava-hf checkpoint); this model uses {cfg.vision_feature_select_strategy!r}")
+            vision = cfg.vision_config
+            n_tiles = image_size_to_num_patches(list(size), cfg.image_grid_pinpoints, vision.image_size)
+            per_tile = (vision.image_size // vision.patch_size) ** 2
+            numbers = torch.arange(n_tiles * per_tile, dtype=torch.float64).view(n_tiles, per_tile, 1)
+            packed, _ = self.model.model.pack_image_features(
+                [numbers], [size], cfg.vision_feature_select_strategy,
+                image_newline=torch.tensor([float(NEWLINE)], dtype=torch.float64))
+            self._maps[size] = (packed[0][:, 0].long(), n_tiles)
+        return self._maps[size]
+
+    def image_token_counts(self, inputs: dict | None) -> list[int] | None:
+        """Visual tokens of every image of a call, in the order of ``image_sizes`` (sample-major).
+
+        From ``mm_encoder_outputs["image"].pooler_output`` (the per-image packed features that
+        ``generate`` computes before the prefill) when present, else from ``image_sizes`` through
+        :meth:`packing`. None when the call carries no images (no ``pixel_values``, or an empty one).
+
+        Raises:
+            ValueError: ``pixel_values`` without ``image_sizes``.
+        """
+        inputs = inputs or {}
+        encoded = (inputs.get("mm_encoder_outputs") or {}).get("image")
+        if encoded is not None:
+            return [int(f.shape[0]) for f in encoded.pooler_output]
+        pixels, sizes = inputs.get("pixel_values"), inputs.get("image_sizes")
+        if pixels is None or pixels.shape[0] == 0:
+            return None
+        if sizes is None:
+            raise ValueError("LLaVA-NeXT needs image_sizes (one (height, width) per image) with pixel_values; "
+                             "pass the processor's output unchanged")
+        return [self.packing(s)[0].numel() for s in sizes]
+
+    # ------------------------------------------------------------------ visual positions
+    def visual_index(self, input_ids: torch.Tensor, inputs: dict | None = None) -> torch.Tensor:
+        """Original indices of every image's visual tokens (newline tokens included, in place).
+
+        Args:
+            input_ids: LongTensor [B, S] of the prefill call.
+            inputs: the call's other kwargs: ``image_sizes`` and ``pixel_values`` (a direct forward), or
+                ``mm_encoder_outputs`` (``generate`` encodes the images first). Without any, images are
+                the contiguous runs of image tokens.
+
+        Returns:
+            LongTensor [B, I, N_v] (ascending), on the device of ``input_ids``.
+
+        Raises:
+            ValueError: a sample without image tokens; image tokens that disagree with the images'
+                token counts (their number, or an image boundary inside a run); images of different
+                token counts in one batch or prompt, or samples with different numbers of images
+                ("mismatched images").
+        """
+        counts = self.image_token_counts(inputs)
+        if counts is None:
+            return visual_spans(input_ids, self.image_token_id)
+        return split_images(input_ids, self.image_token_id, counts)
+
+    # ------------------------------------------------------------------ saliency
+    def attach_saliency(self, sink: Callable[[torch.Tensor], None]) -> list:
+        """Register what calls ``sink(saliency)`` once per image of each vision forward, with saliency a
+        FloatTensor [1, N_v] in packing order (``-inf`` at newline tokens). Returns removable handles.
+
+        The per-tile [CLS] attention comes from :meth:`LlavaAdapter.attach_saliency`; packing it needs
+        ``image_sizes``, which reaches only the model's ``get_image_features`` (``generate`` calls it
+        before the prefill, a direct forward from inside ``LlavaNextModel.forward``). So this wraps
+        that method on the model instance (an instance attribute with the same signature, removed by
+        the handle; the class and other instances are untouched).
+        """
+        tiles: list[torch.Tensor] = []
+        handles = super().attach_saliency(tiles.append)
+        try:
+            inner = self.model.model
+            original = inner.get_image_features
+            signature = inspect.signature(original)
+
+            @functools.wraps(original)
+            def get_image_features(*args, **kwargs):
+                tiles.clear()
+                out = original(*args, **kwargs)
+                sizes = signature.bind(*args, **kwargs).arguments["image_sizes"]
+                per_tile = torch.cat(tiles) if tiles else None
+                tiles.clear()
+                for image in self.pack_saliency(per_tile, sizes):
+                    sink(image[None])
+                return out
+
+            handles.append(InstanceOverride(inner, "get_image_features", get_image_features))
+        except BaseException:
+            for h in handles:
+                h.remove()
+            raise
+        return handles
+
+    def pack_saliency(self, per_tile: torch.Tensor | None, image_sizes) -> list[torch.Tensor]:
+        """Map per-tile patch saliency to each image's visual tokens.
+
+        Args:
+            per_tile: FloatTensor [n_tiles_total, P], tiles of all images in ``image_sizes`` order.
+            image_sizes: (height, width) of every image ([n_images, 2] tensor or list).
+
+        Returns:
+            one FloatTensor [N_v] per image, ``-inf`` at newline tokens.
+
+        Raises:
+            RuntimeError: no saliency was captured, or it covers a different number of tiles than the
+                images need.
+        """
+        maps = [self.packing(s) for s in image_sizes]
+        need = sum(n for _, n in maps)
+        if per_tile is None or per_tile.shape[0] != need:
+            got = 0 if per_tile is None else per_tile.shape[0]
+            raise RuntimeError(f"LLaVA-NeXT saliency: captured [CLS] attention for {got} tiles, the images need {need}")
+        out, start = [], 0
+        for source, n_tiles in maps:
+            flat = per_tile[start:start + n_tiles].float().flatten()
+            start += n_tiles
+            source = source.to(flat.device)
+            out.append(torch.where(source == NEWLINE, float("-inf"), flat[source.clamp(min=0)]))
+        return out
+
+
+def split_images(input_ids: torch.Tensor, image_token_id: int, counts: list[int]) -> torch.Tensor:
+    """Split the image-token positions of a batch into images of known token counts.
+
+    Args:
+        input_ids: LongTensor [B, S].
+        image_token_id: the image placeholder id.
+        counts: visual tokens of every image of the batch, sample-major (sample 0's images first).
+
+    Returns:
+        LongTensor [B, I, N_v] as :func:`vtprune.adapters.base.visual_spans`.
+
+    Raises:
+        ValueError: the image tokens do not add up to ``counts`` or an image would straddle two runs
+            of image tokens ("disagree"); images of different token counts, or different numbers of
+            images per sample ("mismatched images"); a sample without image tokens.
+    """
+    is_image = (input_ids == image_token_id).cpu()
+    if not bool(is_image.any(1).all()):
+        return visual_spans(input_ids, image_token_id)  # raises its "no image tokens" error
+    total = int(is_image.sum())
+    if total != sum(counts):
+        raise ValueError(f"LLaVA-NeXT image tokens disagree with the images: input_ids hold {total} tokens "
+                         f"{image_token_id}, the {len(counts)} images (from image_sizes) need {counts} = {sum(counts)}; "
+                         "build the prompt with the model's processor from the same images")
+    queue, per_sample = list(counts), []
+    for b, row in enumerate(is_image):
+        pos = row.nonzero().flatten()
+        runs = torch.tensor_split(pos, ((pos[1:] != pos[:-1] + 1).nonzero().flatten() + 1).tolist())
+        mine = []
+        for run in runs:
+            left = run.numel()
+            while left > 0:
+                if not queue or queue[0] > left:
+                    raise ValueError(f"LLaVA-NeXT image tokens disagree with the images: sample {b} has a run of "
+                                     f"{run.numel()} image tokens that the images' counts {counts} do not tile")
+                left -= queue[0]
+                mine.append(queue.pop(0))
+        per_sample.append(mine)
+    sizes = {c for mine in per_sample for c in mine}
+    if len(sizes) != 1 or any(len(m) != len(per_sample[0]) for m in per_sample):
+        raise ValueError("mismatched images: vtprune needs every image of a batch (and of a prompt) to give the same "
+                         "number of visual tokens and every sample the same number of images; LLaVA-NeXT's count "
+                         f"follows the image size; got visual tokens per image per sample {per_sample}")
+    return visual_spans(input_ids, image_token_id, sizes.pop())
+
+
+class InstanceOverride:
+    """Shadow a method on one object with an instance attribute; ``remove()`` restores it."""
+
+    def __init__(self, obj, name: str, value):
+        self.obj, self.name = obj, name
+        self.had = name in obj.__dict__
+        self.previous = obj.__dict__.get(name)
+        obj.__dict__[name] = value
+
+    def remove(self) -> None:
+        if self.had:
+            self.obj.__dict__[self.name] = self.previous
+        else:
+            self.obj.__dict__.pop(self.name, None)
+
+
+def _size_tuple(image_size) -> tuple[int, int]:
+    values = image_size.tolist() if hasattr(image_size, "tolist") else list(image_size)
+    if len(values) != 2 or any(int(v) != v or v <= 0 for v in values):
+        raise ValueError(f"an image size must be (height, width) in pixels, two positive ints; got {values}")
+    return int(values[0]), int(values[1])

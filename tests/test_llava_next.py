@@ -1,0 +1,364 @@
+"""LLaVA-NeXT (any-resolution tiles) on a tiny random-weight ``LlavaNextForConditionalGeneration``.
+
+Inputs come from the real ``LlavaNextProcessor`` (its PIL image processor and a word-level tokenizer
+built offline), so the number of image tokens per image is the processor's. Tiles are 32 px with 8 px
+patches (16 patches per tile); the grid pinpoints are (32, 64), (64, 32), (64, 64). Token counts per
+image size, derived by hand (base tile 16 + rows x (cols + 1) of the unpadded grid):
+
+    (20, 40): 1x2 tiles, 4x8 patches, nothing unpadded            -> 16 + 4 * 9 = 52
+    (16, 64): 1x2 tiles, 4x8 patches, rows 1-2 kept (wider image) -> 16 + 2 * 9 = 34
+    (64, 48): 2x2 tiles, 8x8 patches, cols 1-6 kept (taller)      -> 16 + 8 * 7 = 72
+    (64, 64): 2x2 tiles, 8x8 patches                              -> 16 + 8 * 9 = 88
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextProcessor,
+    PreTrainedTokenizerFast,
+)
+from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+import vtprune
+import vtprune.adapters.llava_next  # noqa: F401  (registers the adapter until adapters/__init__ imports it)
+from vtprune.adapters import adapter_for
+from vtprune.adapters.llava_next import LlavaNextAdapter
+from vtprune.methods.st3 import annealed
+
+IMAGE_TOKEN = 250
+PINPOINTS = [[32, 64], [64, 32], [64, 64]]
+SIZE = (20, 40)  # the image size of most tests
+N = 52  # its visual tokens
+COUNTS = {(20, 40): 52, (16, 64): 34, (64, 48): 72, (64, 64): 88}
+NEW = 10
+LAYERS = 6
+
+
+def tiny_llava_next(attn: str = "sdpa") -> LlavaNextForConditionalGeneration:
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=32, patch_size=8, projection_dim=32)
+    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=256, max_position_embeddings=512,
+                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
+                          image_grid_pinpoints=PINPOINTS, vision_feature_layer=-2,
+                          vision_feature_select_strategy="default")
+    model = LlavaNextForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # random init gives near-uniform logits; make greedy decoding decisive
+        model.lm_head.weight.mul_(8.0)
+    model.config.text_config._attn_implementation = attn
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def tiny_processor() -> LlavaNextProcessor:
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{f"w{i}": i for i in range(4, 240)}, "<image>": IMAGE_TOKEN}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>", padding_side="left",
+                                        extra_special_tokens={"image_token": "<image>"})
+    images = LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                        image_grid_pinpoints=PINPOINTS)
+    return LlavaNextProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8,
+                              vision_feature_select_strategy="default", num_additional_image_tokens=1)
+
+
+PROCESSOR = tiny_processor()
+
+
+def image(size, seed) -> Image.Image:
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (*size, 3), dtype=np.uint8))
+
+
+def prompt(prefix: int, question: int, seed: int, images: int = 1) -> str:
+    words = np.random.RandomState(100 + seed).randint(4, 240, prefix + question)
+    text = [f"w{w}" for w in words]
+    return " ".join(text[:prefix] + ["<image>"] * images + text[prefix:])
+
+
+def inputs(prompts: list[str], sizes: list[list[tuple[int, int]]], seed: int = 0) -> dict:
+    """Processor output for prompts (left-padded) with images ``sizes[b]`` in sample b."""
+    imgs = [image(s, seed + 10 * b + i) for b, row in enumerate(sizes) for i, s in enumerate(row)]
+    return dict(PROCESSOR(images=imgs, text=prompts, return_tensors="pt", padding=True))
+
+
+PROMPTS = [prompt(2, 4, 1), prompt(5, 9, 2), prompt(3, 2, 3)]
+
+
+def batch(idx=(0, 1, 2), size=SIZE) -> dict:
+    """Samples ``idx`` of PROMPTS, each with its own image (same content whatever the batch)."""
+    imgs = [image(size, i) for i in idx]
+    return dict(PROCESSOR(images=imgs, text=[PROMPTS[i] for i in idx], return_tensors="pt", padding=True))
+
+
+def generate(model, x, **kw):
+    kw.setdefault("max_new_tokens", NEW)
+    return model.generate(**x, do_sample=False, **kw)[:, -kw["max_new_tokens"]:]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llava_next()
+
+
+@pytest.fixture(scope="module")
+def stock(model):
+    """The unmodified model's greedy outputs on the single and the batched input."""
+    return {"single": generate(model, batch((0,))), "batched": generate(model, batch())}
+
+
+# ---------------------------------------------------------------- token counts and positions
+@pytest.mark.parametrize("size", list(COUNTS))
+def test_visual_tokens_per_image_follow_image_size(model, size):
+    x = inputs([prompt(3, 4, 0)], [[size]])
+    adapter = adapter_for(model)
+    assert isinstance(adapter, LlavaNextAdapter) and adapter.tokens_per_image() is None
+    visual = adapter.visual_index(x["input_ids"], x)
+    start = int((x["input_ids"][0] == IMAGE_TOKEN).nonzero()[0])
+    assert visual.tolist() == [[list(range(start, start + COUNTS[size]))]]  # hand count = processor's
+    with torch.no_grad():  # = the model's own packed feature length
+        feats = model.model.get_image_features(x["pixel_values"], x["image_sizes"]).pooler_output
+    assert [f.shape[0] for f in feats] == [COUNTS[size]]
+    source, _ = adapter.packing(size)
+    assert source.tolist()[:16] == list(range(16))  # the base tile first
+    cols = {(20, 40): 8, (16, 64): 8, (64, 48): 6, (64, 64): 8}[size]
+    newlines = (source == -1).nonzero().flatten().tolist()
+    assert newlines == list(range(16 + cols, COUNTS[size], cols + 1))  # one after every grid row
+
+
+def test_token_count_disagreement_raises(model):
+    x = batch((0,))
+    ids = x["input_ids"]
+    first = int((ids[0] == IMAGE_TOKEN).nonzero()[0])
+    x["input_ids"] = torch.cat([ids[:, :first], ids[:, first + 1:]], 1)  # one image token short
+    x["attention_mask"] = x["attention_mask"][:, 1:]
+    with vtprune.apply(model, "fastv", budget=4):
+        with pytest.raises(ValueError, match=r"disagree with the images: input_ids hold 51 .* need \[52\]"):
+            model(**x)
+        with pytest.raises(ValueError, match="disagree with the images"):
+            generate(model, x)
+    x = batch((0,))
+    x.pop("image_sizes")
+    with pytest.raises(ValueError, match="needs image_sizes"):
+        adapter_for(model).visual_index(x["input_ids"], x)
+
+
+def test_kept_tokens_keep_original_positions(model):
+    x = batch()
+    seen = {}
+
+    def spy(module, args, kwargs):
+        seen["cos"] = kwargs["position_embeddings"][0].clone()
+        seen["pos"] = kwargs["position_ids"].clone()
+
+    with vtprune.apply(model, "fastv", budget=6, layer=2) as run:
+        handle = model.model.language_model.layers[4].register_forward_pre_hook(spy, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                model(**x)
+        finally:
+            handle.remove()
+    index = run.gen.layouts[4].index
+    assert index.shape[1] == x["input_ids"].shape[1] - N + 6
+    full_pos = torch.arange(x["input_ids"].shape[1])[None].expand(3, -1)
+    cos, _ = model.model.language_model.rotary_emb(torch.zeros(1, 1, 64), full_pos)
+    assert torch.equal(seen["pos"], torch.gather(full_pos, 1, index))
+    assert torch.allclose(seen["cos"], torch.gather(cos, 1, index[..., None].expand(-1, -1, cos.shape[-1])))
+
+
+# ---------------------------------------------------------------- equivalence with the stock model
+KEEP_ALL = [("none", {}), ("fastv", {"budget": N}), ("st3", {"ratio": 0.0, "anneal": "none"}), ("parvts", {"budget": N})]
+PRUNING = [("none", {}), ("fastv", {"budget": 8}), ("st3", {}), ("parvts", {"budget": 8})]
+
+
+@pytest.mark.parametrize("method,opts", KEEP_ALL)
+@pytest.mark.parametrize("which", ["single", "batched"])
+def test_keeping_every_token_equals_stock(model, stock, method, opts, which):
+    x = batch((0,)) if which == "single" else batch()
+    with vtprune.apply(model, method, **opts) as run:
+        out = generate(model, x)
+    assert torch.equal(out, stock[which])
+    sample = run.report()["samples"][-1]
+    assert sample["visual_tokens_per_layer_prefill"] == [N] * LAYERS
+    assert sample["flops"]["prefill"]["exact_ratio"] == 1.0
+
+
+@pytest.mark.parametrize("method,opts", PRUNING)
+def test_batched_equals_one_by_one(model, method, opts):
+    x = batch()
+    assert x["attention_mask"][0, 0] == 0  # left padding
+    with vtprune.apply(model, method, **opts) as run:
+        together = generate(model, x)
+        final = {"none": N, "fastv": 8, "parvts": 8}.get(method) or run.method.G[-1]
+        assert run.report()["samples"][0]["final_budget"] == final
+        for i in range(3):
+            assert torch.equal(generate(model, batch((i,)))[0], together[i]), f"sample {i}"
+
+
+# ---------------------------------------------------------------- per-layer counts (METHODS.md)
+def test_fastv_counts_and_kv_lengths(model):
+    x = batch()
+    s = x["input_ids"].shape[1]
+    with vtprune.apply(model, "fastv", budget=10, layer=3) as run:
+        generate(model, x)
+    sample = run.report()["samples"][0]
+    assert sample["visual_tokens_per_layer_prefill"] == [N] * 3 + [10] * 3
+    assert sample["visual_tokens_per_layer_last_decode"] == [N] * 3 + [10] * 3
+    fed = NEW - 1
+    assert run.report()["kv_cache"]["entries_per_layer"] == [s + fed] * 3 + [s - N + 10 + fed] * 3
+
+
+def test_st3_pvtp_and_vta_counts(model):
+    x = batch()
+    with vtprune.apply(model, "st3", ratio=0.3, stride=2, start_layer=1, floor_ratio=0.25) as run:
+        generate(model, x)
+    g = [52, 37, 37, 26, 26, 19]  # ceil(0.7 * 52) = 37, ceil(0.7 * 37) = 26, ceil(0.7 * 26) = 19
+    assert run.report()["samples"][0]["visual_tokens_per_layer_prefill"] == g
+    history = run.ledger.decode_history
+    assert len(history) == NEW - 1
+    for t, counts in enumerate(history, start=1):
+        assert counts == [g[0]] + [annealed(g[layer], t, NEW, 0.25) for layer in range(1, LAYERS)], f"step {t}"
+    assert history[-1][5] < g[5]
+
+
+def test_parvts_counts_and_subjects(model):
+    x = batch()
+    s = x["input_ids"].shape[1]
+    with vtprune.apply(model, "parvts", budget=10, discard_layer=3) as run:
+        generate(model, x)
+    r = run.report()
+    assert r["samples"][0]["visual_tokens_per_layer_prefill"] == [N] * 3 + [10] * 3
+    assert r["kv_cache"]["entries_per_layer"] == [s - N + 10 + NEW - 1] * LAYERS
+    top = torch.topk(run.gen.saliency, 10, dim=-1).indices.sort(-1).values
+    assert torch.equal(run.gen.cache_vis[5], torch.gather(run.gen.visual_index, 2, top))
+    source, _ = adapter_for(model).packing(SIZE)
+    assert (source[top.flatten()] >= 0).all()  # subjects are patches, never newline tokens
+
+
+# ---------------------------------------------------------------- several images, several sizes
+def test_two_adjacent_images_each_pruned_separately(model):
+    x = inputs([prompt(2, 3, 5, images=2), prompt(4, 6, 6, images=2)], [[SIZE, SIZE], [SIZE, SIZE]])
+    ids = x["input_ids"]
+    runs = (ids == IMAGE_TOKEN).long().diff(dim=1).eq(1).sum(1)
+    assert runs.tolist() == [1, 1]  # "<image> <image>": one run of 2 N tokens; only the counts split it
+    stock = generate(model, x, max_new_tokens=6)
+    with vtprune.apply(model, "none") as run:
+        assert torch.equal(generate(model, x, max_new_tokens=6), stock)
+    assert run.gen.visual_index.shape == (2, 2, N)
+    assert torch.equal(run.gen.visual_index[:, 1, 0], run.gen.visual_index[:, 0, -1] + 1)
+    with vtprune.apply(model, "fastv", budget=3) as run:
+        generate(model, x, max_new_tokens=6)
+    assert run.report()["samples"][1]["visual_tokens_per_layer_prefill"] == [2 * N] * 2 + [6] * 4
+    kept = run.gen.cache_vis[5]
+    assert kept.shape == (2, 2, 3)
+    assert torch.all(kept[:, 0] < run.gen.visual_index[:, 1, :1])  # three from each image
+    with vtprune.apply(model, "parvts", budget=5) as run:
+        generate(model, x, max_new_tokens=6)
+    top = torch.topk(run.gen.saliency, 5, dim=-1).indices.sort(-1).values  # per image
+    assert torch.equal(run.gen.cache_vis[5], torch.gather(run.gen.visual_index, 2, top))
+
+
+@pytest.mark.parametrize("layout", ["one prompt", "one batch"])
+def test_images_of_different_sizes_together_raise(model, layout):
+    if layout == "one prompt":
+        x = inputs([prompt(2, 3, 5, images=2)], [[SIZE, (16, 64)]])
+        expected = r"mismatched images.*\[\[52, 34\]\]"
+    else:
+        x = inputs([prompt(2, 3, 5), prompt(4, 6, 6)], [[SIZE], [(16, 64)]])
+        expected = r"mismatched images.*\[\[52\], \[34\]\]"
+    with pytest.raises(ValueError, match=expected):
+        with vtprune.apply(model, "fastv", budget=4):
+            generate(model, x, max_new_tokens=2)
+    assert "get_image_features" not in model.model.__dict__
+
+
+@pytest.mark.parametrize("method", ["fastv", "parvts"])
+def test_keep_ratio_is_per_image_for_each_size(model, method):
+    with vtprune.apply(model, method, keep_ratio=0.25) as run:
+        for size in [(20, 40), (16, 64), (64, 64)]:
+            generate(model, inputs([prompt(3, 4, 0)], [[size]]), max_new_tokens=2)
+            sample = run.report()["samples"][0]
+            assert sample["visual_tokens_in"] == COUNTS[size]
+            assert sample["final_budget"] == math.ceil(0.25 * COUNTS[size])  # 13, 9, 22
+
+
+# ---------------------------------------------------------------- saliency
+def hand_packed_cls_attention(model, pixel_values, n_tiles, grid, rows, cols) -> torch.Tensor:
+    """[CLS] attention of every tile from the tower run eagerly (output_attentions), packed by hand:
+    base tile, then the (grid[0] * 4) x (grid[1] * 4) patch map cropped to ``rows`` x ``cols``, -inf
+    after each row."""
+    tower = model.model.vision_tower
+    impl = tower.config._attn_implementation
+    tower.config._attn_implementation = "eager"
+    try:
+        with torch.no_grad():
+            attn = tower(pixel_values[:n_tiles], output_attentions=True).attentions
+    finally:
+        tower.config._attn_implementation = impl
+    cls = attn[1][:, :, 0, 1:].sum(1)  # feature layer -2 of 3 = output of encoder layer 1; drop [CLS]
+    out = cls[0].tolist()
+    for r in rows:
+        for c in cols:
+            tile = 1 + (r // 4) * grid[1] + c // 4
+            out.append(float(cls[tile, (r % 4) * 4 + c % 4]))
+        out.append(float("-inf"))
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("size,n_tiles,grid,rows,cols", [
+    ((16, 64), 3, (1, 2), range(1, 3), range(8)),   # wide: rows unpadded
+    ((64, 48), 5, (2, 2), range(8), range(1, 7)),   # tall: columns unpadded
+])
+@pytest.mark.parametrize("call", ["generate", "forward"])
+def test_saliency_is_eager_cls_attention_packed_like_the_features(model, size, n_tiles, grid, rows, cols, call):
+    x = inputs([prompt(2, 3, 1), prompt(4, 2, 2)], [[size], [size]])
+    calls = []
+    spy = model.register_forward_pre_hook(lambda mod, args, kwargs: calls.append(kwargs), with_kwargs=True)
+    try:
+        with vtprune.apply(model, "parvts", budget=6) as run:
+            if call == "generate":
+                generate(model, x, max_new_tokens=1)
+            else:
+                with torch.no_grad():
+                    model(**x)
+    finally:
+        spy.remove()
+    # generate encodes the images before the prefill (through the wrapped get_image_features, whose
+    # signature it inspects); a direct forward passes pixel_values and image_sizes
+    assert (calls[0].get("pixel_values") is None) == (call == "generate")
+    assert ("image" in (calls[0].get("mm_encoder_outputs") or {})) == (call == "generate")
+    assert run.gen.saliency.shape == (2, 1, COUNTS[size])
+    for b in range(2):
+        expected = hand_packed_cls_attention(model, x["pixel_values"][b], n_tiles, grid, rows, cols)
+        ours = run.gen.saliency[b, 0]
+        assert torch.equal(torch.isinf(ours), torch.isinf(expected))
+        assert torch.allclose(ours[~torch.isinf(ours)], expected[~torch.isinf(expected)], atol=1e-5)
+
+
+def test_model_is_stock_after_exit_and_after_exception(model, stock):
+    x = batch()
+    with vtprune.apply(model, "parvts", budget=8):
+        assert "get_image_features" in model.model.__dict__
+        generate(model, x, max_new_tokens=2)
+    assert "get_image_features" not in model.model.__dict__
+    with pytest.raises(RuntimeError, match="boom"):
+        with vtprune.apply(model, "parvts", budget=8):
+            raise RuntimeError("boom")
+    assert "get_image_features" not in model.model.__dict__
+    saliency_layer = model.model.vision_tower.encoder.layers[1].self_attn
+    assert not saliency_layer._forward_pre_hooks and not model._forward_pre_hooks
+    assert torch.equal(generate(model, x), stock["batched"])
