@@ -361,3 +361,16 @@ def test_decode_only_annealing_on_a_padded_batch(model):
             assert torch.equal(generate(model, one, max_new_tokens=10)[0], together[i]), f"sample {i}"
     last = [N_VISUAL] + [annealed(N_VISUAL, 9, 10, 0.25)] * 5
     assert entries == [s - N_VISUAL + c + 9 for c in last]
+
+
+def test_hand_written_decode_loop_without_position_ids_matches_generate(model):
+    # ParVTS shortens layer 0's cache, from which the stock model would derive decode positions
+    inputs = batch(PROMPTS[:1])
+    with vtprune.apply(model, "parvts", budget=4):
+        expected = generate(model, inputs, max_new_tokens=5)
+        out = model(**inputs, use_cache=True)
+        cache, tokens = out.past_key_values, [out.logits[:, -1].argmax(-1)]
+        for _ in range(4):
+            out = model(input_ids=tokens[-1][:, None], past_key_values=cache, use_cache=True)
+            tokens.append(out.logits[:, -1].argmax(-1))
+    assert torch.equal(torch.stack(tokens, 1), expected)

@@ -131,13 +131,28 @@ class Run:
             gen.phase, gen.step = "decode", gen.step + 1
             gen.logits = {}
             self._timers["decode"].start()
-            return None
+            return self._stock_decode_positions(cache, args, kwargs)
         if not empty:
             raise ValueError("vtprune: unsupported call: a cache that vtprune did not fill, or more than one new token "
                              "per decode step (speculative / chunked decoding is not supported)")
         self._start_generation(input_ids, kwargs.get("attention_mask"), kwargs)
         self._timers["prefill"].start()
         return None
+
+    def _stock_decode_positions(self, cache, args, kwargs):
+        """A decode call without ``position_ids`` makes the model derive them from the length of layer
+        0's cache, which pruning may have shortened (ParVTS); give it the stock positions instead
+        (``generate`` always passes them: original prompt positions + t)."""
+        past = self.gen.prompt_length + self.gen.step - 1  # the stock cache length before this step
+        if kwargs.get("position_ids") is not None or cache.get_seq_length() == past:
+            return None
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        positions = self.adapter.decode_position_ids(past, input_ids)
+        if positions is None:
+            raise ValueError("vtprune: a decode call without position_ids after layer 0's KV cache was pruned would "
+                             "continue at shifted positions; decode with model.generate() or pass position_ids")
+        kwargs["position_ids"] = positions
+        return args, kwargs
 
     def _start_generation(self, input_ids, attention_mask, inputs: dict) -> None:
         visual = self.adapter.visual_index(input_ids, inputs)

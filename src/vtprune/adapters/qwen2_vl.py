@@ -1,0 +1,249 @@
+"""Qwen2-VL and Qwen2.5-VL (``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``).
+
+Both families share the layout this adapter reads: a ViT (``model.model.visual``) whose patch merger
+turns each ``spatial_merge_size x spatial_merge_size`` group of patches into one LLM token, a Qwen2
+language model (``model.model.language_model``) with M-RoPE, and one ``<|image_pad|>`` token
+(``config.image_token_id``) per LLM visual token in the prompt. An image of ``image_grid_thw`` row
+``(t, h, w)`` (in patches) gives ``t * h * w / spatial_merge_size**2`` visual tokens.
+
+Positions. The language model receives M-RoPE ``position_embeddings`` (cos, sin of shape
+[B, S, head_dim], the three sections already interleaved) and text ``position_ids`` [B, S] (or None);
+the engine gathers both at the original token indices, so kept tokens keep their original M-RoPE
+positions. During ``generate`` the decode positions come from the ``position_ids`` that
+``generate`` extends by one per step (original prompt positions + t), never from the cache length.
+A direct forward call without ``position_ids`` makes the model derive them from
+``past_key_values.get_seq_length()`` (the cache of decoder layer 0) plus ``rope_deltas``;
+once ParVTS has discarded its non-subject path, layer 0's cache is shorter than the stock one and
+those positions would be shifted, so the engine passes the stock ones from
+:meth:`Qwen2VLAdapter.decode_position_ids` instead.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import torch
+from transformers.vision_utils import get_vision_window_index
+
+from vtprune.adapters.base import Adapter, register_adapter, visual_spans
+
+VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw")
+
+
+@register_adapter
+class Qwen2VLAdapter(Adapter):
+    """Qwen2-VL / Qwen2.5-VL: Qwen ViT with a 2x2 patch merger, Qwen2 language model with M-RoPE.
+
+    Visual tokens: ``input_ids == config.image_token_id``, split into images by ``image_grid_thw``
+    (direct forward calls) or by the per-image features ``generate`` computes before the prefill
+    (``mm_encoder_outputs["image"]``). Video inputs are refused (ValueError).
+
+    Saliency (for ParVTS' subject partition): the mean attention each LLM visual token receives in
+    the ViT's last full-attention block, i.e. for an image of n patches with softmax attention
+    ``A_h`` [n, n] in head h of that block, ``s(p) = 1 / (H n) * sum_h sum_i A_h[i, p]`` for each
+    patch p, summed over the ``spatial_merge_size**2`` patches the merger turns into one LLM token.
+    Each image's saliency sums to 1 over its tokens. The block is the last one for Qwen2-VL (every
+    block attends over the whole image) and ``max(fullatt_block_indexes)`` for Qwen2.5-VL (the other
+    blocks attend within windows). It is computed from that block's own qkv projection and rotary
+    embedding in a forward pre-hook, image by image along ``cu_seqlens`` (the tower keeps its own
+    attention kernel), and put back in the order of the visual tokens (Qwen2.5-VL permutes its
+    patches into windows before the blocks). Source: reconstructed: Qwen's ViT has no [CLS];
+    ParVTS's Fig. 4 uses [CLS] attention (arXiv 2511.18875; METHODS.md, ParVTS step 1), and the
+    attention a patch receives from all patches is the [CLS]-free counterpart.
+    """
+
+    model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+    family = "qwen2_vl"
+
+    @property
+    def language_model(self):
+        return self.model.model.language_model
+
+    @property
+    def text_config(self):
+        return self.model.config.text_config
+
+    @property
+    def image_token_id(self) -> int:
+        return self.model.config.image_token_id
+
+    @property
+    def merge_size(self) -> int:
+        """Patches per side merged into one LLM token (``vision_config.spatial_merge_size``)."""
+        return self.model.config.vision_config.spatial_merge_size
+
+    # ------------------------------------------------------------------ visual positions
+    def visual_index(self, input_ids: torch.Tensor, inputs: dict | None = None) -> torch.Tensor:
+        """Original indices of every image's visual tokens, LongTensor [B, I, N_v] (see
+        :meth:`Adapter.visual_index`). Images are assigned to samples in the order of
+        ``image_grid_thw`` (sample-major, as the processor emits them).
+
+        Raises:
+            ValueError: video inputs; a prompt whose image tokens do not match the images' token
+                counts; images of different token counts in one batch (vtprune needs them equal).
+        """
+        inputs = inputs or {}
+        self._refuse_video(input_ids, inputs)
+        counts = self.tokens_per_image_of(inputs)
+        if counts is None:
+            return visual_spans(input_ids, self.image_token_id)
+        n_tokens = int((input_ids == self.image_token_id).sum())
+        if n_tokens != sum(counts):
+            raise ValueError(
+                f"the prompt holds {n_tokens} image tokens (image_token_id={self.image_token_id}) but its images give "
+                f"{sum(counts)} visual tokens ({counts} per image, from image_grid_thw); build the prompt with the "
+                "model's processor"
+            )
+        if len(set(counts)) != 1:
+            raise ValueError(
+                "mismatched images: every image of a batch must give the same number of visual tokens (resize the "
+                f"images to one size); got {counts} visual tokens per image"
+            )
+        index = visual_spans(input_ids, self.image_token_id, counts[0])
+        if index.shape[0] * index.shape[1] != len(counts) or index.shape[2] != counts[0]:
+            raise ValueError(
+                f"the image tokens of the prompt form {index.shape[0]} x {index.shape[1]} spans of {index.shape[2]}, "
+                f"which does not match {len(counts)} images of {counts[0]} visual tokens each"
+            )
+        return index
+
+    def tokens_per_image_of(self, inputs: dict) -> list[int] | None:
+        """Visual tokens of each image of a prefill call, in order, or None when the call carries
+        neither ``image_grid_thw`` nor precomputed image features."""
+        grid = inputs.get("image_grid_thw")
+        if grid is not None:
+            return (grid.prod(-1) // self.merge_size**2).tolist()
+        image = (inputs.get("mm_encoder_outputs") or {}).get("image")
+        features = getattr(image, "pooler_output", None)
+        if isinstance(features, list | tuple):
+            return [f.shape[0] for f in features]
+        return None
+
+    def _refuse_video(self, input_ids: torch.Tensor, inputs: dict) -> None:
+        given = [k for k in VIDEO_KEYS if inputs.get(k) is not None]
+        if (inputs.get("mm_encoder_outputs") or {}).get("video") is not None:
+            given.append("mm_encoder_outputs['video']")
+        video_id = getattr(self.model.config, "video_token_id", None)
+        if video_id is not None and bool((input_ids == video_id).any()):
+            given.append(f"video tokens (video_token_id={video_id}) in input_ids")
+        if given:
+            raise ValueError(f"vtprune schedules image tokens only; video inputs are not supported (got {', '.join(given)}). "
+                             "Pass images (pixel_values + image_grid_thw) instead")
+
+    def decode_position_ids(self, past_length: int, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """The M-RoPE position ids the stock model gives a decode call that has no ``position_ids``:
+        ``past_length + arange(n) + rope_deltas``, LongTensor [3, B, n], with ``past_length`` the
+        stock cache length (prompt + tokens fed back). None before any prefill set ``rope_deltas``."""
+        deltas = self.model.model.rope_deltas
+        if deltas is None:
+            return None
+        b, n = input_ids.shape
+        pos = torch.arange(past_length, past_length + n, device=input_ids.device).view(1, 1, n).expand(3, b, n)
+        deltas = deltas.repeat_interleave(b // deltas.shape[0], dim=0).to(input_ids.device)
+        return pos + deltas
+
+    # ------------------------------------------------------------------ saliency
+    def saliency_block(self) -> int:
+        """Index of the ViT block the saliency is read from: the last full-attention block."""
+        visual = self.model.model.visual
+        full = getattr(visual, "fullatt_block_indexes", None)
+        if full is None:
+            return len(visual.blocks) - 1
+        if len(full) == 0:
+            raise ValueError("no saliency for this Qwen2.5-VL vision tower: fullatt_block_indexes is empty "
+                             "(every block attends within windows)")
+        return max(full)
+
+    def attach_saliency(self, sink: Callable[[torch.Tensor], None]) -> list:
+        """Hooks on the vision tower (to read ``grid_thw``) and on the saliency block's attention that
+        call ``sink`` with FloatTensor [n_images, N_v] per vision forward (see the class docstring).
+
+        Raises:
+            ValueError: a Qwen2.5-VL tower without full-attention blocks.
+        """
+        visual = self.model.model.visual
+        attn = visual.blocks[self.saliency_block()].attn
+        merge, windowed = self.merge_size, hasattr(visual, "fullatt_block_indexes")
+        call: dict = {}
+
+        def on_visual(module, args, kwargs):
+            grid = kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
+            call["grid"] = grid
+            call["window_index"] = None
+            if windowed:
+                call["window_index"] = kwargs.get("window_index")
+                if call["window_index"] is None:
+                    call["window_index"] = get_vision_window_index(
+                        grid, spatial_merge_size=module.spatial_merge_size, window_size=module.window_size,
+                        patch_size=module.patch_size)[0]
+
+        def on_attention(module, args, kwargs):
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            received = attention_received(module, hidden, kwargs["position_embeddings"], kwargs["cu_seqlens"])
+            sink(merged_token_saliency(received, call["grid"], merge, call["window_index"]))
+
+        return [visual.register_forward_pre_hook(on_visual, with_kwargs=True),
+                attn.register_forward_pre_hook(on_attention, with_kwargs=True)]
+
+
+def attention_received(attn, hidden: torch.Tensor, position_embeddings, cu_seqlens: torch.Tensor,
+                       max_elements: int = 1 << 24) -> torch.Tensor:
+    """Mean softmax attention each patch receives in a Qwen ViT attention block, per segment.
+
+    Args:
+        attn: the block's attention module (``qkv``, ``num_heads``, ``scaling``).
+        hidden: [n_patches, D] the block's attention input (after its norm), in the block's order.
+        position_embeddings: the block's vision rotary (cos, sin), each [n_patches, head_dim].
+        cu_seqlens: IntTensor [n_segments + 1], the segment (image) boundaries of the block's attention.
+        max_elements: fp32 attention probabilities held at once (query rows are taken in chunks of
+            ``max_elements // (heads * n)``; the default bounds them at 64 MiB).
+
+    Returns:
+        FloatTensor [n_patches]: ``1 / (H n) * sum_h sum_i A_h[i, p]`` within each segment of n
+        patches (so each segment sums to 1), in the block's patch order.
+    """
+    rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
+    n_all = hidden.shape[0]
+    q, k, _ = attn.qkv(hidden).reshape(n_all, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    cos, sin = position_embeddings
+    q, k = rotary(q, k, cos, sin)
+    q, k = q.transpose(0, 1).float(), k.transpose(0, 1).float()  # [H, n_all, hd]
+    out = torch.empty(n_all, dtype=torch.float32, device=hidden.device)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        ks = k[:, start:end]
+        received = torch.zeros(end - start, dtype=torch.float32, device=hidden.device)
+        chunk = max(1, max_elements // (attn.num_heads * (end - start)))
+        for lo in range(start, end, chunk):
+            qs = q[:, lo:min(lo + chunk, end)]
+            received += torch.softmax(qs @ ks.transpose(-1, -2) * attn.scaling, dim=-1).sum((0, 1))
+        out[start:end] = received / (attn.num_heads * (end - start))
+    return out
+
+
+def merged_token_saliency(received: torch.Tensor, grid_thw: torch.Tensor, merge: int,
+                          window_index: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-patch saliency pooled to the LLM's visual tokens, per image.
+
+    Args:
+        received: FloatTensor [n_patches] in the ViT blocks' order (consecutive runs of ``merge**2``
+            patches form one merged token, as in the patch merger).
+        grid_thw: LongTensor [n_images, 3], each image's (t, h, w) in patches.
+        merge: ``spatial_merge_size``.
+        window_index: Qwen2.5-VL's permutation of merged tokens into windows (None for Qwen2-VL).
+
+    Returns:
+        FloatTensor [n_images, N_v], summed over each token's ``merge**2`` patches, in the order of
+        the image's visual tokens in the prompt.
+
+    Raises:
+        ValueError: images of different token counts (vtprune needs them equal within a call).
+    """
+    tokens = received.view(-1, merge * merge).sum(-1)
+    if window_index is not None:
+        tokens = tokens[torch.argsort(window_index.to(tokens.device))]
+    counts = (grid_thw.prod(-1) // merge**2).tolist()
+    if len(set(counts)) != 1:
+        raise ValueError(f"mismatched images: every image must give the same number of visual tokens; got {counts}")
+    return tokens.view(len(counts), counts[0])

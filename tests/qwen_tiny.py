@@ -1,0 +1,103 @@
+"""Tiny random-weight Qwen2-VL / Qwen2.5-VL models built from the real config classes, and their inputs.
+
+Images are random 32 x 32 px RGB pictures made into pixel values by the real image processor
+(``Qwen2VLImageProcessor``, which both families use) with 4 px patches: 8 x 8 patches (t = 1), merged
+2 x 2 into N_VISUAL = 16 LLM tokens; one row of 3 x 2 x 4 x 4 values per patch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import (
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessor,
+)
+
+IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 250, 251, 252, 253
+PATCH, MERGE, TEMPORAL = 4, 2, 2
+GRID = (1, 8, 8)  # (t, h, w) in patches
+N_PATCHES = GRID[0] * GRID[1] * GRID[2]
+N_VISUAL = N_PATCHES // MERGE**2  # 16
+FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+
+TEXT = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+            max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0})
+TOKENS = dict(image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
+              vision_end_token_id=VISION_END)
+
+
+def tiny_qwen(family: str = "qwen2_vl", layers: int = 6, seed: int = 0):
+    """A tiny ``Qwen2VLForConditionalGeneration`` or ``Qwen2_5_VLForConditionalGeneration`` (SDPA).
+
+    Qwen2.5-VL's tower has 3 blocks, only block 1 attending over the whole image (the others over
+    windows of 2 x 2 merged tokens: 4 windows per image), so its saliency block is not the last one.
+    """
+    torch.manual_seed(seed)
+    text = dict(TEXT, num_hidden_layers=layers)
+    common = dict(num_heads=4, patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL)
+    if family == "qwen2_vl":
+        vision = dict(common, depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2)
+        model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text, vision_config=vision, **TOKENS))
+    elif family == "qwen2_5_vl":
+        vision = dict(common, depth=3, hidden_size=32, intermediate_size=64, out_hidden_size=64,
+                      window_size=2 * MERGE * PATCH, fullatt_block_indexes=[1])
+        model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision, **TOKENS))
+    else:
+        raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
+    model.eval()
+    # random init gives near-uniform logits; a larger LM head scale makes greedy decoding decisive
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    assert model.config.text_config._attn_implementation == "sdpa"
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def make_prompt(prefix_len: int, question_len: int, seed: int, images: int = 1) -> list[int]:
+    """BOS, prefix text, then per image ``<vision_start> <image_pad> x 16 <vision_end>`` and 2 text tokens,
+    then the question."""
+    g = torch.Generator().manual_seed(seed)
+    ids = [1] + torch.randint(3, 240, (prefix_len,), generator=g).tolist()
+    for _ in range(images):
+        ids += [VISION_START] + [IMAGE_TOKEN] * N_VISUAL + [VISION_END] + torch.randint(3, 240, (2,), generator=g).tolist()
+    return ids + torch.randint(3, 240, (question_len,), generator=g).tolist()
+
+
+def pixels(sizes: list[tuple[int, int]], seed: int = 0) -> dict:
+    """Random RGB images of the given (height, width) in px through the real image processor:
+    ``pixel_values`` [n_patches, 96] and ``image_grid_thw`` [n_images, 3]."""
+    rng = np.random.default_rng(seed)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
+    processor = Qwen2VLImageProcessor(patch_size=PATCH, temporal_patch_size=TEMPORAL, merge_size=MERGE,
+                                      min_pixels=16 * 16, max_pixels=32 * 32)
+    return dict(processor(images=images, return_tensors="pt"))
+
+
+def batch(prompts: list[list[int]], seed: int = 0, images: int = 1, sizes: list[tuple[int, int]] | None = None) -> dict:
+    """Left-padded batch: input_ids, attention_mask, mm_token_type_ids [B, S]; pixel_values
+    [B * images * 64, 96]; image_grid_thw [B * images, 3] (sample-major, as the processor emits them).
+    ``sizes`` gives each image's (height, width) in px (default 32 x 32: 16 visual tokens)."""
+    s = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), s, dtype=torch.long)
+    mask = torch.zeros(len(prompts), s, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, s - len(p):] = torch.tensor(p)
+        mask[i, s - len(p):] = 1
+    out = pixels(sizes or [(32, 32)] * (len(prompts) * images), seed)
+    return {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": (ids == IMAGE_TOKEN).int(), **out}
+
+
+def sample(inputs: dict, i: int, images: int = 1) -> dict:
+    """Sample ``i`` of a batch alone: its row (padding removed) and its images."""
+    keep = inputs["attention_mask"][i].bool()
+    one = {k: inputs[k][i:i + 1, keep] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    one["pixel_values"] = inputs["pixel_values"][i * images * N_PATCHES:(i + 1) * images * N_PATCHES]
+    one["image_grid_thw"] = inputs["image_grid_thw"][i * images:(i + 1) * images]
+    return one
