@@ -78,6 +78,8 @@ def _gen(hidden_dim=4, saliency=None, n=N_VISUAL, prefix=2, question=3):
                      max_new_tokens=None)
     gen.hidden = torch.randn(1, s, hidden_dim, generator=torch.Generator().manual_seed(0))
     gen.saliency = saliency
+    side = math.isqrt(n)
+    gen.visual_grid = (side, side) if side * side == n else None
     return gen
 
 
@@ -124,11 +126,11 @@ def test_window_centres_are_distinct_and_inside_their_windows():
                 assert (i * h) // a <= p < math.ceil((i + 1) * h / a)
 
 
-def test_pool_refuses_a_non_square_grid_without_adapter_grid():
+def test_pool_refuses_tokens_that_form_no_grid():
     gen = _gen(n=15)
     m = make_method("pool", budget=4)
     m.check_visual(15)
-    with pytest.raises(ValueError, match="square grid"):
+    with pytest.raises(ValueError, match="do not form one patch grid"):
         m.on_prefill_layer(gen)
 
 

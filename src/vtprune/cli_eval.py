@@ -43,6 +43,26 @@ def add_parsers(sub) -> None:
     e.add_argument("--dtype", choices=DTYPES, default=None, help="default float32 on CPU, bfloat16 on GPU")
     e.set_defaults(func=cmd_eval)
 
+    c = sub.add_parser("calibrate", help="sweep ParVTS's discard layer / VTW's withdrawal layer by first-token KL",
+                       description="Run a few samples under every layer (and ParVTS fusion), compare the first "
+                                   "answer token's distribution with the unpruned model's, and pick the smallest "
+                                   "layer whose mean KL divergence stays within --threshold.")
+    c.add_argument("--method", choices=("parvts", "vtw"), required=True)
+    c.add_argument("--samples", type=int, default=16, help="samples to calibrate on (default 16)")
+    c.add_argument("--data", default="imagenet-pope", help="data set the samples come from (default imagenet-pope)")
+    c.add_argument("--split", default="test", help="data split (default test)")
+    c.add_argument("--threshold", type=float, default=0.05, help="mean KL threshold in nats (default 0.05)")
+    c.add_argument("--layers", type=parse_list(int), default=None, help="layers to try (default 1 .. L-1)")
+    c.add_argument("--budget", type=int, default=None, help="parvts: subject tokens per image")
+    c.add_argument("--keep-ratio", type=float, default=None, help="parvts: subject fraction (default 0.25)")
+    c.add_argument("--fusion", type=parse_list(str), default=None,
+                   help="parvts: fusion options to sweep (default attention_mass,fixed,size)")
+    c.add_argument("--model", default=None, help="local path or HF id (default: the bundled small model)")
+    c.add_argument("--batch", type=int, default=8, help="samples per generate call (default 8)")
+    c.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
+    c.add_argument("--dtype", choices=DTYPES, default=None, help="default float32 on CPU, bfloat16 on GPU")
+    c.set_defaults(func=cmd_calibrate)
+
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """``vtprune eval``: check everything cheap first, then load the model, run, write, print."""
@@ -76,6 +96,43 @@ def cmd_eval(args: argparse.Namespace) -> int:
     (out / "command.txt").write_text(f"{datetime.date.today()}  vtprune {' '.join(getattr(args, 'argv', []))}\n")
     print(tables.markdown(tables.summarize(records)))
     _log("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """``vtprune calibrate``: load samples and the model, sweep, print the table and the choice."""
+    from vtprune.adapters import adapter_for
+    from vtprune.eval import calibrate, datasets
+    from vtprune.inputs import build_batch
+
+    if args.samples < 1 or args.batch < 1:
+        raise UsageError(f"--samples and --batch must be >= 1, got {args.samples} and {args.batch}")
+    fixed = {}
+    if args.method == "vtw" and (args.budget is not None or args.keep_ratio is not None or args.fusion):
+        raise UsageError("vtw withdraws every visual token: --budget, --keep-ratio and --fusion are parvts options")
+    if args.budget is not None:
+        fixed["budget"] = args.budget
+    if args.keep_ratio is not None:
+        fixed["keep_ratio"] = args.keep_ratio
+    with user_errors(ValueError, FileNotFoundError):
+        samples = datasets.load_dataset(args.data, args.split, args.samples)
+    device = args.device or default_device()
+    dtype = resolve_dtype(args.dtype, device)
+    _log(f"loading {args.model or 'the bundled model'} ({str(dtype).removeprefix('torch.')}, {device})")
+    with _quiet(False), user_errors():
+        model, processor = load_model(args.model, dtype, device)
+    layers = adapter_for(model).text_config.num_hidden_layers
+    settings = []
+    for fusion in args.fusion or [None]:
+        extra = dict(fixed, **({"fusion": fusion} if fusion else {}))
+        settings += calibrate.sweep_settings(args.method, layers, args.layers, extra)
+    batches = [build_batch(processor, [s.load_image() for s in samples[i:i + args.batch]],
+                           [s.question for s in samples[i:i + args.batch]], device=model.device, dtype=model.dtype)
+               for i in range(0, len(samples), args.batch)]
+    _log(f"{len(settings)} settings x {len(samples)} samples of {args.data}")
+    with _quiet(False), user_errors(ValueError, TypeError):
+        rows, chosen = calibrate.calibrate(model, batches, args.method, settings, args.threshold, log=_log)
+    print(calibrate.markdown(rows, chosen, args.threshold))
     return 0
 
 

@@ -47,6 +47,11 @@ class Adapter:
         """Visual tokens per image when fixed by the config (used to split adjacent images), else None."""
         return None
 
+    def visual_grid(self, n_visual: int, inputs: dict | None = None) -> tuple[int, int] | None:
+        """(rows, cols) of each image's visual tokens as a patch grid in row-major order, or None when
+        they do not form one grid (the ``pool`` method needs it). Default None."""
+        return None
+
     def decode_position_ids(self, past_length: int, input_ids: torch.Tensor) -> torch.Tensor | None:
         """Position ids the stock model derives for a decode call without ``position_ids``, given the
         stock cache length ``past_length`` (tokens); the engine passes them when pruning shortened layer

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -38,6 +39,11 @@ class LlavaAdapter(Adapter):
 
     def tokens_per_image(self) -> int | None:
         return getattr(self.model.config, "image_seq_length", None)
+
+    def visual_grid(self, n_visual: int, inputs: dict | None = None) -> tuple[int, int] | None:
+        """The square patch grid of a CLIP (or the bundled CNN) feature map: (sqrt(N_v), sqrt(N_v))."""
+        side = math.isqrt(n_visual)
+        return (side, side) if side * side == n_visual else None
 
     def attach_saliency(self, sink: Callable[[torch.Tensor], None]) -> list:
         tower = self.model.model.vision_tower

@@ -62,6 +62,10 @@ class LlavaNextAdapter(LlavaAdapter):
         super().__init__(model)
         self._maps: dict[tuple[int, int], tuple[torch.Tensor, int]] = {}
 
+    def visual_grid(self, n_visual: int, inputs: dict | None = None) -> tuple[int, int] | None:
+        """None: a base tile plus unpadded high-resolution rows with newline tokens is not one grid."""
+        return None
+
     def tokens_per_image(self) -> int | None:
         """None: LLaVA-NeXT's visual tokens per image depend on each image's size."""
         return None

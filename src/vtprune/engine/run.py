@@ -164,6 +164,7 @@ class Run:
         text = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)[~is_visual]
         self.gen = Generation(visual_index=visual, text_index=text.view(input_ids.shape[0], -1), valid=valid,
                               num_layers=self.dims.layers, max_new_tokens=self._max_new_tokens)
+        self.gen.visual_grid = self.adapter.visual_grid(visual.shape[-1], inputs)
         self.ledger = Ledger(self.dims, self.gen.pads, input_ids.shape[1], visual.shape[1], visual.shape[2])
         self._timers = {"prefill": Timer(input_ids.device), "decode": Timer(input_ids.device)}
         self._generate_ms = None

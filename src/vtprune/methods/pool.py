@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from fractions import Fraction
 
 import torch
@@ -22,9 +21,8 @@ class Pool(PerImageBudget):
     those of ``adaptive_avg_pool2d``. Each pooled token takes the original position (RoPE) of the patch
     at its window's centre, so positions stay original.
 
-    Options: budget / keep_ratio (default keep_ratio 0.25). Needs a rectangular patch grid: the
-    adapter's ``visual_grid`` or, without one, a square number of visual tokens per image
-    (ValueError otherwise).
+    Options: budget / keep_ratio (default keep_ratio 0.25). Needs the adapter's patch grid
+    (``Adapter.visual_grid``: LLaVA-1.5 and the bundled model; ValueError otherwise).
 
     Source: the pooling baseline of METHODS.md (Baselines); window-to-position rule reconstructed.
     """
@@ -45,16 +43,11 @@ class Pool(PerImageBudget):
 
 
 def patch_grid(gen) -> tuple[int, int]:
-    """(rows, cols) of each image's patch grid: the adapter's, or the square root of N_v."""
-    grid = getattr(gen, "visual_grid", None)
-    if grid is not None:
-        return grid
-    n = gen.n_visual
-    side = math.isqrt(n)
-    if side * side != n:
-        raise ValueError(f"pool: {n} visual tokens per image do not form a square grid and the model "
-                         "adapter gives no patch grid; use another method")
-    return side, side
+    """(rows, cols) of each image's patch grid, from the model adapter (ValueError when it has none)."""
+    if gen.visual_grid is None:
+        raise ValueError(f"pool: the model's {gen.n_visual} visual tokens per image do not form one patch grid "
+                         "(e.g. LLaVA-NeXT tiles with newline tokens); use another method")
+    return gen.visual_grid
 
 
 def pooled_grid(budget: int, h: int, w: int) -> tuple[int, int]:
