@@ -32,8 +32,11 @@ from vtprune.inputs import (
     load_model,
     resolve_dtype,
 )
+from vtprune.methods import parse_option as methods_parse_option
+from vtprune.methods import parse_value
 
-__all__ = ["main", "build_inputs", "default_device", "is_default_model", "load_image", "load_model", "resolve_dtype"]
+__all__ = ["main", "parse_value", "build_inputs", "default_device", "is_default_model", "load_image", "load_model",
+           "resolve_dtype"]
 
 PROG = "vtprune"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -60,34 +63,16 @@ def _one_line(e: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------------------------- parsing
-def parse_value(text: str) -> bool | int | float | str | list:
-    """Parse an option value: ``true`` / ``false`` (any case) -> bool, then int, then float, else the
-    string unchanged (``"4"`` -> 4, ``"0.5"`` -> 0.5, ``"fixed"`` -> ``"fixed"``); a comma-separated
-    value is a list of such values (``"8,16,24"`` -> [8, 16, 24], e.g. PDrop's ``layers``)."""
-    if "," in text:
-        return [parse_value(part) for part in text.split(",") if part.strip()]
-    low = text.strip().lower()
-    if low in ("true", "false"):
-        return low == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
 def parse_option(text: str) -> tuple[str, bool | int | float | str | list]:
-    """Parse one ``--option KEY=VALUE`` into ``(key, value)`` (value through :func:`parse_value`).
+    """``--option KEY=VALUE`` as ``(key, value)`` (:func:`vtprune.methods.parse_option`).
 
     Raises:
         argparse.ArgumentTypeError: no ``=`` or an empty / non-identifier key.
     """
-    key, sep, value = text.partition("=")
-    key = key.strip().replace("-", "_")
-    if not sep or not key.isidentifier():
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. discard_layer=4), got {text!r}")
-    return key, parse_value(value)
+    try:
+        return methods_parse_option(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def method_options(budget: int | None, keep_ratio: float | None,

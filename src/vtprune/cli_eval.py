@@ -8,7 +8,16 @@ import argparse
 import datetime
 from pathlib import Path
 
-from vtprune.cli import DTYPES, UsageError, _log, _quiet, parse_list, user_errors
+from vtprune.cli import (
+    DTYPES,
+    UsageError,
+    _log,
+    _quiet,
+    method_options,
+    parse_list,
+    parse_option,
+    user_errors,
+)
 from vtprune.inputs import default_device, is_default_model, load_model, resolve_dtype
 
 DEFAULT_EVAL_METHODS = ("parvts", "st3", "fastv", "vtw", "pdrop", "visionzip", "random", "pool")
@@ -62,6 +71,21 @@ def add_parsers(sub) -> None:
     c.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
     c.add_argument("--dtype", choices=DTYPES, default=None, help="default float32 on CPU, bfloat16 on GPU")
     c.set_defaults(func=cmd_calibrate)
+
+    w = sub.add_parser("show", help="draw the image with the visual tokens a method kept (per layer / ParVTS groups)")
+    w.add_argument("--image", required=True, help="image file")
+    w.add_argument("--prompt", required=True, help="the question")
+    w.add_argument("--method", default="parvts", help="method name (default parvts)")
+    w.add_argument("--budget", type=int, default=None, help="visual tokens kept per image")
+    w.add_argument("--keep-ratio", type=float, default=None, help="fraction of visual tokens kept per image")
+    w.add_argument("--option", action="append", type=parse_option, default=[], metavar="KEY=VALUE",
+                   help="another method option (repeatable)")
+    w.add_argument("--out", default="vtprune-show.png", help="PNG to write (default vtprune-show.png)")
+    w.add_argument("--max-new-tokens", type=int, default=8, help="greedy tokens of the answer (default 8)")
+    w.add_argument("--model", default=None, help="local path or HF id (default: the bundled small model)")
+    w.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
+    w.add_argument("--dtype", choices=DTYPES, default=None, help="default float32 on CPU, bfloat16 on GPU")
+    w.set_defaults(func=cmd_show)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -136,8 +160,44 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_show(args: argparse.Namespace) -> int:
+    """``vtprune show``: generate once under the method, then draw the kept tokens over the image."""
+    import vtprune
+    from vtprune.adapters import adapter_for
+    from vtprune.eval import show
+    from vtprune.inputs import build_inputs, load_image
+
+    options = method_options(args.budget, args.keep_ratio, args.option)
+    with user_errors(ValueError, TypeError):
+        vtprune.make_method(args.method, **options)
+    with user_errors():
+        image = load_image(args.image)
+    device = args.device or default_device()
+    dtype = resolve_dtype(args.dtype, device)
+    with _quiet(False), user_errors():
+        model, processor = load_model(args.model, dtype, device)
+        inputs = build_inputs(processor, image, args.prompt, device=model.device, dtype=model.dtype)
+    with user_errors(ValueError, TypeError):
+        run = vtprune.apply(model, args.method, **options)
+    with run:
+        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+    answer = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
+    kept = run.kept_visual()
+    grid = adapter_for(model).visual_grid(run.gen.n_visual, inputs)
+    if grid is None:
+        raise UsageError(f"show draws token grids; the visual tokens of {type(model).__name__} do not form one grid")
+    parvts = run.method.name == "parvts" and run.method.keep < run.gen.n_visual
+    title = f"{args.method} {options or ''}: {args.prompt!r} -> {answer!r}"
+    with user_errors(ImportError):
+        path = show.draw(show.model_image(inputs["pixel_values"], processor), grid, kept, args.out, title,
+                         subject=kept[-1] if parvts else None,
+                         discard_layer=run.method.discard_layer if parvts else None)
+    print(f"{answer}\nwrote {path}")
+    return 0
+
+
 def _check_condition(model, cond) -> None:
     """Attach and detach the condition's method once: raises its option errors before any work."""
     import vtprune
 
-    vtprune.apply(model, cond.method, **dict(cond.options)).detach()
+    vtprune.apply(model, cond.method.split(":")[0], **dict(cond.options)).detach()

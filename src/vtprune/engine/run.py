@@ -323,6 +323,27 @@ class Run:
         return sal.view(gen.batch_size, gen.n_images, gen.n_visual)
 
     # ------------------------------------------------------------------ report
+    def kept_visual(self, sample: int = 0, image: int = 0) -> list[list[int]]:
+        """Which visual tokens of one image each decoder layer's prefill sequence held in the last
+        generation (for ParVTS: path A's, i.e. the subject tokens, in every layer).
+
+        Returns:
+            One list per layer l = 0..L-1 of positions among the image's N_v tokens (0 .. N_v-1,
+            ascending). A merged token (pooling, VisionZip) is listed at the position it sits at.
+
+        Raises:
+            RuntimeError: no generation yet. IndexError: ``sample`` / ``image`` out of range.
+        """
+        if self.gen is None:
+            raise RuntimeError("no generation has run under this vtprune run yet")
+        gen = self.gen
+        if not (0 <= sample < gen.batch_size and 0 <= image < gen.n_images):
+            raise IndexError(f"sample {sample} / image {image} out of range ({gen.batch_size} samples, "
+                             f"{gen.n_images} images each)")
+        all_tokens = gen.visual_index[sample, image]
+        return [torch.searchsorted(all_tokens, vis[sample, image].to(all_tokens.device)).tolist()
+                for vis in gen.layer_vis]
+
     def report(self) -> dict:
         """What the last generation kept and what it saved.
 

@@ -57,21 +57,27 @@ def parse_budget(text: str | int | float) -> tuple[str, dict]:
 def conditions(methods: Iterable[str], budgets: Iterable[str | int | float]) -> list[Condition]:
     """The unpruned reference, then every method x budget (``none`` is the reference, not repeated).
 
+    A method may carry fixed options after colons, ``"visionzip:contextual=0"`` (saliency-only
+    selection) or ``"parvts:fusion=fixed:alpha=0.7"``; the whole string is the condition's label.
+
     Raises:
         ValueError: an unknown method (naming the accepted ones) or a malformed budget.
     """
     import vtprune
+    from vtprune.methods import parse_option
 
     parsed = [parse_budget(b) for b in budgets]
     out = [Condition(*REFERENCE)]
-    for name in methods:
-        name = str(name).strip().lower()
+    for spec in methods:
+        label = str(spec).strip().lower()
+        name, *extra = label.split(":")
         if name not in vtprune.METHODS:
             raise ValueError(f"unknown method {name!r}; accepted: {', '.join(sorted(vtprune.METHODS))}")
         if name == "none":
             continue
-        for label, opts in parsed:
-            out.append(Condition(name, label, tuple(sorted(opts.items()))))
+        fixed = dict(parse_option(e) for e in extra)
+        for budget, opts in parsed:
+            out.append(Condition(label, budget, tuple(sorted({**fixed, **opts}.items()))))
     return out
 
 
@@ -132,7 +138,7 @@ def run_eval(model, processor, samples_by_data: dict[str, list], conds: list[Con
         for data, cond, chunk in _chunks(todo, batch_size):
             images = [s.load_image() for s in chunk]
             inputs = build_batch(processor, images, [s.question for s in chunk], device=model.device, dtype=model.dtype)
-            with vtprune.apply(model, cond.method, **dict(cond.options)) as run:
+            with vtprune.apply(model, cond.method.split(":")[0], **dict(cond.options)) as run:
                 generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
             texts = processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
             report = run.report()

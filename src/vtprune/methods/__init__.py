@@ -40,5 +40,35 @@ def make_method(method: str | Method, **options) -> Method:
     return cls(**options)
 
 
-__all__ = ["METHODS", "Method", "make_method", "NoPruning", "ParVTS", "ST3", "FastV", "VTW", "PDrop", "VisionZip",
+def parse_value(text: str) -> bool | int | float | str | list:
+    """Parse an option value: ``true`` / ``false`` (any case) -> bool, then int, then float, else the
+    string unchanged (``"4"`` -> 4, ``"0.5"`` -> 0.5, ``"fixed"`` -> ``"fixed"``); a comma-separated
+    value is a list of such values (``"8,16,24"`` -> [8, 16, 24], e.g. PDrop's ``layers``)."""
+    if "," in text:
+        return [parse_value(part) for part in text.split(",") if part.strip()]
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_option(text: str) -> tuple[str, bool | int | float | str | list]:
+    """Parse one ``KEY=VALUE`` method option into ``(key, value)`` (value through :func:`parse_value`).
+
+    Raises:
+        ValueError: no ``=`` or an empty / non-identifier key.
+    """
+    key, sep, value = text.partition("=")
+    key = key.strip().replace("-", "_")
+    if not sep or not key.isidentifier():
+        raise ValueError(f"expected KEY=VALUE (e.g. discard_layer=4), got {text!r}")
+    return key, parse_value(value)
+
+
+__all__ = ["parse_value", "parse_option", "METHODS", "Method", "make_method", "NoPruning", "ParVTS", "ST3", "FastV", "VTW", "PDrop", "VisionZip",
            "RandomSubset", "Pool"]
