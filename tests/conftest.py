@@ -38,14 +38,20 @@ def make_prompt(prefix_len: int, question_len: int, seed: int, images: int = 1) 
     return ids + torch.randint(3, 240, (question_len,), generator=g).tolist()
 
 
-def batch(prompts: list[list[int]], seed: int = 0, images: int = 1):
-    """Left-padded batch: input_ids, attention_mask [B, S]; pixel_values [B * images, 3, 32, 32]."""
+def left_pad(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded input_ids and attention_mask [B, S] (pad id 0)."""
     s = max(len(p) for p in prompts)
     ids = torch.zeros(len(prompts), s, dtype=torch.long)
     mask = torch.zeros(len(prompts), s, dtype=torch.long)
     for i, p in enumerate(prompts):
         ids[i, s - len(p):] = torch.tensor(p)
         mask[i, s - len(p):] = 1
+    return ids, mask
+
+
+def batch(prompts: list[list[int]], seed: int = 0, images: int = 1):
+    """Left-padded batch: input_ids, attention_mask [B, S]; pixel_values [B * images, 3, 32, 32]."""
+    ids, mask = left_pad(prompts)
     g = torch.Generator().manual_seed(seed)
     pix = torch.randn(len(prompts) * images, 3, 32, 32, generator=g)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pix}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from conftest import left_pad
 from PIL import Image
 from transformers import (
     Qwen2_5_VLConfig,
@@ -84,12 +85,7 @@ def batch(prompts: list[list[int]], seed: int = 0, images: int = 1, sizes: list[
     """Left-padded batch: input_ids, attention_mask, mm_token_type_ids [B, S]; pixel_values
     [B * images * 64, 96]; image_grid_thw [B * images, 3] (sample-major, as the processor emits them).
     ``sizes`` gives each image's (height, width) in px (default 32 x 32: 16 visual tokens)."""
-    s = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), s, dtype=torch.long)
-    mask = torch.zeros(len(prompts), s, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, s - len(p):] = torch.tensor(p)
-        mask[i, s - len(p):] = 1
+    ids, mask = left_pad(prompts)
     out = pixels(sizes or [(32, 32)] * (len(prompts) * images), seed)
     return {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": (ids == IMAGE_TOKEN).int(), **out}
 

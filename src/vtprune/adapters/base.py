@@ -28,8 +28,9 @@ class Adapter:
 
     @property
     def language_model(self) -> nn.Module:
-        """The decoder stack module (called with inputs_embeds, attention_mask, position_ids)."""
-        raise NotImplementedError
+        """The decoder stack module (called with inputs_embeds, attention_mask, position_ids). Default:
+        ``model.model.language_model``, the layout of every transformers v5 image-text-to-text class."""
+        return self.model.model.language_model
 
     @property
     def decoder_layers(self) -> list[nn.Module]:
@@ -37,11 +38,13 @@ class Adapter:
 
     @property
     def text_config(self):
-        raise NotImplementedError
+        """The language model's config (default ``model.config.text_config``)."""
+        return self.model.config.text_config
 
     @property
     def image_token_id(self) -> int:
-        raise NotImplementedError
+        """The placeholder token id of visual tokens (default ``model.config.image_token_id``)."""
+        return self.model.config.image_token_id
 
     def tokens_per_image(self) -> int | None:
         """Visual tokens per image when fixed by the config (used to split adjacent images), else None."""

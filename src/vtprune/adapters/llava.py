@@ -25,18 +25,6 @@ class LlavaAdapter(Adapter):
     model_classes = ("LlavaForConditionalGeneration",)
     family = "llava"
 
-    @property
-    def language_model(self):
-        return self.model.model.language_model
-
-    @property
-    def text_config(self):
-        return self.model.config.text_config
-
-    @property
-    def image_token_id(self) -> int:
-        return self.model.config.image_token_id
-
     def tokens_per_image(self) -> int | None:
         return getattr(self.model.config, "image_seq_length", None)
 

@@ -57,18 +57,6 @@ class Qwen2VLAdapter(Adapter):
     family = "qwen2_vl"
 
     @property
-    def language_model(self):
-        return self.model.model.language_model
-
-    @property
-    def text_config(self):
-        return self.model.config.text_config
-
-    @property
-    def image_token_id(self) -> int:
-        return self.model.config.image_token_id
-
-    @property
     def merge_size(self) -> int:
         """Patches per side merged into one LLM token (``vision_config.spatial_merge_size``)."""
         return self.model.config.vision_config.spatial_merge_size
