@@ -60,3 +60,27 @@ def batch(prompts: list[list[int]], seed: int = 0, images: int = 1):
 @pytest.fixture(scope="session")
 def model():
     return tiny_llava()
+
+
+# ---------------------------------------------------------------- checkpoints saved with a real processor
+WORD_CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> {% elif c['type'] == 'text' %}"
+    "{{ c['text'] }}{% endif %}{% endfor %}{% endif %}{% endfor %}")
+"""A chat template for :func:`word_tokenizer`: the turns' text, ``<image>`` for each image part."""
+
+
+def word_tokenizer(special: dict[str, int] | None = None, chat_template: str | None = None, **kwargs):
+    """An offline word-level ``PreTrainedTokenizerFast`` (whitespace split): ``<pad>`` 0, ``<s>`` 1,
+    ``</s>`` 2, ``<unk>`` 3, ``w4`` ... ``w239``, then ``special`` (token -> id; default ``<image>`` ->
+    IMAGE_TOKEN), left padding. ``kwargs`` go to the tokenizer (e.g. ``extra_special_tokens``)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    special = {"<image>": IMAGE_TOKEN} if special is None else special
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{f"w{i}": i for i in range(4, 240)}, **special}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    kwargs.setdefault("extra_special_tokens", {"image_token": "<image>"} if "<image>" in special else {})
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", padding_side="left", chat_template=chat_template, **kwargs)

@@ -19,7 +19,7 @@ import pytest
 
 pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (the `lmms` extra)")
 
-from conftest import IMAGE_TOKEN, N_VISUAL, tiny_llava  # noqa: E402
+from conftest import N_VISUAL, WORD_CHAT_TEMPLATE, tiny_llava, word_tokenizer  # noqa: E402
 
 from vtprune.lmms_eval_plugin import MODEL_ID, manifests  # noqa: E402
 from vtprune.lmms_eval_plugin.options import parse_model_value, summarize  # noqa: E402
@@ -73,11 +73,11 @@ def task_manager(env):
     return TaskManager("WARNING", include_path=str(TASKS_DIR), include_defaults=False)
 
 
-def evaluate(task_manager, model_args: str, tasks=(POPE_LOCAL_TASK,), **kwargs) -> dict:
+def evaluate(task_manager, model_args: str, tasks=(POPE_LOCAL_TASK,), model: str = MODEL_ID, **kwargs) -> dict:
     from lmms_eval.evaluator import simple_evaluate
 
     kwargs.setdefault("limit", N_DOCS)
-    return simple_evaluate(model=MODEL_ID, model_args=model_args, tasks=list(tasks), task_manager=task_manager,
+    return simple_evaluate(model=model, model_args=model_args, tasks=list(tasks), task_manager=task_manager,
                            device="cpu", log_samples=True, bootstrap_iters=0, **kwargs)
 
 
@@ -108,7 +108,7 @@ def test_registered_through_entry_point(env):
 
     from vtprune.lmms_eval_plugin.llava_hf import VTPruneLlavaHf, VTPruneLlavaHfSimple
 
-    (manifest,) = manifests()
+    (manifest,) = [m for m in manifests() if m.model_id == MODEL_ID]  # the Qwen ids: test_lmms_eval_families
     assert get_model_manifest(MODEL_ID) == manifest
     assert get_model(MODEL_ID) is VTPruneLlavaHf  # chat interface by default, as --model llava_hf
     assert get_model(MODEL_ID, force_simple=True) is VTPruneLlavaHfSimple
@@ -151,18 +151,10 @@ def test_bundled_model_parvts_vs_none(env, task_manager):
 def tiny_checkpoint(path: Path) -> Path:
     """Save ``conftest.tiny_llava`` with a real ``LlavaProcessor`` (word-level tokenizer, 32 px CLIP
     image processor: 16 image tokens) so that lmms-eval's stock loader reads it like a llava-hf repo."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import CLIPImageProcessorPil, LlavaProcessor, PreTrainedTokenizerFast
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
 
-    template = ("{% for m in messages %}{% if m['content'] is string %}{{ m['content'] }}{% else %}"
-                "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> {% elif c['type'] == 'text' %}"
-                "{{ c['text'] }}{% endif %}{% endfor %}{% endif %}{% endfor %}")
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{f"w{i}": i for i in range(4, 240)}, "<image>": IMAGE_TOKEN}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                        unk_token="<unk>", padding_side="left", chat_template=template,
-                                        extra_special_tokens={"image_token": "<image>"})
+    template = WORD_CHAT_TEMPLATE
+    tokenizer = word_tokenizer(chat_template=template)
     images = CLIPImageProcessorPil(size={"height": 32, "width": 32}, do_center_crop=False,
                                    crop_size={"height": 32, "width": 32})
     processor = LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8, chat_template=template,

@@ -1,9 +1,20 @@
 """lmms-eval plugin: run lmms-eval's standard benchmarks on a model whose visual tokens vtprune schedules.
 
-No fork and no vendored copy of lmms-eval: the plugin registers the model id :data:`MODEL_ID`
-(``vtprune_llava_hf``) through lmms-eval's own model registry, and its classes subclass lmms-eval's stock
-``llava_hf`` classes (loading, prompting and the generate loop are lmms-eval's; vtprune only attaches
-:func:`vtprune.apply` around the generation, see :mod:`vtprune.lmms_eval_plugin.mixin`).
+No fork and no vendored copy of lmms-eval: the plugin registers three model ids through lmms-eval's own
+model registry, each subclassing lmms-eval's stock classes for its family (loading, prompting and the
+generate loop are lmms-eval's; vtprune only attaches :func:`vtprune.apply` around the generation, see
+:mod:`vtprune.lmms_eval_plugin.mixin`):
+
+* ``vtprune_llava_hf`` (:data:`MODEL_ID`): LLaVA-1.5 and LLaVA-NeXT checkpoints (the stock ``llava_hf``
+  loader picks ``LlavaForConditionalGeneration`` or ``LlavaNextForConditionalGeneration`` from the config's
+  ``model_type``) and the bundled model; lmms-eval's ``llava_hf`` chat and simple classes
+  (:mod:`vtprune.lmms_eval_plugin.llava_hf`);
+* ``vtprune_qwen2_vl`` (:data:`QWEN2_VL_MODEL_ID`): Qwen2-VL; lmms-eval's ``qwen2_vl`` (a simple class
+  only, used with or without ``--force_simple``) (:mod:`vtprune.lmms_eval_plugin.qwen`);
+* ``vtprune_qwen2_5_vl`` (:data:`QWEN2_5_VL_MODEL_ID`): Qwen2.5-VL; lmms-eval's ``qwen2_5_vl`` chat and
+  simple classes (:mod:`vtprune.lmms_eval_plugin.qwen`).
+
+The Qwen ids need ``qwen-vl-utils`` and torchvision (see :mod:`vtprune.lmms_eval_plugin.qwen`).
 
 Registration mechanism (lmms-eval 0.7.x): the Python entry-point group ``lmms_eval.models``. On import,
 ``lmms_eval.models`` builds its ``ModelRegistryV2`` and calls ``load_entrypoint_manifests()``, which loads
@@ -15,18 +26,26 @@ returning either. vtprune's entry point is :func:`manifests`, declared in ``pypr
 
 (the older ``LMMS_EVAL_PLUGINS`` environment variable is deprecated in 0.7 and not used). This module stays
 light on purpose: lmms-eval imports it while its own ``lmms_eval.models`` package is still initialising,
-so the model classes live in :mod:`vtprune.lmms_eval_plugin.llava_hf` and are imported only when the
-model is requested.
+so the model classes live in :mod:`vtprune.lmms_eval_plugin.llava_hf` and
+:mod:`vtprune.lmms_eval_plugin.qwen` and are imported only when a model is requested.
 
 Usage::
 
     python -m lmms_eval --model vtprune_llava_hf \\
         --model_args pretrained=llava-hf/llava-1.5-7b-hf,method=parvts,budget=64,discard_layer=3 \\
         --tasks pope --batch_size 1
+    python -m lmms_eval --model vtprune_llava_hf \\
+        --model_args pretrained=llava-hf/llava-v1.6-vicuna-7b-hf,method=parvts,budget=160 --tasks pope
+    python -m lmms_eval --model vtprune_qwen2_5_vl \\
+        --model_args pretrained=Qwen/Qwen2.5-VL-7B-Instruct,method=parvts,keep_ratio=0.25 --tasks pope
 
 ``method`` (default ``none``), ``budget`` / ``keep_ratio`` and every option of the method are accepted in
-``--model_args`` beside the stock ``llava_hf`` arguments (``pretrained``, ``dtype``, ``device``,
-``attn_implementation``, ...); ``pretrained=vtprune-default`` loads the bundled offline model
+``--model_args`` beside the stock class's arguments (``llava_hf``: ``pretrained``, ``dtype``, ``device``,
+``attn_implementation``, ...; Qwen: ``pretrained``, ``device``, ``max_pixels``, ``min_pixels``, ...). With
+any-resolution inputs (LLaVA-NeXT, Qwen) the visual tokens per image vary with its size: a ``budget``
+above an image's visual tokens fails that request (vtprune's ValueError, re-raised after the loop), while
+``keep_ratio`` scales with each image. With ``vtprune_llava_hf``,
+``pretrained=vtprune-default`` loads the bundled offline model
 (:func:`vtprune.models.load_default`). Unknown methods raise ValueError, unknown options TypeError
 (vtprune's own errors, listing what is accepted).
 """
@@ -34,22 +53,41 @@ Usage::
 from __future__ import annotations
 
 MODEL_ID = "vtprune_llava_hf"
-"""lmms-eval model id of vtprune on LLaVA-1.5 / the bundled model (``--model vtprune_llava_hf``)."""
+"""lmms-eval model id of vtprune on LLaVA-1.5, LLaVA-NeXT and the bundled model (``--model vtprune_llava_hf``)."""
+
+QWEN2_VL_MODEL_ID = "vtprune_qwen2_vl"
+"""lmms-eval model id of vtprune on Qwen2-VL (``--model vtprune_qwen2_vl``)."""
+
+QWEN2_5_VL_MODEL_ID = "vtprune_qwen2_5_vl"
+"""lmms-eval model id of vtprune on Qwen2.5-VL (``--model vtprune_qwen2_5_vl``)."""
+
+MODEL_IDS = (MODEL_ID, QWEN2_VL_MODEL_ID, QWEN2_5_VL_MODEL_ID)
+"""Every model id the plugin registers."""
 
 CHAT_CLASS_PATH = "vtprune.lmms_eval_plugin.llava_hf.VTPruneLlavaHf"
 SIMPLE_CLASS_PATH = "vtprune.lmms_eval_plugin.llava_hf.VTPruneLlavaHfSimple"
 
+_QWEN = "vtprune.lmms_eval_plugin.qwen."
+# model id -> (chat class path or None, simple class path)
+CLASS_PATHS: dict[str, tuple[str | None, str]] = {
+    MODEL_ID: (CHAT_CLASS_PATH, SIMPLE_CLASS_PATH),
+    QWEN2_VL_MODEL_ID: (None, _QWEN + "VTPruneQwen2VL"),
+    QWEN2_5_VL_MODEL_ID: (_QWEN + "VTPruneQwen2_5_VL", _QWEN + "VTPruneQwen2_5_VLSimple"),
+}
+
 
 def manifests() -> list:
-    """The ``lmms_eval.models`` entry-point payload: one ``ModelManifest`` for :data:`MODEL_ID` with a chat
-    class (lmms-eval's default) and a simple class (``--force_simple``).
+    """The ``lmms_eval.models`` entry-point payload: one ``ModelManifest`` per id of :data:`MODEL_IDS`, each
+    with a chat class (lmms-eval's default) where lmms-eval has one for the family and a simple class
+    (``--force_simple``; the only one of ``vtprune_qwen2_vl``, which lmms-eval then uses either way).
 
     Raises:
         ImportError: lmms-eval is not installed (it only calls this function when it is).
     """
     from lmms_eval.models.registry_v2 import ModelManifest
 
-    return [ModelManifest(model_id=MODEL_ID, chat_class_path=CHAT_CLASS_PATH, simple_class_path=SIMPLE_CLASS_PATH)]
+    return [ModelManifest(model_id=model_id, chat_class_path=chat, simple_class_path=simple)
+            for model_id, (chat, simple) in CLASS_PATHS.items()]
 
 
-__all__ = ["MODEL_ID", "manifests"]
+__all__ = ["MODEL_ID", "MODEL_IDS", "QWEN2_5_VL_MODEL_ID", "QWEN2_VL_MODEL_ID", "manifests"]

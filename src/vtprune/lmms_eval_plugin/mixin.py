@@ -1,7 +1,7 @@
 """Attach a vtprune method around the generation of a stock lmms-eval HF model class.
 
 :class:`VTPruneMixin` goes first in the bases of a subclass of an lmms-eval model class whose
-``generate_until`` calls ``self.model.generate`` (``llava_hf`` today; Qwen's classes work the same way).
+``generate_until`` calls ``self.model.generate`` (``llava_hf``, ``qwen2_vl``, ``qwen2_5_vl``).
 It takes ``method`` and the method's options out of the constructor's keyword arguments, hands the rest
 to the stock class, and for every ``generate_until`` call attaches ``vtprune.apply(self.model, method,
 **options)``, collects ``run.report()`` after each ``model.generate`` (one request), and detaches. The
