@@ -181,8 +181,11 @@ def test_kept_tokens_keep_original_positions(model):
 
 
 # ---------------------------------------------------------------- equivalence with the stock model
-KEEP_ALL = [("none", {}), ("fastv", {"budget": N}), ("st3", {"ratio": 0.0, "anneal": "none"}), ("parvts", {"budget": N})]
-PRUNING = [("none", {}), ("fastv", {"budget": 8}), ("st3", {}), ("parvts", {"budget": 8})]
+KEEP_ALL = [("none", {}), ("fastv", {"budget": N}), ("st3", {"ratio": 0.0, "anneal": "none"}), ("parvts", {"budget": N}),
+            ("vtw", {"budget": N}), ("pdrop", {"ratio": 1.0}), ("visionzip", {"budget": N}), ("random", {"budget": N})]
+PRUNING = [("none", {}), ("fastv", {"budget": 8}), ("st3", {}), ("parvts", {"budget": 8}), ("vtw", {"layer": 3}),
+           ("pdrop", {"layers": [2, 4]}), ("visionzip", {"budget": 8}), ("random", {"budget": 8})]
+FINAL = {"none": N, "fastv": 8, "parvts": 8, "visionzip": 8, "random": 8, "vtw": 0}
 
 
 @pytest.mark.parametrize("method,opts", KEEP_ALL)
@@ -203,10 +206,16 @@ def test_batched_equals_one_by_one(model, method, opts):
     assert x["attention_mask"][0, 0] == 0  # left padding
     with vtprune.apply(model, method, **opts) as run:
         together = generate(model, x)
-        final = {"none": N, "fastv": 8, "parvts": 8}.get(method) or run.method.G[-1]
+        final = FINAL[method] if method in FINAL else run.method.G[-1]
         assert run.report()["samples"][0]["final_budget"] == final
         for i in range(3):
             assert torch.equal(generate(model, batch((i,)))[0], together[i]), f"sample {i}"
+
+
+def test_pool_is_refused_tiles_with_newlines_form_no_grid(model):
+    with pytest.raises(ValueError, match="do not form one patch grid"), vtprune.apply(model, "pool", budget=8):
+        generate(model, batch((0,)))
+    assert "generate" not in model.__dict__
 
 
 # ---------------------------------------------------------------- per-layer counts (METHODS.md)

@@ -29,8 +29,10 @@ from vtprune.methods.st3 import annealed, schedule
 NEW = 8
 PROMPTS = [make_prompt(2, 4, 1), make_prompt(5, 9, 2), make_prompt(3, 2, 3)]
 KEEP_ALL = [("none", {}), ("fastv", {"budget": N_VISUAL}), ("parvts", {"budget": N_VISUAL}),
-            ("st3", {"ratio": 0.0, "anneal": "none"})]
-PRUNING = [("fastv", {"budget": 4}), ("st3", {}), ("parvts", {"budget": 4})]
+            ("st3", {"ratio": 0.0, "anneal": "none"}), ("vtw", {"budget": N_VISUAL}), ("pdrop", {"ratio": 1.0}),
+            ("visionzip", {"budget": N_VISUAL}), ("random", {"budget": N_VISUAL})]
+PRUNING = [("fastv", {"budget": 4}), ("st3", {}), ("parvts", {"budget": 4}), ("vtw", {"layer": 2}),
+           ("pdrop", {"layers": [1, 3]}), ("visionzip", {"budget": 4}), ("random", {"budget": 4})]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -321,3 +323,9 @@ def test_adapter_and_detach(model):
             assert not visual._forward_pre_hooks and not model._forward_pre_hooks
         finally:
             visual.fullatt_block_indexes = full
+
+
+def test_pool_is_refused_the_grid_is_known_only_to_the_vision_tower(model):
+    with pytest.raises(ValueError, match="do not form one patch grid"), vtprune.apply(model, "pool", budget=4):
+        generate(model, batch(PROMPTS[:1]))
+    assert "generate" not in model.__dict__
