@@ -374,3 +374,24 @@ def test_hand_written_decode_loop_without_position_ids_matches_generate(model):
             out = model(input_ids=tokens[-1][:, None], past_key_values=cache, use_cache=True)
             tokens.append(out.logits[:, -1].argmax(-1))
     assert torch.equal(torch.stack(tokens, 1), expected)
+
+
+def test_st3_decode_scores_only_before_an_eviction(model, monkeypatch):
+    from vtprune.engine import scoring
+
+    calls = []
+    real = scoring.row_logits
+
+    def counting(*args, **kwargs):
+        calls.append(run.gen.phase if run.gen is not None else None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scoring, "row_logits", counting)
+    run = vtprune.apply(model, "st3", ratio=0.3, stride=2, start_layer=1, floor_ratio=0.25)
+    with run:
+        generate(model, batch(PROMPTS[:1]), max_new_tokens=12)
+    history = [run.report()["samples"][0]["visual_tokens_per_layer_prefill"]] + run.ledger.decode_history
+    pairs = zip(history, history[1:], strict=False)
+    evictions = sum(now < before for prev, cur in pairs for before, now in zip(prev, cur, strict=True))
+    assert 0 < evictions < 11 * 5  # some steps, not every (step, layer)
+    assert calls.count("decode") == evictions

@@ -62,12 +62,12 @@ class Generation:
         self.cache = None
 
     # ------------------------------------------------------------------ reading
-    def visual_count(self) -> int:
-        """Visual tokens per image currently present: in the main path (prefill) or in the current
-        layer's KV cache (decode)."""
+    def visual_count(self, layer: int | None = None) -> int:
+        """Visual tokens per image currently present: in the main path (prefill) or in the KV cache of
+        ``layer`` (decode; default the current layer)."""
         if self.phase == "prefill":
             return self.vis.shape[-1]
-        return self.cache_vis[self.layer].shape[-1]
+        return self.cache_vis[self.layer if layer is None else layer].shape[-1]
 
     def total_length(self) -> int:
         """Prompt tokens plus tokens fed back so far (the size of the index space)."""

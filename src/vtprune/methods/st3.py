@@ -73,7 +73,11 @@ class ST3(Method):
     def score_rows(self, gen) -> str | None:
         if gen.phase == "prefill":
             return "last" if gen.layer + 1 in self.pruning_layers() else None
-        return "last" if self.anneal != "none" and gen.layer < gen.num_layers - 1 else None
+        # score layer l only at the steps where layer l + 1 evicts (its target falls below what it holds)
+        nxt = gen.layer + 1
+        if self.anneal == "none" or nxt >= gen.num_layers:
+            return None
+        return "last" if self._decode_target(gen, nxt) < gen.visual_count(nxt) else None
 
     def on_prefill_layer(self, gen) -> None:
         layer = gen.layer
@@ -84,12 +88,16 @@ class ST3(Method):
         layer = gen.layer
         if self.anneal == "none" or layer == 0:
             return
+        target = self._decode_target(gen, layer)
+        if target < gen.visual_count():
+            gen.keep_visual(torch.topk(gen.visual_attention(layer - 1), target, dim=-1).indices)
+
+    def _decode_target(self, gen, layer: int) -> int:
+        """VTA: visual entries per image ``layer`` keeps at the current decode step."""
         steps = self.anneal_steps or gen.max_new_tokens
         if not steps:
             raise ValueError("st3: annealing needs the number of new tokens: call generate(max_new_tokens=...) or set anneal_steps")
-        target = annealed(self.G[layer], gen.step, steps, self.floor_ratio, self.anneal)
-        if target < gen.visual_count():
-            gen.keep_visual(torch.topk(gen.visual_attention(layer - 1), target, dim=-1).indices)
+        return annealed(self.G[layer], gen.step, steps, self.floor_ratio, self.anneal)
 
     def pruning_layers(self) -> range:
         return range(self.start_layer, self.num_layers, self.stride)
