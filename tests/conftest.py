@@ -57,6 +57,16 @@ def batch(prompts: list[list[int]], seed: int = 0, images: int = 1):
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pix}
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tiny models on one thread (no OpenMP spin-waits on a shared 2-core machine); restores
+    the previous count afterwards. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def model():
     return tiny_llava()

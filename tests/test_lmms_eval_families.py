@@ -24,7 +24,6 @@ import pytest
 pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (the `lmms` extra)")
 
 import test_lmms_eval_plugin as plugin_tests  # noqa: E402
-import torch  # noqa: E402
 from conftest import WORD_CHAT_TEMPLATE, word_tokenizer  # noqa: E402
 
 from vtprune.lmms_eval_plugin import MODEL_ID, QWEN2_5_VL_MODEL_ID, QWEN2_VL_MODEL_ID, manifests  # noqa: E402
@@ -37,12 +36,7 @@ check_results, evaluate = plugin_tests.check_results, plugin_tests.evaluate
 N = 2  # questions per evaluation
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def read_reports(path) -> list[dict]:

@@ -35,13 +35,7 @@ PRUNING = [("fastv", {"budget": 4}), ("st3", {}), ("parvts", {"budget": 4}), ("v
            ("pdrop", {"layers": [1, 3]}), ("visionzip", {"budget": 4}), ("random", {"budget": 4})]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tiny models run fastest on one thread (no OpenMP spin-waits on a shared 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
