@@ -30,9 +30,9 @@ NEW = 8
 PROMPTS = [make_prompt(2, 4, 1), make_prompt(5, 9, 2), make_prompt(3, 2, 3)]
 KEEP_ALL = [("none", {}), ("fastv", {"budget": N_VISUAL}), ("parvts", {"budget": N_VISUAL}),
             ("st3", {"ratio": 0.0, "anneal": "none"}), ("vtw", {"budget": N_VISUAL}), ("pdrop", {"ratio": 1.0}),
-            ("visionzip", {"budget": N_VISUAL}), ("random", {"budget": N_VISUAL})]
+            ("visionzip", {"budget": N_VISUAL}), ("random", {"budget": N_VISUAL}), ("pool", {"budget": N_VISUAL})]
 PRUNING = [("fastv", {"budget": 4}), ("st3", {}), ("parvts", {"budget": 4}), ("vtw", {"layer": 2}),
-           ("pdrop", {"layers": [1, 3]}), ("visionzip", {"budget": 4}), ("random", {"budget": 4})]
+           ("pdrop", {"layers": [1, 3]}), ("visionzip", {"budget": 4}), ("random", {"budget": 4}), ("pool", {"budget": 4})]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -319,7 +319,18 @@ def test_adapter_and_detach(model):
             visual.fullatt_block_indexes = full
 
 
-def test_pool_is_refused_the_grid_is_known_only_to_the_vision_tower(model):
-    with pytest.raises(ValueError, match="do not form one patch grid"), vtprune.apply(model, "pool", budget=4):
-        generate(model, batch(PROMPTS[:1]))
-    assert "generate" not in model.__dict__
+def test_pool_grid_comes_from_the_images(model):
+    from vtprune.adapters import adapter_for
+
+    adapter, inputs = adapter_for(model), batch(PROMPTS[:1])
+    side = int(N_VISUAL ** 0.5)
+    assert adapter.visual_grid(N_VISUAL, inputs) == (side, side)  # from image_grid_thw
+    seen = {}
+    handle = model.register_forward_pre_hook(lambda m, a, kw: seen.setdefault("kw", kw) and None, with_kwargs=True)
+    try:
+        generate(model, inputs)  # generate's prefill call carries M-RoPE position ids, no grid
+    finally:
+        handle.remove()
+    assert "image_grid_thw" not in seen["kw"]
+    assert adapter.visual_grid(N_VISUAL, seen["kw"]) == (side, side)
+    assert adapter.visual_grid(N_VISUAL - 1, inputs) is None
