@@ -49,7 +49,7 @@ def bundled_checkpoint() -> str:
     """
     from vtprune.models import default
 
-    directory = default._default_cache_dir()
+    directory = default.default_cache_dir()
     if not _complete(directory):
         default.load_default()
     if not _complete(directory):

@@ -288,7 +288,10 @@ def assemble(projector_path: str | os.PathLike | None = PROJECTOR_PATH, dtype: t
     return model.to(dtype).eval(), processor
 
 
-def _default_cache_dir() -> Path:
+def default_cache_dir() -> Path:
+    """The folder where :func:`load_default` saves (and later reloads) the assembled bundled model, a
+    ``save_pretrained`` checkpoint keyed by the weight files and the transformers version. Raises
+    ImportError when a weight package is missing."""
     import transformers
 
     gdir, gfile = gguf_location()
@@ -332,7 +335,7 @@ def load_default(dtype: torch.dtype = torch.float32, device: str | torch.device 
 
     if importlib.util.find_spec("efficientnet_lite_pytorch") is None:
         raise ImportError("The EfficientNet-Lite module code is missing: `pip install efficientnet_lite_pytorch`.")
-    cdir = _default_cache_dir()
+    cdir = default_cache_dir()
     if (cdir / "model.safetensors").is_file() and (cdir / "processor_config.json").is_file():
         try:
             model = LlavaForConditionalGeneration.from_pretrained(cdir, dtype=dtype)
