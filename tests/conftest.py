@@ -10,24 +10,37 @@ IMAGE_TOKEN = 250
 N_VISUAL = 16  # (32 px / 8 px)^2 patches, CLS dropped ("default" strategy)
 
 
-def tiny_llava(layers: int = 6, attn: str = "sdpa", seed: int = 0) -> LlavaForConditionalGeneration:
-    torch.manual_seed(seed)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                              image_size=32, patch_size=8, projection_dim=32)
-    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+def tiny_clip_config() -> CLIPVisionConfig:
+    """A 3-layer CLIP tower on 32 px images with 8 px patches (16 patches + [CLS])."""
+    return CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                            image_size=32, patch_size=8, projection_dim=32)
+
+
+def tiny_llama_config(layers: int = 6) -> LlamaConfig:
+    """A Llama LM with GQA (4 query heads, 2 KV heads), vocabulary 256 (pad 0, bos 1, eos 2)."""
+    return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
                        num_key_value_heads=2, vocab_size=256, max_position_embeddings=512,
                        pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
-                      image_seq_length=N_VISUAL, vision_feature_layer=-2,
-                      vision_feature_select_strategy="default")
-    model = LlavaForConditionalGeneration(cfg).eval()
-    # random init gives near-uniform logits; a larger LM head scale makes greedy decoding decisive
+
+
+def ready(model, attn: str = "sdpa"):
+    """Eval mode, attention ``attn``, no EOS (every generation runs its full length), and an LM head
+    scaled by 8: random init gives near-uniform logits, the scale makes greedy decoding decisive."""
+    model.eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(8.0)
     model.config.text_config._attn_implementation = attn
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = None
     return model
+
+
+def tiny_llava(layers: int = 6, attn: str = "sdpa", seed: int = 0) -> LlavaForConditionalGeneration:
+    torch.manual_seed(seed)
+    cfg = LlavaConfig(vision_config=tiny_clip_config(), text_config=tiny_llama_config(layers),
+                      image_token_id=IMAGE_TOKEN, image_seq_length=N_VISUAL, vision_feature_layer=-2,
+                      vision_feature_select_strategy="default")
+    return ready(LlavaForConditionalGeneration(cfg), attn)
 
 
 def make_prompt(prefix_len: int, question_len: int, seed: int, images: int = 1) -> list[int]:

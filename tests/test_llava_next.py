@@ -18,25 +18,16 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import IMAGE_TOKEN, ready, tiny_clip_config, tiny_llama_config, word_tokenizer
 from PIL import Image
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaNextConfig,
-    LlavaNextForConditionalGeneration,
-    LlavaNextProcessor,
-    PreTrainedTokenizerFast,
-)
+from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
 import vtprune
-import vtprune.adapters.llava_next  # noqa: F401  (registers the adapter until adapters/__init__ imports it)
 from vtprune.adapters import adapter_for
 from vtprune.adapters.llava_next import LlavaNextAdapter
 from vtprune.methods.st3 import annealed
 
-IMAGE_TOKEN = 250
 PINPOINTS = [[32, 64], [64, 32], [64, 64]]
 SIZE = (20, 40)  # the image size of most tests
 N = 52  # its visual tokens
@@ -47,30 +38,14 @@ LAYERS = 6
 
 def tiny_llava_next(attn: str = "sdpa") -> LlavaNextForConditionalGeneration:
     torch.manual_seed(0)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                              image_size=32, patch_size=8, projection_dim=32)
-    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=256, max_position_embeddings=512,
-                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    cfg = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
-                          image_grid_pinpoints=PINPOINTS, vision_feature_layer=-2,
+    cfg = LlavaNextConfig(vision_config=tiny_clip_config(), text_config=tiny_llama_config(LAYERS),
+                          image_token_id=IMAGE_TOKEN, image_grid_pinpoints=PINPOINTS, vision_feature_layer=-2,
                           vision_feature_select_strategy="default")
-    model = LlavaNextForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # random init gives near-uniform logits; make greedy decoding decisive
-        model.lm_head.weight.mul_(8.0)
-    model.config.text_config._attn_implementation = attn
-    model.generation_config.pad_token_id = 0
-    model.generation_config.eos_token_id = None
-    return model
+    return ready(LlavaNextForConditionalGeneration(cfg), attn)
 
 
 def tiny_processor() -> LlavaNextProcessor:
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{f"w{i}": i for i in range(4, 240)}, "<image>": IMAGE_TOKEN}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                        unk_token="<unk>", padding_side="left",
-                                        extra_special_tokens={"image_token": "<image>"})
+    tokenizer = word_tokenizer()
     images = LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
                                         image_grid_pinpoints=PINPOINTS)
     return LlavaNextProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8,

@@ -324,7 +324,8 @@ def test_pool_grid_comes_from_the_images(model):
 
     adapter, inputs = adapter_for(model), batch(PROMPTS[:1])
     side = int(N_VISUAL ** 0.5)
-    assert adapter.visual_grid(N_VISUAL, inputs) == (side, side)  # from image_grid_thw
+    visual = adapter.visual_index(inputs["input_ids"], inputs)
+    assert adapter.visual_grid(visual, inputs) == (side, side)  # from image_grid_thw
     seen = {}
     handle = model.register_forward_pre_hook(lambda m, a, kw: seen.setdefault("kw", kw) and None, with_kwargs=True)
     try:
@@ -332,5 +333,5 @@ def test_pool_grid_comes_from_the_images(model):
     finally:
         handle.remove()
     assert "image_grid_thw" not in seen["kw"]
-    assert adapter.visual_grid(N_VISUAL, seen["kw"]) == (side, side)
-    assert adapter.visual_grid(N_VISUAL - 1, inputs) is None
+    assert adapter.visual_grid(visual, seen["kw"]) == (side, side)
+    assert adapter.visual_grid(visual[..., 1:], inputs) is None  # not the grid's token count

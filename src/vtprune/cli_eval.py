@@ -18,6 +18,7 @@ from vtprune.cli import (
     parse_option,
     user_errors,
 )
+from vtprune.engine.run import check
 from vtprune.inputs import default_device, is_default_model, load_model, resolve_dtype
 
 DEFAULT_EVAL_METHODS = ("parvts", "st3", "fastv", "vtw", "pdrop", "visionzip", "random", "pool")
@@ -112,7 +113,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model, processor = load_model(args.model, dtype, device)
     with _quiet(False), user_errors(ValueError, TypeError):
         for cond in conds:  # every option against this model, before the first answer
-            _check_condition(model, cond)
+            check(model, cond.name, **dict(cond.options))
         records = runner.run_eval(model, processor, samples, conds, out / "results.jsonl", batch_size=args.batch,
                                   max_new_tokens=args.max_new_tokens, progress=not args.no_progress, log=_log)
     records = [r for r in records if r["data"] in samples]
@@ -163,7 +164,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     """``vtprune show``: generate once under the method, then draw the kept tokens over the image."""
     import vtprune
-    from vtprune.adapters import adapter_for
     from vtprune.eval import show
     from vtprune.inputs import build_inputs, load_image
 
@@ -183,7 +183,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
     answer = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
     kept = run.kept_visual()
-    grid = adapter_for(model).visual_grid(run.gen.n_visual, inputs)
+    grid = run.gen.visual_grid  # what the engine got from the adapter for this call
     if grid is None:
         raise UsageError(f"show draws token grids; the visual tokens of {type(model).__name__} do not form one grid")
     parvts = run.method.name == "parvts" and run.method.keep < run.gen.n_visual
@@ -194,10 +194,3 @@ def cmd_show(args: argparse.Namespace) -> int:
                          discard_layer=run.method.discard_layer if parvts else None)
     print(f"{answer}\nwrote {path}")
     return 0
-
-
-def _check_condition(model, cond) -> None:
-    """Attach and detach the condition's method once: raises its option errors before any work."""
-    import vtprune
-
-    vtprune.apply(model, cond.method.split(":")[0], **dict(cond.options)).detach()

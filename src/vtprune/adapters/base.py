@@ -50,9 +50,10 @@ class Adapter:
         """Visual tokens per image when fixed by the config (used to split adjacent images), else None."""
         return None
 
-    def visual_grid(self, n_visual: int, inputs: dict | None = None) -> tuple[int, int] | None:
+    def visual_grid(self, visual: torch.Tensor, inputs: dict | None = None) -> tuple[int, int] | None:
         """(rows, cols) of each image's visual tokens as a patch grid in row-major order, or None when
-        they do not form one grid (the ``pool`` method needs it). Default None."""
+        they do not form one grid (the ``pool`` method needs it). ``visual`` is :meth:`visual_index`'s
+        result for the same call (LongTensor [B, I, N_v]). Default None."""
         return None
 
     def decode_position_ids(self, past_length: int, input_ids: torch.Tensor) -> torch.Tensor | None:

@@ -28,8 +28,9 @@ class LlavaAdapter(Adapter):
     def tokens_per_image(self) -> int | None:
         return getattr(self.model.config, "image_seq_length", None)
 
-    def visual_grid(self, n_visual: int, inputs: dict | None = None) -> tuple[int, int] | None:
+    def visual_grid(self, visual: torch.Tensor, inputs: dict | None = None) -> tuple[int, int] | None:
         """The square patch grid of a CLIP (or the bundled CNN) feature map: (sqrt(N_v), sqrt(N_v))."""
+        n_visual = visual.shape[-1]
         side = math.isqrt(n_visual)
         return (side, side) if side * side == n_visual else None
 

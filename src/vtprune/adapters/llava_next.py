@@ -62,7 +62,7 @@ class LlavaNextAdapter(LlavaAdapter):
         super().__init__(model)
         self._maps: dict[tuple[int, int], tuple[torch.Tensor, int]] = {}
 
-    def visual_grid(self, n_visual: int, inputs: dict | None = None) -> tuple[int, int] | None:
+    def visual_grid(self, visual: torch.Tensor, inputs: dict | None = None) -> tuple[int, int] | None:
         """None: a base tile plus unpadded high-resolution rows with newline tokens is not one grid."""
         return None
 

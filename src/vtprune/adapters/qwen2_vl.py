@@ -96,7 +96,7 @@ class Qwen2VLAdapter(Adapter):
             )
         return index
 
-    def visual_grid(self, n_visual: int, inputs: dict | None = None) -> tuple[int, int] | None:
+    def visual_grid(self, visual: torch.Tensor, inputs: dict | None = None) -> tuple[int, int] | None:
         """(rows, cols) of each image's merged patches, row-major as the merger emits them: from
         ``image_grid_thw`` (h, w / merge size) or, inside ``generate`` (whose prefill call carries no
         grid), from the (t, h, w) M-RoPE position ids of the visual tokens. None when the images of the
@@ -106,16 +106,16 @@ class Qwen2VLAdapter(Adapter):
         if grid is not None:
             shapes = {(int(t), int(h) // m, int(w) // m) for t, h, w in grid.tolist()}
         else:
-            pos, ids = inputs.get("position_ids"), inputs.get("input_ids")
-            if pos is None or ids is None or pos.dim() != 3 or pos.shape[0] < 3:
+            pos = inputs.get("position_ids")
+            if pos is None or pos.dim() != 3 or pos.shape[0] < 3:
                 return None
-            thw, index = pos[-3:], self.visual_index(ids, inputs).to(pos.device)
+            thw, index = pos[-3:], visual.to(pos.device)
             shapes = {tuple(int(r.max() - r.min() + 1) for r in thw[:, b, index[b, i]])
                       for b in range(index.shape[0]) for i in range(index.shape[1])}
         if len(shapes) != 1:
             return None
         t, h, w = shapes.pop()
-        return (h, w) if t == 1 and h * w == n_visual else None
+        return (h, w) if t == 1 and h * w == visual.shape[-1] else None
 
     def tokens_per_image_of(self, inputs: dict) -> list[int] | None:
         """Visual tokens of each image of a prefill call, in order, or None when the call carries

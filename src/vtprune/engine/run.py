@@ -164,7 +164,7 @@ class Run:
         text = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)[~is_visual]
         self.gen = Generation(visual_index=visual, text_index=text.view(input_ids.shape[0], -1), valid=valid,
                               num_layers=self.dims.layers, max_new_tokens=self._max_new_tokens)
-        self.gen.visual_grid = self.adapter.visual_grid(visual.shape[-1], inputs)
+        self.gen.visual_grid = self.adapter.visual_grid(visual, inputs)
         self.ledger = Ledger(self.dims, self.gen.pads, input_ids.shape[1], visual.shape[1], visual.shape[2])
         self._timers = {"prefill": Timer(input_ids.device), "decode": Timer(input_ids.device)}
         self._generate_ms = None
@@ -385,6 +385,14 @@ class Run:
                 "device": str(self.model.device),
             },
         }
+
+
+def check(model: torch.nn.Module, method: str | Method = "none", **options) -> Method:
+    """Build the method and check it against ``model`` (its depth, and its visual tokens per image where
+    the config fixes them) without attaching anything. Returns the method; raises as :func:`apply`."""
+    m = make_method(method, **options)
+    Run(model, m)
+    return m
 
 
 def apply(model: torch.nn.Module, method: str | Method = "none", **options) -> Run:

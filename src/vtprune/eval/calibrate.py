@@ -78,11 +78,11 @@ def calibrate(model, batches: list, method: str, settings: list[dict], threshold
     Raises:
         ValueError / TypeError: a setting the method rejects (before any generation of it).
     """
-    import vtprune
+    from vtprune.engine.run import check
 
     layer_key = SWEEPS[method][0]
     for opts in settings:  # option errors first, before the slow part
-        vtprune.apply(model, method, **opts).detach()
+        check(model, method, **opts)
     reference = [first_token_logprobs(model, inputs)[0] for inputs in batches]
     rows = []
     for opts in settings:

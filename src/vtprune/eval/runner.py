@@ -25,6 +25,12 @@ class Condition:
     budget: str
     options: tuple[tuple[str, object], ...] = ()
 
+    @property
+    def name(self) -> str:
+        """The vtprune method name (the label without its fixed options: ``visionzip:contextual=0`` ->
+        ``visionzip``)."""
+        return self.method.split(":")[0]
+
 
 def parse_budget(text: str | int | float) -> tuple[str, dict]:
     """A ``--budgets`` item as ``(label, options)``.
@@ -138,7 +144,7 @@ def run_eval(model, processor, samples_by_data: dict[str, list], conds: list[Con
         for data, cond, chunk in _chunks(todo, batch_size):
             images = [s.load_image() for s in chunk]
             inputs = build_batch(processor, images, [s.question for s in chunk], device=model.device, dtype=model.dtype)
-            with vtprune.apply(model, cond.method.split(":")[0], **dict(cond.options)) as run:
+            with vtprune.apply(model, cond.name, **dict(cond.options)) as run:
                 generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
             texts = processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
             report = run.report()

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import vtprune
+from vtprune.engine.run import check
 from vtprune.lmms_eval_plugin.options import check_method, split_model_args, summarize
 
 METRIC_PREFIX = "vtprune_"
@@ -65,7 +66,7 @@ class VTPruneMixin:
         self.vtprune_reports: list[dict] = []
         super().__init__(**self.prepare_stock_args(stock))
         self.after_stock_init()
-        vtprune.apply(self.model, self.vtprune_method, **options).detach()  # model-dependent checks
+        check(self.model, self.vtprune_method, **options)  # model-dependent checks
 
     # ------------------------------------------------------------------ hooks for subclasses
     def prepare_stock_args(self, stock: dict[str, Any]) -> dict[str, Any]:
