@@ -12,10 +12,11 @@ import torch
 from conftest import N_VISUAL, batch, make_prompt
 
 import vtprune
+from vtprune.adapters import PatchGrid
 from vtprune.engine.state import Generation
 from vtprune.methods import make_method
 from vtprune.methods.pdrop import stages
-from vtprune.methods.pool import pooled_grid, window_centres
+from vtprune.methods.pool import pooled_grid, split_budget, window_centres
 from vtprune.methods.visionzip import merge_contextual
 
 PROMPTS = [make_prompt(2, 4, 1), make_prompt(5, 9, 2), make_prompt(3, 2, 3)]
@@ -79,7 +80,7 @@ def _gen(hidden_dim=4, saliency=None, n=N_VISUAL, prefix=2, question=3):
     gen.hidden = torch.randn(1, s, hidden_dim, generator=torch.Generator().manual_seed(0))
     gen.saliency = saliency
     side = math.isqrt(n)
-    gen.visual_grid = (side, side) if side * side == n else None
+    gen.visual_grids = (PatchGrid(side, side),) if side * side == n else None
     return gen
 
 
@@ -126,11 +127,32 @@ def test_window_centres_are_distinct_and_inside_their_windows():
                 assert (i * h) // a <= p < math.ceil((i + 1) * h / a)
 
 
+def test_pool_splits_the_budget_over_grids_and_keeps_a_separator_per_row():
+    gen = _gen(n=12)  # base 2x2 (tokens 0-3), then a 2x3 grid with a separator closing each row (4-11)
+    base, hires = PatchGrid(2, 2), PatchGrid(2, 3, start=4, stride=4)
+    gen.visual_grids = (base, hires)
+    assert split_budget(6, gen.visual_grids) == [2, 4]  # least 1 + 2, spare 3 split 4:8
+    emb = gen.hidden.clone()
+    m = make_method("pool", budget=6)
+    m.check_visual(12)
+    m.on_prefill_layer(gen)
+    # base 2x2 -> 1x2 (columns); high-res 2x3 -> 1x3 (a * (b + 1) <= 4) + the separator of row 0
+    assert gen.vis.flatten().tolist() == [2 + p for p in (0, 1, 4, 5, 6, 7)]
+    vis = emb[0, 2:14]
+    expected = [vis[[0, 2]].mean(0), vis[[1, 3]].mean(0), vis[[4, 8]].mean(0), vis[[5, 9]].mean(0),
+                vis[[6, 10]].mean(0), vis[7]]
+    for token, value in zip(gen.vis.flatten().tolist(), expected, strict=True):
+        slot = gen.layout.index[0].tolist().index(token)
+        assert torch.allclose(gen.hidden[0, slot], value, atol=1e-6)
+    with pytest.raises(ValueError, match="below the 3"):
+        split_budget(2, gen.visual_grids)
+
+
 def test_pool_refuses_tokens_that_form_no_grid():
     gen = _gen(n=15)
     m = make_method("pool", budget=4)
     m.check_visual(15)
-    with pytest.raises(ValueError, match="do not form one patch grid"):
+    with pytest.raises(ValueError, match="do not form known patch grids"):
         m.on_prefill_layer(gen)
 
 

@@ -24,7 +24,7 @@ from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, Lla
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
 import vtprune
-from vtprune.adapters import adapter_for
+from vtprune.adapters import PatchGrid, adapter_for
 from vtprune.adapters.llava_next import LlavaNextAdapter
 from vtprune.methods.st3 import annealed
 
@@ -157,10 +157,10 @@ def test_kept_tokens_keep_original_positions(model):
 
 # ---------------------------------------------------------------- equivalence with the stock model
 KEEP_ALL = [("none", {}), ("fastv", {"budget": N}), ("st3", {"ratio": 0.0, "anneal": "none"}), ("parvts", {"budget": N}),
-            ("vtw", {"budget": N}), ("pdrop", {"ratio": 1.0}), ("visionzip", {"budget": N}), ("random", {"budget": N})]
+            ("vtw", {"budget": N}), ("pdrop", {"ratio": 1.0}), ("visionzip", {"budget": N}), ("random", {"budget": N}), ("pool", {"budget": N})]
 PRUNING = [("none", {}), ("fastv", {"budget": 8}), ("st3", {}), ("parvts", {"budget": 8}), ("vtw", {"layer": 3}),
-           ("pdrop", {"layers": [2, 4]}), ("visionzip", {"budget": 8}), ("random", {"budget": 8})]
-FINAL = {"none": N, "fastv": 8, "parvts": 8, "visionzip": 8, "random": 8, "vtw": 0}
+           ("pdrop", {"layers": [2, 4]}), ("visionzip", {"budget": 8}), ("random", {"budget": 8}), ("pool", {"budget": 12})]
+FINAL = {"none": N, "fastv": 8, "parvts": 8, "visionzip": 8, "random": 8, "vtw": 0, "pool": 12}
 
 
 @pytest.mark.parametrize("method,opts", KEEP_ALL)
@@ -187,9 +187,65 @@ def test_batched_equals_one_by_one(model, method, opts):
             assert torch.equal(generate(model, batch((i,)))[0], together[i]), f"sample {i}"
 
 
-def test_pool_is_refused_tiles_with_newlines_form_no_grid(model):
-    with pytest.raises(ValueError, match="do not form one patch grid"), vtprune.apply(model, "pool", budget=8):
-        generate(model, batch((0,)))
+# ---------------------------------------------------------------- pool: base grid + high-resolution grid
+GRIDS = {(20, 40): (4, 8), (16, 64): (2, 8), (64, 48): (8, 6), (64, 64): (8, 8)}  # unpadded rows x cols (docstring)
+
+
+@pytest.mark.parametrize("size", list(GRIDS))
+def test_grids_are_the_base_tile_and_the_unpadded_grid(model, size):
+    x = inputs([prompt(3, 4, 0)], [[size]])
+    adapter = adapter_for(model)
+    visual = adapter.visual_index(x["input_ids"], x)
+    rows, cols = GRIDS[size]
+    expected = (PatchGrid(4, 4), PatchGrid(rows, cols, start=16, stride=cols + 1))
+    assert adapter.visual_grids(visual, x) == expected
+    # generate consumes image_sizes before the prefill: the engine hands its kwargs on
+    assert adapter.visual_grids(visual, {"generate_kwargs": {"image_sizes": x["image_sizes"]}}) == expected
+    assert adapter.visual_grids(visual, {}) is None
+    assert adapter.visual_grid(visual, x) is None  # not one grid
+
+
+def test_pool_pools_each_grid_and_keeps_one_newline_per_pooled_row(model):
+    x = batch((0,))
+
+    def layer0_input():
+        seen = []
+        handle = model.model.language_model.layers[0].register_forward_pre_hook(
+            lambda m, a, kw: seen.append((a[0] if a else kw["hidden_states"]).clone()), with_kwargs=True)
+        try:
+            with torch.no_grad():
+                model(**x)
+        finally:
+            handle.remove()
+        return seen[0]
+
+    stock_h = layer0_input()
+    with vtprune.apply(model, "pool", budget=12) as run:
+        pooled_h = layer0_input()  # the spy runs after the engine's own layer-0 hook
+    # 52 = base 4x4 + 4x8 grid with a newline per row; least 1 + 2, spare 9 split 16:36 -> base 4, high-res 8
+    # base 4x4 -> 2x2; high-res: a * (b + 1) <= 8 -> 2x3 + 2 newlines
+    start = int(run.gen.visual_index[0, 0, 0])
+    base = [0, 2, 8, 10]  # 2x2 windows of 2x2 patches: centre = top-left
+    hires_rows, hires_cols = [0, 2], [1, 3, 6]  # adaptive windows of 8 cols into 3: [0,3) [2,6) [5,8)
+    hires = [16 + r * 9 + c for r in hires_rows for c in hires_cols]
+    newlines = [16 + r * 9 + 8 for r in hires_rows]
+    kept = sorted(base + hires + newlines)
+    assert run.gen.vis[0, 0].tolist() == [start + k for k in kept]
+    index = run.gen.layouts[0].index[0].tolist()
+    vis = stock_h[0, start:start + N]
+    got = {k: pooled_h[0, index.index(start + k)] for k in kept}
+    torch.testing.assert_close(got[0], vis[[0, 1, 4, 5]].mean(0))
+    torch.testing.assert_close(got[16 + 2 * 9 + 3], vis[[16 + r * 9 + c for r in (2, 3) for c in (2, 3, 4, 5)]].mean(0))
+    for k in newlines:
+        assert torch.equal(got[k], vis[k])  # the newline embedding itself
+    r = run.report()["samples"][0]
+    assert r["visual_tokens_per_layer_prefill"] == [12] * LAYERS
+
+
+def test_pool_budget_below_the_grids_least_is_refused(model):
+    with pytest.raises(ValueError, match="budget of 2 visual tokens per image is below the 3"):
+        with vtprune.apply(model, "pool", budget=2):
+            generate(model, batch((0,)), max_new_tokens=2)
     assert "generate" not in model.__dict__
 
 

@@ -7,10 +7,49 @@ hard-coded offsets), and a per-patch saliency for methods that want one.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
 from torch import nn
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchGrid:
+    """A ``rows x cols`` patch grid inside one image's visual tokens.
+
+    Patch (r, c) is visual token ``start + r * stride + c`` of the image (an index among its N_v visual
+    tokens, not a sequence position). ``stride`` defaults to ``cols``; with ``stride > cols`` the last
+    ``stride - cols`` tokens of every row are separators, not patches (LLaVA-NeXT's ``image_newline``).
+
+    Raises:
+        ValueError: a non-positive size, a negative start, or ``stride < cols``.
+    """
+
+    rows: int
+    cols: int
+    start: int = 0
+    stride: int = 0  # 0: cols
+
+    def __post_init__(self):
+        if self.stride == 0:
+            object.__setattr__(self, "stride", self.cols)
+        if self.rows < 1 or self.cols < 1 or self.start < 0 or self.stride < self.cols:
+            raise ValueError(f"invalid patch grid {self}: rows, cols >= 1, start >= 0, stride >= cols")
+
+    @property
+    def separators(self) -> int:
+        """Separator tokens closing each row (``stride - cols``)."""
+        return self.stride - self.cols
+
+    @property
+    def tokens(self) -> int:
+        """Visual tokens the grid spans, separators included (``rows * stride``)."""
+        return self.rows * self.stride
+
+    def token(self, row: torch.Tensor | int, col: torch.Tensor | int):
+        """Index among the image's visual tokens of patch (row, col); ``col = cols`` is the row's first separator."""
+        return self.start + row * self.stride + col
 
 
 class Adapter:
@@ -56,6 +95,14 @@ class Adapter:
         result for the same call (LongTensor [B, I, N_v]). Default None."""
         return None
 
+    def visual_grids(self, visual: torch.Tensor, inputs: dict | None = None) -> tuple[PatchGrid, ...] | None:
+        """The patch grids that make up each image's visual tokens (the same for every image of the call),
+        or None when the adapter cannot tell or the images of the call differ. Default: the single grid
+        of :meth:`visual_grid`. Families whose tokens hold several grids (LLaVA-NeXT: base tile and
+        high-resolution grid) override this. Arguments as :meth:`visual_grid`."""
+        grid = self.visual_grid(visual, inputs)
+        return None if grid is None else (PatchGrid(*grid),)
+
     def decode_position_ids(self, past_length: int, input_ids: torch.Tensor) -> torch.Tensor | None:
         """Position ids the stock model derives for a decode call without ``position_ids``, given the
         stock cache length ``past_length`` (tokens); the engine passes them when pruning shortened layer
@@ -69,7 +116,11 @@ class Adapter:
         Args:
             input_ids: LongTensor [B, S] of the prefill call.
             inputs: the prefill call's other keyword arguments (``pixel_values``, ``image_sizes``,
-                ``image_grid_thw``, ...), for families whose image spans depend on them.
+                ``image_grid_thw``, ...), for families whose image spans depend on them. Inside
+                ``generate`` the engine adds ``inputs["generate_kwargs"]``: the keyword arguments of
+                that ``generate`` call as the user passed them (not expanded for beams or
+                ``num_return_sequences``), since ``generate`` consumes some (LLaVA-NeXT's
+                ``image_sizes``) before the prefill call.
 
         Returns:
             LongTensor [B, I, N_v] (ascending), on the device of ``input_ids``.

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-from vtprune.adapters.base import register_adapter, visual_spans
+from vtprune.adapters.base import PatchGrid, register_adapter, visual_spans
 from vtprune.adapters.llava import LlavaAdapter
 
 NEWLINE = -1  # marks an ``image_newline`` token in a packing map
@@ -51,6 +51,9 @@ class LlavaNextAdapter(LlavaAdapter):
     (arXiv 2511.18875) Fig. 4 ([CLS] attention); the per-tile computation and the newline value are
     reconstructed (ParVTS describes LLaVA-1.5's single tile).
 
+    Patch grids (``visual_grids``, for ``pool``): the base tile's grid and the unpadded high-resolution
+    grid (one newline closing each row), read off the same packing map.
+
     Only ``vision_feature_select_strategy="default"`` (every llava-hf LLaVA-NeXT checkpoint) is
     supported where the packing is needed: with ``"full"`` the model's own packing does not line up.
     """
@@ -63,8 +66,52 @@ class LlavaNextAdapter(LlavaAdapter):
         self._maps: dict[tuple[int, int], tuple[torch.Tensor, int]] = {}
 
     def visual_grid(self, visual: torch.Tensor, inputs: dict | None = None) -> tuple[int, int] | None:
-        """None: a base tile plus unpadded high-resolution rows with newline tokens is not one grid."""
+        """None: a base tile plus unpadded high-resolution rows with newline tokens is not one grid
+        (:meth:`visual_grids` gives the two grids)."""
         return None
+
+    def visual_grids(self, visual: torch.Tensor, inputs: dict | None = None) -> tuple[PatchGrid, PatchGrid] | None:
+        """The two grids of each image's visual tokens, from its ``image_sizes`` entry through
+        :meth:`packing`: the base tile (side x side patches, tokens 0..P-1) and the unpadded
+        high-resolution grid (R x C patches from token P on, stride C + 1: one newline closing each row).
+
+        ``image_sizes`` is read from the prefill call or, inside ``generate`` (which consumes it before
+        the prefill), from ``inputs["generate_kwargs"]``. None when neither has it, the images' grids
+        differ (sizes that give equal token counts but different shapes), the grids do not cover
+        ``visual``'s N_v tokens, or ``vision_feature_select_strategy`` is not ``"default"``.
+        """
+        inputs = inputs or {}
+        sizes = inputs.get("image_sizes")
+        if sizes is None:
+            sizes = (inputs.get("generate_kwargs") or {}).get("image_sizes")
+        if sizes is None or self.model.config.vision_feature_select_strategy != "default":
+            return None
+        layouts = {self._grids_of(_size_tuple(s)) for s in sizes}
+        if len(layouts) != 1:
+            return None
+        grids = layouts.pop()
+        if grids is None or sum(g.tokens for g in grids) != visual.shape[-1]:
+            return None
+        return grids
+
+    def _grids_of(self, size: tuple[int, int]) -> tuple[PatchGrid, PatchGrid] | None:
+        """Base and high-resolution grids read off the packing map of an image of ``size`` (None if it
+        is not base tile + rows closed by one newline each)."""
+        source, _ = self.packing(size)
+        vision = self.model.config.vision_config
+        side = vision.image_size // vision.patch_size
+        base = side * side
+        if source.numel() <= base or not torch.equal(source[:base], torch.arange(base)):
+            return None
+        rest = source[base:]
+        rows = int((rest == NEWLINE).sum())
+        if rows == 0 or rest.numel() % rows:
+            return None
+        hires = PatchGrid(rows, rest.numel() // rows - 1, start=base, stride=rest.numel() // rows)
+        if hires.cols < 1 or not torch.equal((rest == NEWLINE).nonzero().flatten(),
+                                             torch.arange(rows) * hires.stride + hires.cols):
+            return None
+        return PatchGrid(side, side), hires
 
     def tokens_per_image(self) -> int | None:
         """None: LLaVA-NeXT's visual tokens per image depend on each image's size."""

@@ -45,6 +45,7 @@ class Run:
         self._saliency: list[torch.Tensor] = []
         self._max_new_tokens: int | None = None
         self._generate_ms: float | None = None
+        self._generate_kwargs: dict = {}  # of the generate call in progress (adapters read e.g. image_sizes)
 
     # ------------------------------------------------------------------ attach / detach
     def attach(self) -> Run:
@@ -112,12 +113,14 @@ class Run:
         self._saliency.clear()  # generate may run the vision tower before the prefill forward
         timer = Timer(self.model.device)
         timer.start()
+        self._generate_kwargs = kwargs
         try:
             return self._orig_generate(*args, **kwargs)
         finally:
             timer.stop()
             self._generate_ms = timer.ms()[0]
             self._max_new_tokens = None
+            self._generate_kwargs = {}
 
     # ------------------------------------------------------------------ hooks
     def _on_call(self, module, args, kwargs):
@@ -135,7 +138,8 @@ class Run:
         if not empty:
             raise ValueError("vtprune: unsupported call: a cache that vtprune did not fill, or more than one new token "
                              "per decode step (speculative / chunked decoding is not supported)")
-        self._start_generation(input_ids, kwargs.get("attention_mask"), kwargs)
+        self._start_generation(input_ids, kwargs.get("attention_mask"),
+                               {**kwargs, "generate_kwargs": self._generate_kwargs})
         self._timers["prefill"].start()
         return None
 
@@ -164,7 +168,7 @@ class Run:
         text = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)[~is_visual]
         self.gen = Generation(visual_index=visual, text_index=text.view(input_ids.shape[0], -1), valid=valid,
                               num_layers=self.dims.layers, max_new_tokens=self._max_new_tokens)
-        self.gen.visual_grid = self.adapter.visual_grid(visual, inputs)
+        self.gen.visual_grids = self.adapter.visual_grids(visual, inputs)
         self.ledger = Ledger(self.dims, self.gen.pads, input_ids.shape[1], visual.shape[1], visual.shape[2])
         self._timers = {"prefill": Timer(input_ids.device), "decode": Timer(input_ids.device)}
         self._generate_ms = None

@@ -25,7 +25,9 @@ class Generation:
         far, 1 at the first decode step), max_new_tokens (int or None),
         visual_index: LongTensor [B, I, N_v], original indices of every image's tokens,
         saliency: FloatTensor [B, I, N_v] or None (per-patch saliency from the adapter),
-        visual_grid: (rows, cols) of each image's patch grid when the adapter knows it, else None.
+        visual_grids: the :class:`~vtprune.adapters.base.PatchGrid` s that make up each image's visual
+            tokens when the adapter knows them, else None; visual_grid: (rows, cols) when that is one
+            grid covering every visual token, else None.
     """
 
     def __init__(self, *, visual_index: torch.Tensor, text_index: torch.Tensor, valid: torch.Tensor,
@@ -37,7 +39,7 @@ class Generation:
         self.prompt_length = valid.shape[1]
         self.num_layers = num_layers
         self.saliency: torch.Tensor | None = None  # set by the run before layer 0 when a method needs it
-        self.visual_grid: tuple[int, int] | None = None  # (rows, cols) of each image's patch grid, if known
+        self.visual_grids: tuple | None = None  # PatchGrids of each image's visual tokens, if known
         self.max_new_tokens = max_new_tokens
         self.pads = (~valid).sum(1).tolist()  # per-sample left padding (one host sync, prefill only)
         self.has_padding = any(self.pads)
@@ -62,6 +64,14 @@ class Generation:
         self.cache = None
 
     # ------------------------------------------------------------------ reading
+    @property
+    def visual_grid(self) -> tuple[int, int] | None:
+        """(rows, cols) when each image's visual tokens are exactly one row-major patch grid, else None."""
+        grids = self.visual_grids
+        if grids and len(grids) == 1 and grids[0].tokens == self.n_visual and not grids[0].separators:
+            return grids[0].rows, grids[0].cols
+        return None
+
     def visual_count(self, layer: int | None = None) -> int:
         """Visual tokens per image currently present: in the main path (prefill) or in the KV cache of
         ``layer`` (decode; default the current layer)."""

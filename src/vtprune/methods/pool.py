@@ -21,10 +21,22 @@ class Pool(PerImageBudget):
     those of ``adaptive_avg_pool2d``. Each pooled token takes the original position (RoPE) of the patch
     at its window's centre, so positions stay original.
 
-    Options: budget / keep_ratio (default keep_ratio 0.25). Needs the adapter's patch grid
-    (``Adapter.visual_grid``: LLaVA-1.5 and the bundled model; ValueError otherwise).
+    Images made of several grids (LLaVA-NeXT: the base tile, then the high-resolution grid whose rows
+    each end with a newline token): the budget is split over the grids in proportion to the tokens
+    each spans (each first gets the least it can be pooled to), every grid is pooled on its own, and a
+    grid with separators keeps one per pooled row (the newline closing the window's centre row, at its
+    own position and unchanged), counted in the budget, so the pooled grid keeps LLaVA-NeXT's
+    row-and-newline form.
 
-    Source: the pooling baseline of METHODS.md (Baselines); window-to-position rule reconstructed.
+    Options: budget / keep_ratio (default keep_ratio 0.25). Needs the adapter's patch grids
+    (``Adapter.visual_grids``: LLaVA-1.5, LLaVA-NeXT, Qwen2-VL / 2.5-VL, the bundled model).
+
+    Raises (at the prefill): ValueError when the visual tokens form no known grids, or the budget is
+    below the least the grids pool to (one token per grid, plus its separator).
+
+    Source: the pooling baseline of METHODS.md (Baselines); the window-to-position rule and the
+    multi-grid rule (budget split, one newline per pooled row, as LLaVA-NeXT-Video pools its
+    frames) are reconstructed.
     """
 
     name = "pool"
@@ -32,31 +44,72 @@ class Pool(PerImageBudget):
     def on_prefill_layer(self, gen) -> None:
         if gen.layer != 0 or self.keep >= gen.visual_count():
             return
-        h, w = patch_grid(gen)
-        a, b = pooled_grid(self.keep, h, w)
+        grids = patch_grids(gen)
         x = gen.visual_hidden()  # [B, I, N, d]
-        bsz, imgs, n, d = x.shape
-        grid = x.float().reshape(bsz * imgs, h, w, d).permute(0, 3, 1, 2)
-        pooled = F.adaptive_avg_pool2d(grid, (a, b)).permute(0, 2, 3, 1).reshape(bsz, imgs, a * b, d)
-        keep = window_centres(h, w, a, b).to(gen.vis.device).expand(bsz, imgs, -1)
-        gen.keep_visual(keep, pooled.to(x.dtype))
+        bsz, imgs, _, d = x.shape
+        keeps, values = [], []
+        for g, share in zip(grids, split_budget(self.keep, grids), strict=True):
+            a, b = pooled_grid(share, g.rows, g.cols, min(g.separators, 1))
+            rows, cols = torch.meshgrid(torch.arange(g.rows), torch.arange(g.cols), indexing="ij")
+            cells = x[:, :, g.token(rows, cols).flatten().to(x.device)]  # [B, I, rows * cols, d]
+            grid = cells.float().reshape(bsz * imgs, g.rows, g.cols, d).permute(0, 3, 1, 2)
+            pooled = F.adaptive_avg_pool2d(grid, (a, b)).permute(0, 2, 3, 1).reshape(bsz, imgs, a * b, d)
+            centre = window_centres(g.rows, g.cols, a, b)
+            keeps.append(g.token(centre // g.cols, centre % g.cols))
+            values.append(pooled.to(x.dtype))
+            if g.separators:  # the newline closing each pooled row's centre row
+                newline = g.token(centre[::b] // g.cols, g.cols)
+                keeps.append(newline)
+                values.append(x[:, :, newline.to(x.device)])
+        keep = torch.cat(keeps).to(gen.vis.device).expand(bsz, imgs, -1)
+        gen.keep_visual(keep, torch.cat(values, 2))
 
 
-def patch_grid(gen) -> tuple[int, int]:
-    """(rows, cols) of each image's patch grid, from the model adapter (ValueError when it has none)."""
-    if gen.visual_grid is None:
-        raise ValueError(f"pool: the model's {gen.n_visual} visual tokens per image do not form one patch grid "
-                         "(e.g. LLaVA-NeXT tiles with newline tokens); use another method")
-    return gen.visual_grid
+def patch_grids(gen) -> tuple:
+    """Each image's patch grids, from the model adapter (ValueError when it has none)."""
+    if not gen.visual_grids:
+        raise ValueError(f"pool: the model's {gen.n_visual} visual tokens per image do not form known patch grids "
+                         "(or the images of this call differ in shape); use another method")
+    return gen.visual_grids
 
 
-def pooled_grid(budget: int, h: int, w: int) -> tuple[int, int]:
-    """The pooled grid (a, b): the largest ``a * b <= budget`` with a <= h, b <= w and
-    ``(a / b) / (h / w)`` in [1/2, 2] (ties: the closer aspect, then more columns). Raises ValueError if none exists."""
+def least_pooled(g) -> int:
+    """The fewest tokens grid ``g`` pools to: the smallest ``a * (b + 1 if separators else b)`` that
+    :func:`pooled_grid` accepts."""
+    extra = min(g.separators, 1)
+    return min(a * (b + extra) for a in range(1, g.rows + 1) for b in range(1, g.cols + 1)
+               if 0.5 <= (a / b) / (g.rows / g.cols) <= 2.0)
+
+
+def split_budget(keep: int, grids) -> list[int]:
+    """Split ``keep`` tokens over ``grids``: each gets :func:`least_pooled`, the rest goes in proportion
+    to the tokens each grid spans (largest remainder; ties to the earlier grid).
+
+    Raises:
+        ValueError: ``keep`` below the sum of the grids' least pooled sizes.
+    """
+    least = [least_pooled(g) for g in grids]
+    if keep < sum(least):
+        raise ValueError(f"pool: a budget of {keep} visual tokens per image is below the {sum(least)} that this "
+                         f"image's {len(grids)} patch grid(s) pool to at least; raise the budget")
+    spare = keep - sum(least)
+    total = sum(g.tokens for g in grids)
+    exact = [Fraction(spare * g.tokens, total) for g in grids]
+    shares = [int(e) for e in exact]
+    by_remainder = sorted(range(len(grids)), key=lambda i: (-(exact[i] - shares[i]), i))
+    for i in by_remainder[: spare - sum(shares)]:
+        shares[i] += 1
+    return [lo + s for lo, s in zip(least, shares, strict=True)]
+
+
+def pooled_grid(budget: int, h: int, w: int, row_extra: int = 0) -> tuple[int, int]:
+    """The pooled grid (a, b): the largest ``a * b`` with ``a * (b + row_extra) <= budget`` (``row_extra``
+    tokens kept per pooled row, e.g. a newline), a <= h, b <= w and ``(a / b) / (h / w)`` in [1/2, 2]
+    (ties: the closer aspect, then more columns). Raises ValueError if none exists."""
     best = None
     for a in range(1, h + 1):
         for b in range(1, w + 1):
-            if a * b > budget or not (0.5 <= (a / b) / (h / w) <= 2.0):
+            if a * (b + row_extra) > budget or not (0.5 <= (a / b) / (h / w) <= 2.0):
                 continue
             aw, bh = a * w, b * h  # exact aspect distance, so ties break the same way everywhere
             key = (a * b, -Fraction(max(aw, bh), min(aw, bh)), b)
