@@ -69,6 +69,9 @@ def test_plan_cases():
                                        "st3@8", "st3@4", "st3@default"]
     assert cases[0].method is None
     assert dict(cases[2].options) == {"budget": 8} and cases[-1].options == ()
+    cases = runner.plan_cases(["st3", "st3:anneal_every=4"], [8], TINY_VISUAL, 6)  # fixed options after colons
+    assert [c.name for c in cases] == ["stock", "st3@8", "st3:anneal_every=4@8"]
+    assert dict(cases[2].options) == {"anneal_every": 4, "budget": 8} and cases[2].method == "st3"
 
 
 @pytest.mark.parametrize("methods, budgets, match", [
@@ -76,6 +79,8 @@ def test_plan_cases():
     (["fastv"], [17], r"budget 17 out of range: budgets are ints in \[1, 16\]"),
     (["parvts"], [0], r"budget 0 out of range: budgets are ints in \[1, 16\]"),
     (["st3"], [], r"method 'st3' needs at least one budget"),
+    (["st3:anneal_every=0"], [8], r"anneal_every must be an int >= 1"),
+    (["st3:every"], [8], r"expected KEY=VALUE"),
 ])
 def test_plan_cases_rejects_bad_input(methods, budgets, match):
     with pytest.raises(ValueError, match=match):

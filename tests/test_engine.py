@@ -19,6 +19,7 @@ PRUNING = [
     ("fastv", {"budget": 4}),
     ("st3", {}),
     ("st3", {"keep_ratio": 0.25, "anneal": "linear"}),
+    ("st3", {"anneal_every": 3}),
     ("parvts", {"budget": 4}),
     ("parvts", {"budget": 4, "fusion": "fixed", "alpha": 0.7, "fuse_every_layer": True}),
     ("parvts", {"budget": 5, "subject_score": "random", "fusion": "size"}),
@@ -138,6 +139,23 @@ def test_st3_pvtp_then_vta_cosine_step_by_step(model):
         assert counts[5] == math.ceil(g_min + (g[5] - g_min) * 0.5 * (1 + math.cos(math.pi * t / steps)) - 1e-9)
     fed = steps - 1
     assert run.report()["kv_cache"]["entries_per_layer"] == [s - N_VISUAL + c + fed for c in history[-1]]
+
+
+def test_st3_batched_evictions_every_k_steps_never_exceed_the_schedule(model):
+    steps, k = 12, 4
+    with vtprune.apply(model, "st3", ratio=0.3, stride=2, start_layer=1, floor_ratio=0.25, anneal_every=k) as run:
+        generate(model, batch(PROMPTS), max_new_tokens=steps)  # batched = one by one: PRUNING list
+    history = run.ledger.decode_history
+    g = schedule(N_VISUAL, 6, 0.3, 1, 2)
+    held = list(g)
+    for t, counts in enumerate(history, start=1):
+        if (t - 1) % k == 0:  # evict to the count the schedule reaches k - 1 steps later
+            held = [g[0]] + [annealed(g[layer], t + k - 1, steps, 0.25) for layer in range(1, 6)]
+        assert counts == held, f"step {t}"
+        assert all(c <= annealed(g[layer], t, steps, 0.25) for layer, c in enumerate(counts) if layer)
+    assert history[-1][5] < g[5]
+    with pytest.raises(ValueError, match="anneal_every must be an int >= 1"):
+        vtprune.apply(model, "st3", anneal_every=0)
 
 
 def test_st3_target_budget_solves_ratio(model):
@@ -376,7 +394,8 @@ def test_hand_written_decode_loop_without_position_ids_matches_generate(model):
     assert torch.equal(torch.stack(tokens, 1), expected)
 
 
-def test_st3_decode_scores_only_before_an_eviction(model, monkeypatch):
+@pytest.mark.parametrize("every", [1, 3])
+def test_st3_decode_scores_only_before_an_eviction(model, monkeypatch, every):
     from vtprune.engine import scoring
 
     calls = []
@@ -387,7 +406,7 @@ def test_st3_decode_scores_only_before_an_eviction(model, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(scoring, "row_logits", counting)
-    run = vtprune.apply(model, "st3", ratio=0.3, stride=2, start_layer=1, floor_ratio=0.25)
+    run = vtprune.apply(model, "st3", ratio=0.3, stride=2, start_layer=1, floor_ratio=0.25, anneal_every=every)
     with run:
         generate(model, batch(PROMPTS[:1]), max_new_tokens=12)
     history = [run.report()["samples"][0]["visual_tokens_per_layer_prefill"]] + run.ledger.decode_history

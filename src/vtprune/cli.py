@@ -168,7 +168,8 @@ def add_bench_parser(sub) -> None:
     src.add_argument("--arch", default=None,
                      help=f"build this architecture with random weights (no download): {', '.join(ARCHS)}")
     b.add_argument("--methods", type=parse_list(str), default=list(DEFAULT_METHODS),
-                   help=f"comma-separated methods (default {','.join(DEFAULT_METHODS)}); the stock model always runs")
+                   help=f"comma-separated methods (default {','.join(DEFAULT_METHODS)}), each optionally with fixed "
+                        "options after colons (st3:anneal_every=4); the stock model always runs")
     b.add_argument("--budgets", type=parse_list(_budget), default=list(DEFAULT_BUDGETS),
                    help="comma-separated visual tokens kept per image, or 'default' for each method's own defaults "
                         f"(default {','.join(map(str, DEFAULT_BUDGETS))})")

@@ -96,7 +96,7 @@ class Case:
 
     name: str
     method: str | None
-    options: tuple[tuple[str, int], ...] = ()
+    options: tuple[tuple[str, object], ...] = ()
 
 
 def _method_names() -> list[str]:
@@ -106,11 +106,12 @@ def _method_names() -> list[str]:
 
 
 def check_methods(methods) -> None:
-    """Raise ValueError naming the accepted methods if one of ``methods`` is unknown."""
-    accepted = _method_names()
-    for name in methods:
-        if str(name).strip().lower() not in accepted:
-            raise ValueError(f"unknown method {name!r}; accepted: {', '.join(accepted)}")
+    """Raise ValueError naming the accepted methods if one of ``methods`` is unknown (a method may carry
+    fixed options, ``"st3:anneal_every=4"``: :func:`vtprune.methods.parse_method_label`)."""
+    from vtprune.methods import parse_method_label
+
+    for label in methods:
+        parse_method_label(label)
 
 
 def plan_cases(methods, budgets, n_visual: int, num_layers: int) -> list[Case]:
@@ -125,15 +126,16 @@ def plan_cases(methods, budgets, n_visual: int, num_layers: int) -> list[Case]:
             budget / option out of range for this model (the method's own message, naming the range).
     """
     import vtprune
+    from vtprune.methods import parse_method_label
 
-    check_methods(methods)
     cases = [Case(STOCK, None)]
     seen = set()
-    for name in methods:
-        name = str(name).strip().lower()
-        if name in seen:
+    for label in methods:
+        label = str(label).strip().lower()
+        name, fixed = parse_method_label(label)
+        if label in seen:
             continue
-        seen.add(name)
+        seen.add(label)
         if name == "none":
             cases.append(Case("none", "none"))
             continue
@@ -143,11 +145,11 @@ def plan_cases(methods, budgets, n_visual: int, num_layers: int) -> list[Case]:
             if b != DEFAULT and (isinstance(b, bool) or not isinstance(b, int) or not (1 <= b <= n_visual)):
                 raise ValueError(f"budget {b!r} out of range: budgets are ints in [1, {n_visual}] "
                                  f"(visual tokens per image of this model) or {DEFAULT!r} (the method's defaults)")
-            options = () if b == DEFAULT else (("budget", b),)
+            options = tuple(sorted({**fixed, **({} if b == DEFAULT else {"budget": b})}.items()))
             method = vtprune.make_method(name, **dict(options))
             method.validate(num_layers)
             method.check_visual(n_visual)
-            cases.append(Case(f"{name}@{b}", name, options))
+            cases.append(Case(f"{label}@{b}", name, options))
     return cases
 
 

@@ -69,19 +69,15 @@ def conditions(methods: Iterable[str], budgets: Iterable[str | int | float]) -> 
     Raises:
         ValueError: an unknown method (naming the accepted ones) or a malformed budget.
     """
-    import vtprune
-    from vtprune.methods import parse_option
+    from vtprune.methods import parse_method_label
 
     parsed = [parse_budget(b) for b in budgets]
     out = [Condition(*REFERENCE)]
     for spec in methods:
         label = str(spec).strip().lower()
-        name, *extra = label.split(":")
-        if name not in vtprune.METHODS:
-            raise ValueError(f"unknown method {name!r}; accepted: {', '.join(sorted(vtprune.METHODS))}")
+        name, fixed = parse_method_label(label)
         if name == "none":
             continue
-        fixed = dict(parse_option(e) for e in extra)
         for budget, opts in parsed:
             out.append(Condition(label, budget, tuple(sorted({**fixed, **opts}.items()))))
     return out

@@ -70,5 +70,19 @@ def parse_option(text: str) -> tuple[str, bool | int | float | str | list]:
     return key, parse_value(value)
 
 
-__all__ = ["parse_value", "parse_option", "METHODS", "Method", "make_method", "NoPruning", "ParVTS", "ST3", "FastV", "VTW", "PDrop", "VisionZip",
+def parse_method_label(label: str) -> tuple[str, dict]:
+    """Split a method label with fixed options, ``"st3:anneal_every=4"`` or
+    ``"parvts:fusion=fixed:alpha=0.7"``, into ``(name, options)``; the name is lower-cased.
+
+    Raises:
+        ValueError: an unknown method (naming the accepted ones) or a malformed ``KEY=VALUE``.
+    """
+    name, *extra = str(label).strip().split(":")
+    name = name.strip().lower()
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; accepted: {', '.join(sorted(METHODS))}")
+    return name, dict(parse_option(e) for e in extra)
+
+
+__all__ = ["parse_value", "parse_option", "parse_method_label", "METHODS", "Method", "make_method", "NoPruning", "ParVTS", "ST3", "FastV", "VTW", "PDrop", "VisionZip",
            "RandomSubset", "Pool"]

@@ -25,15 +25,20 @@ class ST3(Method):
     ``G(l,t) = G_min(l) + (G(l) - G_min(l)) * 0.5 * (1 + cos(pi * min(t, T) / T))`` visual entries in its
     KV cache (rounded up), ``G(l)`` from PVTP, ``G_min(l) = ceil(floor_ratio * G(l))``, evicting the
     lowest-scored by the current token's attention at layer l-1. Text, prefix and generated tokens
-    are never evicted.
+    are never evicted. With ``anneal_every = k > 1`` the evictions are batched: they happen only at
+    steps t = 1, 1 + k, 1 + 2k, ..., each evicting down to ``G(l, t + k - 1)``, the count the schedule
+    reaches by the end of the interval; so a layer never holds more than ``G(l, t)``, and scoring and
+    cache copies run k times less often (fewer small kernels per decode step).
 
     Options: ratio (R, default 0.2), stride (S, 2), start_layer (2), budget / keep_ratio (solve R),
     anneal ("cosine" | "linear" | "none", default "cosine"), anneal_steps (T; default None =
-    ``max_new_tokens`` of the generate call), floor_ratio (0.1).
+    ``max_new_tokens`` of the generate call), floor_ratio (0.1), anneal_every (k, decode steps between
+    evictions, default 1: every step, as the paper).
 
     Source: ST³ paper (PVTP, VTA, cosine decay, lazy layers, QK heredity: abstract and figure
     captions); scores, schedule, rounding and T are reconstructed (METHODS.md, ST³). Layer 0 is never
-    annealed: it has no previous layer to be scored by (reconstructed).
+    annealed: it has no previous layer to be scored by (reconstructed). ``anneal_every`` is this
+    project's speed option (issue: VTA evictions batched), not the paper's.
     """
 
     name = "st3"
@@ -45,6 +50,7 @@ class ST3(Method):
     anneal: str = "cosine"
     anneal_steps: int | None = None
     floor_ratio: float = 0.1
+    anneal_every: int = 1
 
     def validate(self, num_layers: int) -> None:
         self.num_layers = num_layers
@@ -58,6 +64,8 @@ class ST3(Method):
         check_choice(self.name, "anneal", self.anneal, ("cosine", "linear", "none"))
         if self.anneal_steps is not None and (not isinstance(self.anneal_steps, int) or self.anneal_steps < 1):
             raise ValueError(f"st3: anneal_steps must be an int >= 1 or None, got {self.anneal_steps!r}")
+        if isinstance(self.anneal_every, bool) or not isinstance(self.anneal_every, int) or self.anneal_every < 1:
+            raise ValueError(f"st3: anneal_every must be an int >= 1 (decode steps between evictions), got {self.anneal_every!r}")
         if not (0.0 <= self.floor_ratio <= 1.0):
             raise ValueError(f"st3: floor_ratio must be in [0, 1], got {self.floor_ratio!r}")
 
@@ -93,11 +101,16 @@ class ST3(Method):
             gen.keep_visual(torch.topk(gen.visual_attention(layer - 1), target, dim=-1).indices)
 
     def _decode_target(self, gen, layer: int) -> int:
-        """VTA: visual entries per image ``layer`` keeps at the current decode step."""
+        """VTA: visual entries per image ``layer`` keeps at the current decode step (with
+        ``anneal_every = k``: what it holds, except at eviction steps 1, 1 + k, ..., where it is the
+        schedule's count k - 1 steps ahead)."""
         steps = self.anneal_steps or gen.max_new_tokens
         if not steps:
             raise ValueError("st3: annealing needs the number of new tokens: call generate(max_new_tokens=...) or set anneal_steps")
-        return annealed(self.G[layer], gen.step, steps, self.floor_ratio, self.anneal)
+        k = self.anneal_every
+        if (gen.step - 1) % k:
+            return gen.visual_count(layer)
+        return annealed(self.G[layer], gen.step + k - 1, steps, self.floor_ratio, self.anneal)
 
     def pruning_layers(self) -> range:
         return range(self.start_layer, self.num_layers, self.stride)
