@@ -312,18 +312,38 @@ def test_two_adjacent_images_each_pruned_separately(model):
     assert torch.equal(run.gen.cache_vis[5], torch.gather(run.gen.visual_index, 2, top))
 
 
-@pytest.mark.parametrize("layout", ["one prompt", "one batch"])
-def test_images_of_different_sizes_together_raise(model, layout):
-    if layout == "one prompt":
-        x = inputs([prompt(2, 3, 5, images=2)], [[SIZE, (16, 64)]])
-        expected = r"mismatched images.*\[\[52, 34\]\]"
-    else:
-        x = inputs([prompt(2, 3, 5), prompt(4, 6, 6)], [[SIZE], [(16, 64)]])
-        expected = r"mismatched images.*\[\[52\], \[34\]\]"
-    with pytest.raises(ValueError, match=expected):
+def test_images_of_different_sizes_in_one_prompt_raise(model):
+    x = inputs([prompt(2, 3, 5, images=2)], [[SIZE, (16, 64)]])
+    with pytest.raises(ValueError, match=r"mismatched images.*\[\[52, 34\]\]"):
         with vtprune.apply(model, "fastv", budget=4):
             generate(model, x, max_new_tokens=2)
     assert "get_image_features" not in model.model.__dict__
+
+
+MIXED = [[SIZE], [(16, 64)], [SIZE], [(64, 48)]]  # 52, 34, 52, 72 visual tokens
+
+
+@pytest.mark.parametrize("method,opts", [("fastv", {"keep_ratio": 0.25}), ("parvts", {"budget": 8}), ("st3", {}),
+                                         ("pool", {"keep_ratio": 0.25}), ("none", {})])
+def test_a_batch_of_mixed_image_sizes_runs_as_groups_and_equals_one_by_one(model, method, opts):
+    prompts = [prompt(2 + b, 3 + 2 * b, 20 + b) for b in range(len(MIXED))]
+    x = inputs(prompts, MIXED)
+    with vtprune.apply(model, method, **opts) as run:
+        together = generate(model, x, max_new_tokens=4)
+        report = run.report()
+        assert [s["visual_tokens_in"] for s in report["samples"]] == [52, 34, 52, 72]
+        assert report["timing"]["groups"] == [[0, 2], [1], [3]]
+        for b in range(len(MIXED)):
+            one = inputs([prompts[b]], [MIXED[b]], seed=10 * b)  # the same image as in the batch
+            assert torch.equal(generate(model, one, max_new_tokens=4)[0], together[b]), f"sample {b}"
+    if method == "none":  # the stock model batches mixed sizes itself: the groups give its output
+        assert torch.equal(generate(model, x, max_new_tokens=4), together)
+    full = vtprune.apply(model, method, **opts)
+    with full:
+        out = model.generate(**x, do_sample=False, max_new_tokens=4)
+    assert torch.equal(out[:, :x["input_ids"].shape[1]], x["input_ids"])  # the caller's prompt, then new tokens
+    with pytest.raises(ValueError, match="return_dict_in_generate is not supported"), full:
+        model.generate(**x, do_sample=False, max_new_tokens=2, return_dict_in_generate=True)
 
 
 @pytest.mark.parametrize("method", ["fastv", "parvts"])

@@ -131,10 +131,39 @@ class Adapter:
         """
         return visual_spans(input_ids, self.image_token_id, self.tokens_per_image())
 
+    def batch_groups(self, input_ids: torch.Tensor, inputs: dict) -> list[list[int]] | None:
+        """For a ``generate`` call (``inputs``: its keyword arguments): the samples grouped so that each
+        group holds the same number of images and visual tokens per image (the engine then runs one
+        ``generate`` per group and merges the outputs), or None when the batch needs no split. Default
+        None: families whose token count per image is fixed by the config."""
+        return None
+
+    def select_samples(self, inputs: dict, samples: list[int]) -> dict:
+        """``inputs`` (a ``generate`` call's keyword arguments) restricted to ``samples`` (see
+        :meth:`batch_groups`). Default: every tensor whose first dimension is the batch, by sample."""
+        return select_rows(inputs, samples, {})
+
     def attach_saliency(self, sink: Callable[[torch.Tensor], None]) -> list:
         """Register hooks that call ``sink(saliency)`` during the vision forward, with saliency a
         FloatTensor [n_images, N_v] (images in the order of ``pixel_values``). Returns the handles."""
         raise ValueError(f"{type(self).__name__} provides no visual saliency; choose a method option that needs none")
+
+
+def select_rows(inputs: dict, samples: list[int], by: dict[str, torch.Tensor]) -> dict:
+    """Keyword arguments of a ``generate`` call for ``samples`` only: the keys in ``by`` indexed by their
+    own row indices, every other tensor whose first dimension is the batch (that of ``input_ids``) by
+    ``samples``, anything else unchanged."""
+    batch = inputs["input_ids"].shape[0]
+    index = torch.tensor(samples)
+    out = {}
+    for key, value in inputs.items():
+        if key in by and torch.is_tensor(value):
+            out[key] = value[by[key].to(value.device)]
+        elif torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == batch:
+            out[key] = value[index.to(value.device)]
+        else:
+            out[key] = value
+    return out
 
 
 def visual_spans(input_ids: torch.Tensor, image_token_id: int, per_image: int | None = None) -> torch.Tensor:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-from vtprune.adapters.base import PatchGrid, register_adapter, visual_spans
+from vtprune.adapters.base import PatchGrid, register_adapter, select_rows, visual_spans
 from vtprune.adapters.llava import LlavaAdapter
 
 NEWLINE = -1  # marks an ``image_newline`` token in a packing map
@@ -35,11 +35,12 @@ class LlavaNextAdapter(LlavaAdapter):
     keeps them, so those answers are inherited from :class:`LlavaAdapter`).
 
     Visual tokens per image: not fixed by the config (:meth:`tokens_per_image` is None); they follow
-    each image's size. vtprune needs, within one batch, the same number of images per sample and the
-    same number of visual tokens per image, so images in one batch (and two images in one prompt) must
-    give equal token counts, in practice equal sizes (or sizes that select the same grid and unpad
-    alike); otherwise :meth:`visual_index` raises ValueError. Budgets are per image (``budget`` tokens)
-    or a ``keep_ratio`` resolved per call, as ``ceil(keep_ratio * N_v)`` of that call's images.
+    each image's size. vtprune schedules a batch with the same number of images per sample and the
+    same number of visual tokens per image: :meth:`batch_groups` splits a ``generate`` batch of mixed
+    sizes into groups that satisfy this (:mod:`vtprune.engine.groups` runs and merges them); two images
+    of different counts in one prompt, or a mixed batch in a direct forward, make :meth:`visual_index`
+    raise ValueError. Budgets are per image (``budget`` tokens) or a ``keep_ratio`` resolved per call,
+    as ``ceil(keep_ratio * N_v)`` of that call's images.
 
     Saliency (``attach_saliency``): for every tile (the tower runs all tiles of all images as one batch)
     the [CLS] query attention to each patch in the encoder layer whose output LLaVA-NeXT projects
@@ -200,6 +201,35 @@ class LlavaNextAdapter(LlavaAdapter):
             return visual_spans(input_ids, self.image_token_id)
         return split_images(input_ids, self.image_token_id, counts)
 
+    # ------------------------------------------------------------------ batches of mixed image sizes
+    image_inputs = ("pixel_values", "image_sizes")
+
+    def batch_groups(self, input_ids: torch.Tensor, inputs: dict) -> list[list[int]] | None:
+        """Samples of a ``generate`` call grouped by their images' token counts (each group runs as one
+        batch), or None when every sample has the same counts, or the call carries no ``image_sizes``.
+
+        Raises:
+            ValueError: as :func:`images_per_sample`.
+        """
+        if inputs.get("image_sizes") is None or inputs.get("pixel_values") is None:
+            return None
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for b, counts in enumerate(self._per_sample(input_ids, inputs)):
+            groups.setdefault(tuple(counts), []).append(b)
+        return list(groups.values()) if len(groups) > 1 else None
+
+    def _per_sample(self, input_ids: torch.Tensor, inputs: dict) -> list[list[int]]:
+        counts = [self.packing(s)[0].numel() for s in inputs["image_sizes"]]
+        return images_per_sample(input_ids, self.image_token_id, counts)
+
+    def select_samples(self, inputs: dict, samples: list[int]) -> dict:
+        """``inputs`` (a ``generate`` call's keyword arguments) restricted to ``samples``: per-sample tensors
+        by sample, ``pixel_values`` / ``image_sizes`` by those samples' images (after :meth:`batch_groups`)."""
+        per_sample = self._per_sample(inputs["input_ids"], inputs)
+        owner = [b for b, images in enumerate(per_sample) for _ in images]
+        images = torch.tensor([i for i, b in enumerate(owner) if b in set(samples)])
+        return select_rows(inputs, samples, {k: images for k in self.image_inputs})
+
     # ------------------------------------------------------------------ saliency
     def attach_saliency(self, sink: Callable[[torch.Tensor], None]) -> list:
         """Register what calls ``sink(saliency)`` once per image of each vision forward, with saliency a
@@ -276,13 +306,29 @@ def split_images(input_ids: torch.Tensor, image_token_id: int, counts: list[int]
         LongTensor [B, I, N_v] as :func:`vtprune.adapters.base.visual_spans`.
 
     Raises:
-        ValueError: the image tokens do not add up to ``counts`` or an image would straddle two runs
-            of image tokens ("disagree"); images of different token counts, or different numbers of
-            images per sample ("mismatched images"); a sample without image tokens.
+        ValueError: as :func:`images_per_sample`; images of different token counts, or different
+            numbers of images per sample ("mismatched images").
+    """
+    per_sample = images_per_sample(input_ids, image_token_id, counts)
+    sizes = {c for mine in per_sample for c in mine}
+    if len(sizes) != 1 or any(len(m) != len(per_sample[0]) for m in per_sample):
+        raise ValueError("mismatched images: vtprune needs every image of a prompt to give the same number of visual "
+                         "tokens and every sample the same number of images; LLaVA-NeXT's count follows the image "
+                         f"size; got visual tokens per image per sample {per_sample}")
+    return visual_spans(input_ids, image_token_id, sizes.pop())
+
+
+def images_per_sample(input_ids: torch.Tensor, image_token_id: int, counts: list[int]) -> list[list[int]]:
+    """The token counts of each sample's images: ``counts`` (every image of the batch, sample-major)
+    dealt over the samples' runs of image tokens.
+
+    Raises:
+        ValueError: a sample without image tokens; image tokens that do not add up to ``counts``, or an
+            image that would straddle two runs ("disagree").
     """
     is_image = (input_ids == image_token_id).cpu()
     if not bool(is_image.any(1).all()):
-        return visual_spans(input_ids, image_token_id)  # raises its "no image tokens" error
+        visual_spans(input_ids, image_token_id)  # raises its "no image tokens" error
     total = int(is_image.sum())
     if total != sum(counts):
         raise ValueError(f"LLaVA-NeXT image tokens disagree with the images: input_ids hold {total} tokens "
@@ -302,12 +348,7 @@ def split_images(input_ids: torch.Tensor, image_token_id: int, counts: list[int]
                 left -= queue[0]
                 mine.append(queue.pop(0))
         per_sample.append(mine)
-    sizes = {c for mine in per_sample for c in mine}
-    if len(sizes) != 1 or any(len(m) != len(per_sample[0]) for m in per_sample):
-        raise ValueError("mismatched images: vtprune needs every image of a batch (and of a prompt) to give the same "
-                         "number of visual tokens and every sample the same number of images; LLaVA-NeXT's count "
-                         f"follows the image size; got visual tokens per image per sample {per_sample}")
-    return visual_spans(input_ids, image_token_id, sizes.pop())
+    return per_sample
 
 
 class InstanceOverride:

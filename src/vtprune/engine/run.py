@@ -17,6 +17,7 @@ import torch
 
 from vtprune.adapters import adapter_for
 from vtprune.engine import scoring
+from vtprune.engine.groups import generate_in_groups, merge_reports
 from vtprune.engine.layout import PAD, Layout, build_mask, gather_position_embeddings, gather_tokens
 from vtprune.engine.ledger import Dims, Ledger, Timer
 from vtprune.engine.state import Generation
@@ -46,6 +47,7 @@ class Run:
         self._max_new_tokens: int | None = None
         self._generate_ms: float | None = None
         self._generate_kwargs: dict = {}  # of the generate call in progress (adapters read e.g. image_sizes)
+        self._group_report: dict | None = None  # the merged report of a batch that ran as groups
 
     # ------------------------------------------------------------------ attach / detach
     def attach(self) -> Run:
@@ -104,6 +106,34 @@ class Run:
 
     # ------------------------------------------------------------------ generate wrapper
     def _generate(self, *args, **kwargs):
+        self._group_report = None
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        groups = self.adapter.batch_groups(ids, {**kwargs, "input_ids": ids}) if torch.is_tensor(ids) else None
+        if not groups:
+            return self._generate_batch(*args, **kwargs)
+        if len(args) > 1:
+            raise ValueError("vtprune: pass generate's arguments after input_ids by keyword")
+        kwargs = {**kwargs, "input_ids": ids}
+        reports = []
+
+        def one_group(**sub):
+            out = self._generate_batch(**sub)
+            reports.append(self.report())
+            return out
+
+        merged, outs = generate_in_groups(one_group, self.adapter, groups, kwargs, self._pad_token_id(kwargs))
+        self._group_report = merge_reports([(g, r) for (g, _), r in zip(outs, reports, strict=True)], ids.shape[0])
+        return merged
+
+    def _pad_token_id(self, kwargs) -> int:
+        cfg = kwargs.get("generation_config") or self.model.generation_config
+        pad = kwargs.get("pad_token_id", getattr(cfg, "pad_token_id", None))
+        if pad is None:
+            eos = kwargs.get("eos_token_id", getattr(cfg, "eos_token_id", None))
+            pad = eos[0] if isinstance(eos, list | tuple) and eos else eos
+        return 0 if pad is None else int(pad)
+
+    def _generate_batch(self, *args, **kwargs):
         cfg = kwargs.get("generation_config") or self.model.generation_config
         self._max_new_tokens = kwargs.get("max_new_tokens") or getattr(cfg, "max_new_tokens", None)
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -159,6 +189,7 @@ class Run:
         return args, kwargs
 
     def _start_generation(self, input_ids, attention_mask, inputs: dict) -> None:
+        self._group_report = None
         visual = self.adapter.visual_index(input_ids, inputs)
         self.method.check_visual(visual.shape[-1])
         valid = (attention_mask.bool() if attention_mask is not None
@@ -357,8 +388,12 @@ class Run:
         decode for this run and for the unpruned model in both conventions (see ``engine/ledger.py``),
         KV-cache bytes at the end vs unpruned), ``kv_cache`` (bytes measured on the batch's cache
         tensors vs the unpruned size), ``timing`` (prefill ms = vision encoder + prefill, decode ms
-        per token, end-to-end ms, new tokens). Raises RuntimeError before any generation.
+        per token, end-to-end ms, new tokens). A batch that ran as groups of alike samples
+        (:mod:`vtprune.engine.groups`) gets the groups' reports merged
+        (:func:`~vtprune.engine.groups.merge_reports`). Raises RuntimeError before any generation.
         """
+        if self._group_report is not None:
+            return self._group_report
         if self.gen is None:
             raise RuntimeError("no generation has run under this vtprune run yet")
         gen, dims = self.gen, self.dims

@@ -1,0 +1,90 @@
+"""Batches whose samples differ in visual tokens: one ``generate`` per group of alike samples, merged.
+
+The engine schedules a batch as ``[B, I, N_v]`` visual tokens: every sample with the same number of
+images and of visual tokens per image. LLaVA-NeXT's count follows each image's size, so a batch of
+mixed sizes is split by the adapter (``Adapter.batch_groups``) into groups that satisfy this; each
+group runs as one ``generate`` (its own left padding trimmed), and the outputs are merged back into
+the caller's order: the caller's ``input_ids`` followed by each row's new tokens, right-padded with the
+pad token where a group stopped earlier. Greedy outputs therefore equal one-by-one generation (tested);
+the groups run one after the other, so a mixed batch is slower than a uniform one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def generate_in_groups(generate: Callable, adapter, groups: list[list[int]], kwargs: dict, pad_token_id: int):
+    """Run ``generate(**sub_kwargs)`` for each group of samples and merge the sequences.
+
+    Args:
+        generate: the stock ``generate`` (with the engine's hooks attached).
+        adapter: the model's adapter (``select_samples``).
+        groups: sample indices per group, covering ``range(B)``.
+        kwargs: the caller's keyword arguments (``input_ids`` [B, S] among them).
+        pad_token_id: fills the rows of groups that stopped before the longest.
+
+    Returns:
+        (LongTensor [B * R, S + T] with R the sequences per sample (``num_return_sequences``) and T the
+        most new tokens of any group, list of (group, its ``generate`` output) in run order).
+
+    Raises:
+        ValueError: ``return_dict_in_generate`` (the merged output is a tensor of sequences only).
+    """
+    if kwargs.get("return_dict_in_generate") or getattr(kwargs.get("generation_config"), "return_dict_in_generate", False):
+        raise ValueError("a batch whose images give different numbers of visual tokens runs as several generate calls; "
+                         "return_dict_in_generate is not supported then: batch images of one size together")
+    input_ids = kwargs["input_ids"]
+    batch, length = input_ids.shape
+    outputs = []
+    for samples in groups:
+        sub = trim_left_padding(adapter.select_samples(kwargs, samples))
+        outputs.append((samples, sub["input_ids"].shape[1], generate(**sub)))
+    rows = outputs[0][2].shape[0] // len(outputs[0][0])  # sequences per sample
+    new = max(out.shape[1] - prompt for _, prompt, out in outputs)
+    merged = torch.full((batch * rows, length + new), pad_token_id, dtype=input_ids.dtype, device=input_ids.device)
+    merged[:, :length] = input_ids.repeat_interleave(rows, dim=0)
+    for samples, prompt, out in outputs:
+        index = torch.tensor([b * rows + r for b in samples for r in range(rows)], device=merged.device)
+        merged[index, length:length + out.shape[1] - prompt] = out[:, prompt:].to(merged.device)
+    return merged, [(samples, out) for samples, _, out in outputs]
+
+
+def trim_left_padding(kwargs: dict) -> dict:
+    """Drop the columns every row pads (``attention_mask`` 0) from ``input_ids`` / ``attention_mask``."""
+    mask = kwargs.get("attention_mask")
+    if mask is None:
+        return kwargs
+    used = mask.bool().any(0).nonzero()
+    first = int(used[0]) if used.numel() else 0
+    if first == 0:
+        return kwargs
+    return {**kwargs, "input_ids": kwargs["input_ids"][:, first:], "attention_mask": mask[:, first:]}
+
+
+def merge_reports(reports: list[tuple[list[int], dict]], batch: int) -> dict:
+    """One report for a batch that ran as groups: ``samples`` back in the caller's order, KV bytes
+    summed, ``entries_per_layer`` per group (``entries_per_layer_by_group``), timings summed (decode
+    ms per token: the mean over groups, weighted by their decode steps)."""
+    first = reports[0][1]
+    samples: list = [None] * batch
+    for group, rep in reports:
+        for b, s in zip(group, rep["samples"], strict=True):
+            samples[b] = s
+    kv = {key: sum(r["kv_cache"][key] for _, r in reports) for key in ("bytes", "bytes_unpruned")}
+    kv["ratio"] = kv["bytes"] / kv["bytes_unpruned"] if kv["bytes_unpruned"] else 1.0
+    kv["entries_per_layer_by_group"] = [r["kv_cache"]["entries_per_layer"] for _, r in reports]
+    decode = [(r["timing"]["decode_ms_per_token"], r["timing"]["new_tokens"] - 1) for _, r in reports
+              if r["timing"]["decode_ms_per_token"] is not None]
+    steps = sum(n for _, n in decode)
+    timing = {
+        "prefill_ms": sum(r["timing"]["prefill_ms"] for _, r in reports),
+        "decode_ms_per_token": sum(ms * n for ms, n in decode) / steps if steps else None,
+        "end_to_end_ms": sum(r["timing"]["end_to_end_ms"] for _, r in reports),
+        "new_tokens": max(r["timing"]["new_tokens"] for _, r in reports),
+        "device": first["timing"]["device"],
+        "groups": [group for group, _ in reports],
+    }
+    return {"method": first["method"], "options": first["options"], "samples": samples, "kv_cache": kv, "timing": timing}
