@@ -12,6 +12,9 @@ Data
     Train questions: "Is there a {label} in the image?" -> "Yes" / "No" (negatives: a random other
     train label, balanced 50/50) and "What is in the image?" -> "{label}".
   * easy-VQA train questions (PyPI ``easy_vqa``) on the images whose features were precomputed.
+  * scenes (``vtprune.eval.scenes``) train-split questions about the subject, the background and the
+    shapes at the edges (4th ``--mix`` weight; features from ``prepare_projector_data.py --scenes``);
+    the test split's yes/no questions are the scene checks (``--scene-eval N`` per kind).
 
 Initialisation (``--init classifier``): the projector starts as "posterior -> expected label word
 embedding": linear_1 = [0 | L^T] with bias +c, linear_2 = I with bias -c (c = 5, where GELU(z) = z to
@@ -42,7 +45,14 @@ Usage::
     python scripts/train_projector.py $COMMON --steps 60 --mix 1,0,0 --trainable posterior-bias \
         --resume /tmp/s2/projector.safetensors --out /tmp/s3
     python scripts/train_projector.py $COMMON --steps 400 --time-budget 1260 --mix 1,0,0 \
-        --trainable posterior-bias --resume /tmp/s3/projector.safetensors    # writes projector/
+        --trainable posterior-bias --resume /tmp/s3/projector.safetensors --out /tmp/s4
+    # stage 5b (the committed weights): token dropout, and the answer token's cross-entropy beside the
+    # margin so that greedy decoding answers Yes / No (stopped by its time budget after 59 steps)
+    python scripts/train_projector.py --batch 8 --lr 1e-3 --schedule constant --skip-init-eval --steps 59 \
+        --mix 1,0,0 --trainable posterior-bias --yesno-loss bce+ce --drop-frac 0.5 --drop-keep 98,49,24,12 \
+        --eval-keep 196,24 --resume /tmp/s4/projector.safetensors    # writes projector/
+    # scenes (tried, not adopted: projector/RECORD.md): features, then --mix 0.5,0,0,0.5 --trainable linear1
+    python scripts/prepare_projector_data.py --scenes
 """
 
 from __future__ import annotations
@@ -139,38 +149,68 @@ def tower_tokens(model, feats):
     return torch.cat([feats, class_posterior(tower, feats)], dim=-1)
 
 
-def forward(model, ids, att, feats, logits_to_keep=0):
+def subset_tokens(feats, k, generator=None):
+    """A random subset of ``k`` of the N tower tokens of each row, in grid order: the training view of a
+    pruned image.  ``feats`` [B, N, C] -> (``[B, k, C]``, original token indices ``[B, k]``)."""
+    b, n, _ = feats.shape
+    idx = torch.stack([torch.randperm(n, generator=generator)[:k].sort().values for _ in range(b)])
+    return torch.gather(feats, 1, idx.unsqueeze(-1).expand(-1, -1, feats.shape[-1])), idx
+
+
+def positions(ids, att, image_token_id, token_idx=None, n_tokens=NUM_IMAGE_TOKENS):
+    """Position ids of left-padded rows; with ``token_idx`` [B, k] (the kept tokens' original indices) the
+    kept image tokens sit at their original positions and the text after them where it was with all
+    ``n_tokens`` present, as vtprune's engine keeps them after pruning."""
+    pos = (att.cumsum(-1) - 1).clamp(min=0)
+    if token_idx is None:
+        return pos
+    is_img = ids == image_token_id
+    k = token_idx.shape[1]
+    extra = torch.zeros_like(pos)
+    extra[is_img] = (token_idx - torch.arange(k)).reshape(-1)
+    after = (is_img.cumsum(-1) == k) & ~is_img
+    extra[after] = n_tokens - k
+    return pos + extra
+
+
+def forward(model, ids, att, feats, logits_to_keep=0, token_idx=None):
     """Stock Llava forward path with precomputed feature-map tokens ``feats`` [B, N, 1280].
 
-    ``logits_to_keep=k > 0`` computes the LM-head logits of the last k positions only."""
+    ``logits_to_keep=k > 0`` computes the LM-head logits of the last k positions only; ``token_idx``
+    [B, N]: the tokens are a subset, at these original indices (see ``positions``)."""
     emb = model.get_input_embeddings()(ids)
     img = model.model.multi_modal_projector(tower_tokens(model, feats.float()).to(emb.dtype))
     mask = (ids == model.config.image_token_id).unsqueeze(-1).expand_as(emb)
     emb = emb.masked_scatter(mask, img.reshape(-1, img.shape[-1]).to(emb.dtype))
-    pos = (att.cumsum(-1) - 1).clamp(min=0)
+    pos = positions(ids, att, model.config.image_token_id, token_idx)
     return model(inputs_embeds=emb, attention_mask=att, position_ids=pos, use_cache=False,
                  logits_to_keep=logits_to_keep)
 
 
-def training_loss(model, enc, batch, feats, pad_id, yes_id, no_id, yesno_loss="bce"):
+def training_loss(model, enc, batch, feats, pad_id, yes_id, no_id, yesno_loss="bce", token_idx=None):
     """Mean loss over a batch of (key, question, answer).
 
     With ``yesno_loss="bce"`` a yes/no question contributes binary cross-entropy on
     ``logit(Yes) - logit(No)`` at the answer position (only the decision is trained, not the rest of
-    the vocabulary); every other question contributes its answer tokens' cross-entropy.
+    the vocabulary); ``"bce+ce"`` adds the answer token's cross-entropy over the vocabulary (so that
+    greedy decoding answers Yes / No); every other question contributes its answer tokens' cross-entropy.
     """
-    is_yn = [yesno_loss == "bce" and a in (YES, NO) for _, _, a in batch]
+    is_yn = [yesno_loss in ("bce", "bce+ce") and a in (YES, NO) for _, _, a in batch]
     ids, att, lab = make_batch(enc, [(k, q, None if yn else a) for (k, q, a), yn in zip(batch, is_yn, strict=True)],
                                pad_id, feats.shape[1])
     # rows are left-padded, so every answer lies in the last (longest answer + 1) positions
     keep = 1 + max([len(enc.answer_ids(a)) for (_, _, a), yn in zip(batch, is_yn, strict=True) if not yn] or [0])
-    logits = forward(model, ids, att, feats, logits_to_keep=keep).logits  # [B, keep, vocab]
+    logits = forward(model, ids, att, feats, logits_to_keep=keep, token_idx=token_idx).logits  # [B, keep, vocab]
     lab = lab[:, lab.shape[1] - keep + 1 :]  # targets of the first keep - 1 kept positions
     per_item = []
     for b, ((_, _, a), yn) in enumerate(zip(batch, is_yn, strict=True)):
         if yn:  # the prompt ends the row: its last position predicts the answer
             d = logits[b, -1, yes_id] - logits[b, -1, no_id]
-            per_item.append(torch.nn.functional.binary_cross_entropy_with_logits(d, d.new_tensor(float(a == YES))))
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(d, d.new_tensor(float(a == YES)))
+            if yesno_loss == "bce+ce":  # and the answer token over the whole vocabulary: generation answers Yes / No
+                target = torch.tensor(yes_id if a == YES else no_id, device=logits.device)
+                loss = loss + torch.nn.functional.cross_entropy(logits[b, -1], target)
+            per_item.append(loss)
         else:
             per_item.append(torch.nn.functional.cross_entropy(logits[b, :-1], lab[b], ignore_index=-100))
     return torch.stack(per_item).mean()
@@ -196,20 +236,29 @@ def classifier_init(model, tok, class_names, offset=5.0):
 
 
 @torch.no_grad()
-def evaluate(model, enc, feats, items, yes_id, no_id, pad_id, batch=8):
-    """items: list of (feat_idx, question, gold 'Yes'/'No'). Returns accuracy and mean P(yes)-bias."""
+def evaluate(model, enc, feats, items, yes_id, no_id, pad_id, batch=8, keep=NUM_IMAGE_TOKENS):
+    """items: list of (feat_idx, question, gold 'Yes'/'No'). Returns accuracy (logit of "Yes" vs "No") and
+    the fraction predicted yes; ``evaluate.last_format``: the fraction whose greedy first token (over the
+    whole vocabulary) is "Yes" or "No", i.e. what generation answers.  ``keep < 196``: each question sees a random subset of ``keep`` tokens (seeded, the same
+    subsets on every call), at their original positions."""
     model.eval()
-    correct = 0
-    n_yes = 0
+    correct = n_yes = n_format = 0
+    gen = torch.Generator().manual_seed(1234)
     for i in range(0, len(items), batch):
         chunk = items[i : i + batch]
-        ids, att, _ = make_batch(enc, [(k, q, None) for k, q, _ in chunk], pad_id)
         f = torch.stack([feats[k] for k, _, _ in chunk]).float()
-        logits = forward(model, ids, att, f, logits_to_keep=1).logits[:, -1]
+        idx = None
+        if keep < f.shape[1]:
+            f, idx = subset_tokens(f, keep, gen)
+        ids, att, _ = make_batch(enc, [(k, q, None) for k, q, _ in chunk], pad_id, f.shape[1])
+        logits = forward(model, ids, att, f, logits_to_keep=1, token_idx=idx).logits[:, -1]
         pred_yes = logits[:, yes_id] > logits[:, no_id]
+        top = logits.argmax(-1)
+        n_format += int(((top == yes_id) | (top == no_id)).sum())
         for (_, _, gold), py in zip(chunk, pred_yes.tolist(), strict=True):
             correct += int(py == (gold == YES))
             n_yes += int(py)
+    evaluate.last_format = n_format / max(1, len(items))  # greedy first token is "Yes" or "No"
     return correct / max(1, len(items)), n_yes / max(1, len(items))
 
 
@@ -253,7 +302,12 @@ def main():
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--init", choices=["classifier", "random"], default="classifier")
-    ap.add_argument("--mix", default="0.5,0.25,0.25", help="fractions yes/no, what-is, easy-VQA")
+    ap.add_argument("--mix", default="0.5,0.25,0.25",
+                    help="fractions yes/no, what-is, easy-VQA[, scenes] (the 4th needs --scenes-features)")
+    ap.add_argument("--scenes-features", default=str(cache_root() / "scenes-features.pt"),
+                    help="scenes train / test features (prepare_projector_data.py --scenes)")
+    ap.add_argument("--scene-eval", type=int, default=0,
+                    help="held-out scene checks: the first N test-split yes/no questions of each kind (0: none)")
     ap.add_argument("--time-budget", type=float, default=0, help="stop training after this many seconds (0: off)")
     ap.add_argument("--eval-max", type=int, default=0, help="cap held-out questions (0: all)")
     ap.add_argument("--eval-every", type=int, default=0)
@@ -262,19 +316,28 @@ def main():
     ap.add_argument("--save-every", type=int, default=50)
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--resume", default=None, help="start from these projector weights (safetensors) instead of --init")
-    ap.add_argument("--trainable", choices=["all", "posterior", "posterior-bias", "shared"], default="posterior-bias",
+    ap.add_argument("--trainable", choices=["all", "linear1", "posterior", "posterior-bias", "shared"],
+                    default="posterior-bias",
                     help="posterior: only linear_1's class-posterior columns; posterior-bias: those and "
                          "linear_1's bias, a shift shared by every token (the probe that kept held-out "
                          "discrimination trained exactly these); shared: linear_1's bias and linear_2, the parameters "
-                         "every class shares, with the per-class columns frozen at their init; all: the whole "
-                         "projector")
-    ap.add_argument("--yesno-loss", choices=["bce", "ce"], default="bce",
+                         "every class shares, with the per-class columns frozen at their init; linear1: all of "
+                         "linear_1 (feature and posterior columns, bias): what colours and shapes need; all: the "
+                         "whole projector")
+    ap.add_argument("--yesno-loss", choices=["bce", "ce", "bce+ce"], default="bce",
                     help="bce: binary cross-entropy on logit(Yes) - logit(No) for yes/no questions; "
-                         "ce: cross-entropy over the vocabulary like the other questions")
+                         "ce: cross-entropy over the vocabulary like the other questions; bce+ce: both (the "
+                         "margin, and Yes / No above every other token, which bce alone leaves free)")
     ap.add_argument("--schedule", choices=["constant", "linear"], default="constant")
     ap.add_argument("--clip", type=float, default=0.0, help="gradient-norm clip (0: off)")
     ap.add_argument("--pool-frac", type=float, default=0.0,
                     help="fraction of steps trained on 2x2-pooled tower tokens (49 instead of 196 tokens)")
+    ap.add_argument("--drop-frac", type=float, default=0.0,
+                    help="token dropout: fraction of steps trained on a random subset of the 196 tokens, kept at "
+                         "their original positions (what pruning leaves); the subset size is drawn from --drop-keep")
+    ap.add_argument("--drop-keep", default="98,49,24,12", help="subset sizes for --drop-frac (tokens)")
+    ap.add_argument("--eval-keep", default="196",
+                    help="token counts the held-out checks run at (random subsets below 196), e.g. 196,24")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -301,6 +364,21 @@ def main():
         for j in have.values():
             feats[("ev", j)] = data["easyvqa"]["feats"][j]
     print(f"easy-VQA: {len(evqa)} questions on {len(data.get('easyvqa', {}).get('ids', []))} images", flush=True)
+    mix = [float(x) for x in args.mix.split(",")]
+    scene_train, scene_checks = [], {}
+    if (len(mix) > 3 and mix[3] > 0) or args.scene_eval:
+        scenes = torch.load(args.scenes_features)
+        for split, tag in (("train", "sc"), ("test", "sct")):
+            for i, f in enumerate(scenes[split]["feats"]):
+                feats[(tag, i)] = f
+        for s, q, a, _kind, qtype in scenes["train"]["questions"]:
+            scene_train.append((("sc", s), q, a.capitalize() if qtype == "yes/no" else a))
+        for s, q, a, kind, qtype in scenes["test"]["questions"]:
+            if qtype == "yes/no" and len(scene_checks.setdefault(kind, [])) < args.scene_eval:
+                scene_checks[kind].append((("sct", s), q, a.capitalize()))
+        print(f"scenes: {len(scene_train)} train questions on {len(scenes['train']['feats'])} scenes; "
+              f"checks {({k: len(v) for k, v in scene_checks.items()})}", flush=True)
+        del scenes
 
     model, processor = assemble(None)
     tok = processor.tokenizer
@@ -314,6 +392,9 @@ def main():
     n_feat = model.config.vision_config.hidden_size - len(class_names)  # feature channels before the posterior
     if args.trainable == "all":
         for p in proj.parameters():
+            p.requires_grad_(True)
+    elif args.trainable == "linear1":
+        for p in proj.linear_1.parameters():
             p.requires_grad_(True)
     elif args.trainable == "shared":  # held-out classes' columns get no gradient anyway: train what all share
         for p in (proj.linear_1.bias, *proj.linear_2.parameters()):
@@ -338,7 +419,20 @@ def main():
     quick_eval = eval_items[:100]  # 50 held-out images: their positive and negative questions
 
     record = {"init": args.init if not args.resume else f"resume:{Path(args.resume).name}",
-              "pool_frac": args.pool_frac}
+              "pool_frac": args.pool_frac, "drop_frac": args.drop_frac, "drop_keep": args.drop_keep}
+    drop_keep = [int(x) for x in args.drop_keep.split(",")]
+    eval_keep = [int(x) for x in args.eval_keep.split(",")]
+
+    def check(items, label):
+        out = {}
+        for k in eval_keep:
+            t0 = time.time()
+            acc, py = evaluate(model, enc, feats, items, yes_id, no_id, pad_id, keep=k)
+            fmt = evaluate.last_format
+            print(f"{label} held-out acc {acc:.3f} at {k} tokens on {len(items)} questions "
+                  f"(P(pred yes)={py:.2f}; greedy answer Yes/No {fmt:.2f}) [{time.time() - t0:.0f}s]", flush=True)
+            out[k] = {"accuracy": acc, "frac_pred_yes": py, "frac_answer_yes_or_no": fmt}
+        return out
     if args.resume:
         from safetensors.torch import load_file
 
@@ -348,10 +442,10 @@ def main():
         classifier_init(model, tok, class_names)
     acc0 = None
     if not args.skip_init_eval:
-        t0 = time.time()
-        acc0, py0 = evaluate(model, enc, feats, quick_eval, yes_id, no_id, pad_id)
-        print(f"step 0 quick held-out acc {acc0:.3f} (P(pred yes)={py0:.2f}) [{time.time() - t0:.0f}s]", flush=True)
-        record["heldout_quick_acc_at_init"] = acc0
+        init = check(quick_eval, "step 0 quick")
+        acc0 = init[eval_keep[0]]["accuracy"]
+        record["heldout_quick_at_init"] = init
+        record["scene_checks_at_init"] = {k: check(v, f"step 0 scenes {k}") for k, v in scene_checks.items()}
 
     def save_projector():
         from safetensors.torch import save_file
@@ -362,7 +456,9 @@ def main():
 
     def sample():
         r = rng.random()
-        m = [float(x) for x in args.mix.split(",")]
+        m = mix
+        if len(m) > 3 and r >= m[0] + m[1] + m[2]:
+            return rng.choice(scene_train)
         if r < m[0] or (not evqa and r < m[0] + m[2]):
             i = rng.choice(tr)
             if rng.random() < 0.5:
@@ -393,10 +489,12 @@ def main():
         thread_hist[nthreads] = thread_hist.get(nthreads, 0) + 1
         batch = [sample() for _ in range(args.batch)]
         f = torch.stack([feats[k] for k, _, _ in batch]).float()
-        pooled = rng.random() < args.pool_frac
-        if pooled:
+        idx = None
+        if rng.random() < args.pool_frac:
             f = pool_tokens(f)
-        loss = training_loss(model, enc, batch, f, pad_id, yes_id, no_id, args.yesno_loss)
+        elif args.drop_frac and rng.random() < args.drop_frac:  # no draw when off: old runs replay
+            f, idx = subset_tokens(f, rng.choice(drop_keep))
+        loss = training_loss(model, enc, batch, f, pad_id, yes_id, no_id, args.yesno_loss, idx)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if args.clip:
@@ -410,8 +508,9 @@ def main():
             print(f"step {step} loss {sum(losses[-20:]) / len(losses[-20:]):.3f} "
                   f"({el / step:.2f}s/step, {el:.0f}s, threads {nthreads})", flush=True)
         if args.eval_every and step % args.eval_every == 0:
-            acc, py = evaluate(model, enc, feats, quick_eval, yes_id, no_id, pad_id)
-            print(f"step {step} quick held-out acc {acc:.3f} (P(pred yes)={py:.2f})", flush=True)
+            check(quick_eval, f"step {step} quick")
+            for k, v in scene_checks.items():
+                check(v, f"step {step} scenes {k}")
         if args.save_every and step % args.save_every == 0 and not args.no_write:
             save_projector()  # intermediate checkpoint (overwritten at the end)
         if args.time_budget and el > args.time_budget:
@@ -424,10 +523,9 @@ def main():
         save_projector()
         print("wrote", out_dir / "projector.safetensors", flush=True)
     torch.set_num_threads(adaptive_threads(args.threads))
-    t0 = time.time()
-    acc, py = evaluate(model, enc, feats, eval_items, yes_id, no_id, pad_id)
-    print(f"FINAL held-out yes/no acc {acc:.3f} on {len(eval_items)} questions (P(pred yes)={py:.2f}) "
-          f"[{time.time() - t0:.0f}s]", flush=True)
+    final = check(eval_items, "FINAL")
+    final_scenes = {k: check(v, f"FINAL scenes {k}") for k, v in scene_checks.items()}
+    acc, py = final[eval_keep[0]]["accuracy"], final[eval_keep[0]]["frac_pred_yes"]
     final_loss = sum(losses[-20:]) / max(1, len(losses[-20:]))
     record.update({
         "model": "EfficientNet-Lite0 (ImageNet) -> LlavaMultiModalProjector -> SmolLM2-135M-Instruct (GGUF Q4_1)",
@@ -439,16 +537,20 @@ def main():
                                "heldout_files": [files[i] for i in ho]},
             "easy_vqa": {"images": len(data.get("easyvqa", {}).get("ids", [])), "questions": len(evqa),
                          "image_ids": "first N sorted train image ids"},
-            "mix_yesno_what_easyvqa": args.mix,
+            "mix_yesno_what_easyvqa_scenes": args.mix,
+            "scenes": {"train_questions": len(scene_train), "features": args.scenes_features} if scene_train else None,
         },
         "steps": steps_done, "batch": args.batch, "lr": args.lr, "optimizer": f"AdamW, {args.schedule} lr" + (f", clip {args.clip}" if args.clip else ""),
         "trainable": args.trainable, "yesno_loss": args.yesno_loss,
         "seed": args.seed, "train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t_start, 1),
         "final_loss_last20": final_loss,
         "heldout_eval": {"questions": len(eval_items), "accuracy": acc, "frac_pred_yes": py,
+                         "by_tokens": final,
+                         "scenes_test_yesno": final_scenes,
                          "protocol": "Is there a {label} in the image?; 1 positive + 1 seeded (seed+1) random "
                                      "held-out negative per held-out image; first-token logit Yes vs No; "
-                                     "unpruned model"},
+                                     "unpruned model (by_tokens: random token subsets of that size, seeded, at "
+                                     "their original positions)"},
         "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         "threads": args.threads, "steps_per_thread_count": thread_hist,
@@ -462,7 +564,13 @@ def main():
             f"- data: ImageNet sample {len(tr)} train / {len(ho)} held-out images (split seed {args.seed}); "
             f"easy-VQA {record['data']['easy_vqa']['questions']} questions on "
             f"{record['data']['easy_vqa']['images']} images; mix {args.mix}",
-            f"- init: {record['init']}; fraction of steps on 2x2-pooled tokens: {args.pool_frac}",
+            f"- init: {record['init']}; fraction of steps on 2x2-pooled tokens: {args.pool_frac}; on random "
+            f"token subsets (token dropout, sizes {args.drop_keep}): {args.drop_frac}",
+            "- held-out yes/no accuracy by visual tokens present: " + ", ".join(
+                f"{k} tokens {v['accuracy']:.3f} (predicted yes {v['frac_pred_yes']:.2f})" for k, v in final.items()),
+            *[f"- scenes test yes/no, {kind} ({len(scene_checks[kind])} questions): " + ", ".join(
+                f"{k} tokens {v['accuracy']:.3f} (predicted yes {v['frac_pred_yes']:.2f})" for k, v in res.items())
+              for kind, res in final_scenes.items()],
             f"- trained parameters: {args.trainable}; yes/no loss: {args.yesno_loss}; {record['optimizer']}",
             f"- steps {steps_done}, batch {args.batch}, lr {args.lr}, {train_s:.0f} s training on a shared 2-core CPU "
             f"(max {args.threads} torch threads, adaptive; steps per thread count {thread_hist})",

@@ -113,8 +113,8 @@ def run_eval(model, processor, samples_by_data: dict[str, list], conds: list[Con
         samples_by_data: data set name -> its samples (:class:`vtprune.eval.datasets.Sample`).
         conds: from :func:`conditions` (the reference first).
         results: the JSONL file; records already there are skipped (resume).
-        batch_size: samples per ``generate`` call (left-padded; every image of a batch must give the
-            same number of visual tokens).
+        batch_size: samples per ``generate`` call (left-padded; a LLaVA-NeXT batch of mixed image
+            sizes runs as groups of alike samples, :mod:`vtprune.engine.groups`).
         max_new_tokens: greedy tokens per answer; the answer is the first line of the decoded text.
 
     Returns:
@@ -122,7 +122,7 @@ def run_eval(model, processor, samples_by_data: dict[str, list], conds: list[Con
 
     Raises:
         ValueError / TypeError: a method option out of range for this model (before any generation of
-            that condition), mismatched images in a batch.
+            that condition), images of different token counts in one prompt.
     """
     import vtprune
     from vtprune.eval.scoring import is_correct
