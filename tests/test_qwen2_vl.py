@@ -287,14 +287,36 @@ def test_mismatched_or_inconsistent_images_are_refused(model):
         grid[1] = torch.tensor([1, 4, 8])  # 8 tokens for a prompt that holds 16
         with pytest.raises(ValueError, match=r"holds 32 image tokens .* but its images give 24"):
             model(**dict(inputs, image_grid_thw=grid))
-    # a 16 x 32 px image (8 tokens) beside a 32 x 32 one (16 tokens) in one batch
+    # a 16 x 32 px image (8 tokens) beside a 32 x 32 one (16 tokens) in one batch: a direct forward is
+    # refused; generate runs the two as groups (test below)
+    with vtprune.apply(model, "fastv", budget=4), pytest.raises(ValueError, match="mismatched images"), torch.no_grad():
+        model(**mixed_batch())
+
+
+def mixed_batch() -> dict:
+    """Sample 0: a 32 x 32 px image (16 tokens, 64 patches); sample 1: 16 x 32 px (8 tokens, 32 patches)."""
     small = make_prompt(2, 3, 5)
     first = small.index(IMAGE_TOKEN)
     mixed = batch([PROMPTS[0], small[:first] + small[first + 8:]], sizes=[(32, 32), (16, 32)])
     assert mixed["image_grid_thw"].tolist() == [list(GRID), [1, 4, 8]]
-    for method in ("fastv", "parvts"):
-        with vtprune.apply(model, method, budget=4), pytest.raises(ValueError, match="mismatched images"):
-            generate(model, mixed, max_new_tokens=1)
+    return mixed
+
+
+@pytest.mark.parametrize("method,opts", [("fastv", {"keep_ratio": 0.25}), ("parvts", {"budget": 4}), ("st3", {}),
+                                         ("pool", {"keep_ratio": 0.5}), ("none", {})])
+def test_a_batch_of_mixed_image_sizes_runs_as_groups_and_equals_one_by_one(model, method, opts):
+    mixed = mixed_batch()
+    rows = {0: slice(0, 64), 1: slice(64, 96)}
+    with vtprune.apply(model, method, **opts) as run:
+        together = generate(model, mixed)
+        assert [s["visual_tokens_in"] for s in run.report()["samples"]] == [16, 8]
+        for i in (0, 1):
+            keep = mixed["attention_mask"][i].bool()
+            one = {k: mixed[k][i:i + 1, keep] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+            one.update(pixel_values=mixed["pixel_values"][rows[i]], image_grid_thw=mixed["image_grid_thw"][i:i + 1])
+            assert torch.equal(generate(model, one)[0], together[i]), f"sample {i}"
+    if method == "none":  # the stock model batches mixed sizes itself: the groups give its output
+        assert torch.equal(generate(model, mixed), together)
 
 
 def test_adapter_and_detach(model):

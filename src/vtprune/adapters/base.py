@@ -166,6 +166,39 @@ def select_rows(inputs: dict, samples: list[int], by: dict[str, torch.Tensor]) -
     return out
 
 
+def images_per_sample(input_ids: torch.Tensor, image_token_id: int, counts: list[int]) -> list[list[int]]:
+    """The token counts of each sample's images: ``counts`` (every image of the batch, sample-major)
+    dealt over the samples' runs of image tokens.
+
+    Raises:
+        ValueError: a sample without image tokens; image tokens that do not add up to ``counts``, or an
+            image that would straddle two runs ("disagree").
+    """
+    is_image = (input_ids == image_token_id).cpu()
+    if not bool(is_image.any(1).all()):
+        visual_spans(input_ids, image_token_id)  # raises its "no image tokens" error
+    total = int(is_image.sum())
+    if total != sum(counts):
+        raise ValueError(f"image tokens disagree with the images: input_ids hold {total} tokens "
+                         f"{image_token_id}, the {len(counts)} images need {counts} = {sum(counts)}; "
+                         "build the prompt with the model's processor from the same images")
+    queue, per_sample = list(counts), []
+    for b, row in enumerate(is_image):
+        pos = row.nonzero().flatten()
+        runs = torch.tensor_split(pos, ((pos[1:] != pos[:-1] + 1).nonzero().flatten() + 1).tolist())
+        mine = []
+        for run in runs:
+            left = run.numel()
+            while left > 0:
+                if not queue or queue[0] > left:
+                    raise ValueError(f"image tokens disagree with the images: sample {b} has a run of "
+                                     f"{run.numel()} image tokens that the images' counts {counts} do not tile")
+                left -= queue[0]
+                mine.append(queue.pop(0))
+        per_sample.append(mine)
+    return per_sample
+
+
 def visual_spans(input_ids: torch.Tensor, image_token_id: int, per_image: int | None = None) -> torch.Tensor:
     """Split the positions of ``image_token_id`` into images: contiguous runs, each cut into chunks of
     ``per_image`` when a run holds several adjacent images. See :meth:`Adapter.visual_index`."""

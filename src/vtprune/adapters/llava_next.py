@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-from vtprune.adapters.base import PatchGrid, register_adapter, select_rows, visual_spans
+from vtprune.adapters.base import PatchGrid, images_per_sample, register_adapter, select_rows, visual_spans
 from vtprune.adapters.llava import LlavaAdapter
 
 NEWLINE = -1  # marks an ``image_newline`` token in a packing map
@@ -316,39 +316,6 @@ def split_images(input_ids: torch.Tensor, image_token_id: int, counts: list[int]
                          "tokens and every sample the same number of images; LLaVA-NeXT's count follows the image "
                          f"size; got visual tokens per image per sample {per_sample}")
     return visual_spans(input_ids, image_token_id, sizes.pop())
-
-
-def images_per_sample(input_ids: torch.Tensor, image_token_id: int, counts: list[int]) -> list[list[int]]:
-    """The token counts of each sample's images: ``counts`` (every image of the batch, sample-major)
-    dealt over the samples' runs of image tokens.
-
-    Raises:
-        ValueError: a sample without image tokens; image tokens that do not add up to ``counts``, or an
-            image that would straddle two runs ("disagree").
-    """
-    is_image = (input_ids == image_token_id).cpu()
-    if not bool(is_image.any(1).all()):
-        visual_spans(input_ids, image_token_id)  # raises its "no image tokens" error
-    total = int(is_image.sum())
-    if total != sum(counts):
-        raise ValueError(f"LLaVA-NeXT image tokens disagree with the images: input_ids hold {total} tokens "
-                         f"{image_token_id}, the {len(counts)} images (from image_sizes) need {counts} = {sum(counts)}; "
-                         "build the prompt with the model's processor from the same images")
-    queue, per_sample = list(counts), []
-    for b, row in enumerate(is_image):
-        pos = row.nonzero().flatten()
-        runs = torch.tensor_split(pos, ((pos[1:] != pos[:-1] + 1).nonzero().flatten() + 1).tolist())
-        mine = []
-        for run in runs:
-            left = run.numel()
-            while left > 0:
-                if not queue or queue[0] > left:
-                    raise ValueError(f"LLaVA-NeXT image tokens disagree with the images: sample {b} has a run of "
-                                     f"{run.numel()} image tokens that the images' counts {counts} do not tile")
-                left -= queue[0]
-                mine.append(queue.pop(0))
-        per_sample.append(mine)
-    return per_sample
 
 
 class InstanceOverride:

@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 from transformers.vision_utils import get_vision_window_index
 
-from vtprune.adapters.base import Adapter, register_adapter, visual_spans
+from vtprune.adapters.base import Adapter, images_per_sample, register_adapter, select_rows, visual_spans
 
 VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw")
 
@@ -69,7 +69,8 @@ class Qwen2VLAdapter(Adapter):
 
         Raises:
             ValueError: video inputs; a prompt whose image tokens do not match the images' token
-                counts; images of different token counts in one batch (vtprune needs them equal).
+                counts; images of different token counts in one batch (vtprune needs them equal; a
+                ``generate`` batch of mixed sizes is split by :meth:`batch_groups` before it gets here).
         """
         inputs = inputs or {}
         self._refuse_video(input_ids, inputs)
@@ -95,6 +96,38 @@ class Qwen2VLAdapter(Adapter):
                 f"which does not match {len(counts)} images of {counts[0]} visual tokens each"
             )
         return index
+
+    # ------------------------------------------------------------------ batches of mixed image sizes
+    def batch_groups(self, input_ids: torch.Tensor, inputs: dict) -> list[list[int]] | None:
+        """Samples of a ``generate`` call grouped by their images' token counts (dynamic resolution:
+        the count follows each image's size), or None when all samples agree, or the call carries no
+        ``image_grid_thw`` or carries video inputs.
+
+        Raises:
+            ValueError: image tokens that do not add up to the images' counts (as
+                :func:`~vtprune.adapters.base.images_per_sample`).
+        """
+        if inputs.get("image_grid_thw") is None or any(inputs.get(k) is not None for k in VIDEO_KEYS):
+            return None
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for b, counts in enumerate(self._per_sample(input_ids, inputs)):
+            groups.setdefault(tuple(counts), []).append(b)
+        return list(groups.values()) if len(groups) > 1 else None
+
+    def _per_sample(self, input_ids: torch.Tensor, inputs: dict) -> list[list[int]]:
+        return images_per_sample(input_ids, self.image_token_id, self.tokens_per_image_of(inputs))
+
+    def select_samples(self, inputs: dict, samples: list[int]) -> dict:
+        """``inputs`` restricted to ``samples``: per-sample tensors by sample, ``image_grid_thw`` by those
+        samples' images, ``pixel_values`` (patches of all images, concatenated) by those images' patch rows."""
+        per_sample = self._per_sample(inputs["input_ids"], inputs)
+        owner = [b for b, images in enumerate(per_sample) for _ in images]
+        chosen = set(samples)
+        images = [i for i, b in enumerate(owner) if b in chosen]
+        patches = inputs["image_grid_thw"].prod(-1).tolist()
+        starts = [sum(patches[:i]) for i in range(len(patches))]
+        rows = torch.cat([torch.arange(starts[i], starts[i] + patches[i]) for i in images])
+        return select_rows(inputs, samples, {"image_grid_thw": torch.tensor(images), "pixel_values": rows})
 
     def visual_grid(self, visual: torch.Tensor, inputs: dict | None = None) -> tuple[int, int] | None:
         """(rows, cols) of each image's merged patches, row-major as the merger emits them: from

@@ -1,8 +1,8 @@
 """Batches whose samples differ in visual tokens: one ``generate`` per group of alike samples, merged.
 
 The engine schedules a batch as ``[B, I, N_v]`` visual tokens: every sample with the same number of
-images and of visual tokens per image. LLaVA-NeXT's count follows each image's size, so a batch of
-mixed sizes is split by the adapter (``Adapter.batch_groups``) into groups that satisfy this; each
+images and of visual tokens per image. LLaVA-NeXT's and Qwen2-VL's counts follow each image's size, so
+a batch of mixed sizes is split by the adapter (``Adapter.batch_groups``) into groups that satisfy this; each
 group runs as one ``generate`` (its own left padding trimmed), and the outputs are merged back into
 the caller's order: the caller's ``input_ids`` followed by each row's new tokens, right-padded with the
 pad token where a group stopped earlier. Greedy outputs therefore equal one-by-one generation (tested);
@@ -53,7 +53,8 @@ def generate_in_groups(generate: Callable, adapter, groups: list[list[int]], kwa
 
 
 def trim_left_padding(kwargs: dict) -> dict:
-    """Drop the columns every row pads (``attention_mask`` 0) from ``input_ids`` / ``attention_mask``."""
+    """Drop the columns every row pads (``attention_mask`` 0) from every per-token tensor of the call
+    (those shaped like ``input_ids``: ``attention_mask``, Qwen's ``mm_token_type_ids``, ...)."""
     mask = kwargs.get("attention_mask")
     if mask is None:
         return kwargs
@@ -61,7 +62,8 @@ def trim_left_padding(kwargs: dict) -> dict:
     first = int(used[0]) if used.numel() else 0
     if first == 0:
         return kwargs
-    return {**kwargs, "input_ids": kwargs["input_ids"][:, first:], "attention_mask": mask[:, first:]}
+    shape = kwargs["input_ids"].shape
+    return {k: v[:, first:] if torch.is_tensor(v) and v.shape == shape else v for k, v in kwargs.items()}
 
 
 def merge_reports(reports: list[tuple[list[int], dict]], batch: int) -> dict:
