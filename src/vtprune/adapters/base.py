@@ -131,12 +131,30 @@ class Adapter:
         """
         return visual_spans(input_ids, self.image_token_id, self.tokens_per_image())
 
-    def batch_groups(self, input_ids: torch.Tensor, inputs: dict) -> list[list[int]] | None:
-        """For a ``generate`` call (``inputs``: its keyword arguments): the samples grouped so that each
-        group holds the same number of images and visual tokens per image (the engine then runs one
-        ``generate`` per group and merges the outputs), or None when the batch needs no split. Default
-        None: families whose token count per image is fixed by the config."""
+    def image_counts_per_sample(self, input_ids: torch.Tensor, inputs: dict) -> list[list[int]] | None:
+        """Visual tokens of each sample's images in a ``generate`` call (``inputs``: its keyword
+        arguments), for families whose count follows the image size; None when the call does not say.
+        Default None: the config fixes the count."""
         return None
+
+    def batch_groups(self, input_ids: torch.Tensor, inputs: dict) -> list[list[int]] | None:
+        """For a ``generate`` call: the samples grouped so that each group holds the same number of
+        images and visual tokens per image (the engine then runs one ``generate`` per group and merges
+        the outputs), or None when the batch needs no split. From :meth:`image_counts_per_sample`."""
+        per_sample = self.image_counts_per_sample(input_ids, inputs)
+        if per_sample is None:
+            return None
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for b, counts in enumerate(per_sample):
+            groups.setdefault(tuple(counts), []).append(b)
+        return list(groups.values()) if len(groups) > 1 else None
+
+    def images_of(self, inputs: dict, samples: list[int]) -> list[int]:
+        """Indices (sample-major, among all images of the call) of the images of ``samples``."""
+        per_sample = self.image_counts_per_sample(inputs["input_ids"], inputs) or []
+        owner = [b for b, images in enumerate(per_sample) for _ in images]
+        chosen = set(samples)
+        return [i for i, b in enumerate(owner) if b in chosen]
 
     def select_samples(self, inputs: dict, samples: list[int]) -> dict:
         """``inputs`` (a ``generate`` call's keyword arguments) restricted to ``samples`` (see

@@ -204,30 +204,18 @@ class LlavaNextAdapter(LlavaAdapter):
     # ------------------------------------------------------------------ batches of mixed image sizes
     image_inputs = ("pixel_values", "image_sizes")
 
-    def batch_groups(self, input_ids: torch.Tensor, inputs: dict) -> list[list[int]] | None:
-        """Samples of a ``generate`` call grouped by their images' token counts (each group runs as one
-        batch), or None when every sample has the same counts, or the call carries no ``image_sizes``.
-
-        Raises:
-            ValueError: as :func:`images_per_sample`.
-        """
+    def image_counts_per_sample(self, input_ids: torch.Tensor, inputs: dict) -> list[list[int]] | None:
+        """Each sample's images' token counts, from ``image_sizes`` (None without it or without
+        ``pixel_values``). Raises ValueError as :func:`~vtprune.adapters.base.images_per_sample`."""
         if inputs.get("image_sizes") is None or inputs.get("pixel_values") is None:
             return None
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for b, counts in enumerate(self._per_sample(input_ids, inputs)):
-            groups.setdefault(tuple(counts), []).append(b)
-        return list(groups.values()) if len(groups) > 1 else None
-
-    def _per_sample(self, input_ids: torch.Tensor, inputs: dict) -> list[list[int]]:
         counts = [self.packing(s)[0].numel() for s in inputs["image_sizes"]]
         return images_per_sample(input_ids, self.image_token_id, counts)
 
     def select_samples(self, inputs: dict, samples: list[int]) -> dict:
         """``inputs`` (a ``generate`` call's keyword arguments) restricted to ``samples``: per-sample tensors
-        by sample, ``pixel_values`` / ``image_sizes`` by those samples' images (after :meth:`batch_groups`)."""
-        per_sample = self._per_sample(inputs["input_ids"], inputs)
-        owner = [b for b, images in enumerate(per_sample) for _ in images]
-        images = torch.tensor([i for i, b in enumerate(owner) if b in set(samples)])
+        by sample, ``pixel_values`` / ``image_sizes`` by those samples' images."""
+        images = torch.tensor(self.images_of(inputs, samples))
         return select_rows(inputs, samples, {k: images for k in self.image_inputs})
 
     # ------------------------------------------------------------------ saliency

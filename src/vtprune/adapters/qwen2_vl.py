@@ -98,32 +98,18 @@ class Qwen2VLAdapter(Adapter):
         return index
 
     # ------------------------------------------------------------------ batches of mixed image sizes
-    def batch_groups(self, input_ids: torch.Tensor, inputs: dict) -> list[list[int]] | None:
-        """Samples of a ``generate`` call grouped by their images' token counts (dynamic resolution:
-        the count follows each image's size), or None when all samples agree, or the call carries no
-        ``image_grid_thw`` or carries video inputs.
-
-        Raises:
-            ValueError: image tokens that do not add up to the images' counts (as
-                :func:`~vtprune.adapters.base.images_per_sample`).
-        """
+    def image_counts_per_sample(self, input_ids: torch.Tensor, inputs: dict) -> list[list[int]] | None:
+        """Each sample's images' token counts (dynamic resolution: they follow each image's size), from
+        ``image_grid_thw``; None without it or with video inputs. Raises ValueError as
+        :func:`~vtprune.adapters.base.images_per_sample`."""
         if inputs.get("image_grid_thw") is None or any(inputs.get(k) is not None for k in VIDEO_KEYS):
             return None
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for b, counts in enumerate(self._per_sample(input_ids, inputs)):
-            groups.setdefault(tuple(counts), []).append(b)
-        return list(groups.values()) if len(groups) > 1 else None
-
-    def _per_sample(self, input_ids: torch.Tensor, inputs: dict) -> list[list[int]]:
         return images_per_sample(input_ids, self.image_token_id, self.tokens_per_image_of(inputs))
 
     def select_samples(self, inputs: dict, samples: list[int]) -> dict:
         """``inputs`` restricted to ``samples``: per-sample tensors by sample, ``image_grid_thw`` by those
         samples' images, ``pixel_values`` (patches of all images, concatenated) by those images' patch rows."""
-        per_sample = self._per_sample(inputs["input_ids"], inputs)
-        owner = [b for b, images in enumerate(per_sample) for _ in images]
-        chosen = set(samples)
-        images = [i for i, b in enumerate(owner) if b in chosen]
+        images = self.images_of(inputs, samples)
         patches = inputs["image_grid_thw"].prod(-1).tolist()
         starts = [sum(patches[:i]) for i in range(len(patches))]
         rows = torch.cat([torch.arange(starts[i], starts[i] + patches[i]) for i in images])
