@@ -333,6 +333,8 @@ def test_a_batch_of_mixed_image_sizes_runs_as_groups_and_equals_one_by_one(model
         report = run.report()
         assert [s["visual_tokens_in"] for s in report["samples"]] == [52, 34, 52, 72]
         assert report["timing"]["groups"] == [[0, 2], [1], [3]]
+        with pytest.raises(RuntimeError, match="ran as groups"):
+            run.kept_visual(1)
         for b in range(len(MIXED)):
             one = inputs([prompts[b]], [MIXED[b]], seed=10 * b)  # the same image as in the batch
             assert torch.equal(generate(model, one, max_new_tokens=4)[0], together[b]), f"sample {b}"

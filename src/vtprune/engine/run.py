@@ -367,10 +367,14 @@ class Run:
             ascending). A merged token (pooling, VisionZip) is listed at the position it sits at.
 
         Raises:
-            RuntimeError: no generation yet. IndexError: ``sample`` / ``image`` out of range.
+            RuntimeError: no generation yet, or the last batch ran as groups of alike samples (mixed
+            image sizes; each group was its own generation). IndexError: ``sample`` / ``image`` out of range.
         """
         if self.gen is None:
             raise RuntimeError("no generation has run under this vtprune run yet")
+        if self._group_report is not None:
+            raise RuntimeError("the last batch mixed image sizes and ran as groups "
+                               f"{self._group_report['timing']['groups']}; call kept_visual after a batch of one size")
         gen = self.gen
         if not (0 <= sample < gen.batch_size and 0 <= image < gen.n_images):
             raise IndexError(f"sample {sample} / image {image} out of range ({gen.batch_size} samples, "
