@@ -346,6 +346,12 @@ def test_a_batch_of_mixed_image_sizes_runs_as_groups_and_equals_one_by_one(model
     assert torch.equal(out[:, :x["input_ids"].shape[1]], x["input_ids"])  # the caller's prompt, then new tokens
     with pytest.raises(ValueError, match="return_dict_in_generate is not supported"), full:
         model.generate(**x, do_sample=False, max_new_tokens=2, return_dict_in_generate=True)
+    model.generation_config.return_dict_in_generate = True  # the model's own default, not the call's
+    try:
+        with pytest.raises(ValueError, match="return_dict_in_generate is not supported"), full:
+            model.generate(**x, do_sample=False, max_new_tokens=2)
+    finally:
+        model.generation_config.return_dict_in_generate = False
 
 
 @pytest.mark.parametrize("method", ["fastv", "parvts"])

@@ -33,15 +33,19 @@ def generate_in_groups(generate: Callable, adapter, groups: list[list[int]], kwa
     Raises:
         ValueError: ``return_dict_in_generate`` (the merged output is a tensor of sequences only).
     """
+    refused = ValueError("a batch whose images give different numbers of visual tokens runs as several generate "
+                         "calls; return_dict_in_generate is not supported then: batch images of one size together")
     if kwargs.get("return_dict_in_generate") or getattr(kwargs.get("generation_config"), "return_dict_in_generate", False):
-        raise ValueError("a batch whose images give different numbers of visual tokens runs as several generate calls; "
-                         "return_dict_in_generate is not supported then: batch images of one size together")
+        raise refused
     input_ids = kwargs["input_ids"]
     batch, length = input_ids.shape
     outputs = []
     for samples in groups:
         sub = trim_left_padding(adapter.select_samples(kwargs, samples))
-        outputs.append((samples, sub["input_ids"].shape[1], generate(**sub)))
+        out = generate(**sub)
+        if not torch.is_tensor(out):  # e.g. return_dict_in_generate set in the model's generation_config
+            raise refused
+        outputs.append((samples, sub["input_ids"].shape[1], out))
     rows = outputs[0][2].shape[0] // len(outputs[0][0])  # sequences per sample
     new = max(out.shape[1] - prompt for _, prompt, out in outputs)
     merged = torch.full((batch * rows, length + new), pad_token_id, dtype=input_ids.dtype, device=input_ids.device)
