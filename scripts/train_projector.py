@@ -237,9 +237,9 @@ def classifier_init(model, tok, class_names, offset=5.0):
 
 @torch.no_grad()
 def evaluate(model, enc, feats, items, yes_id, no_id, pad_id, batch=8, keep=NUM_IMAGE_TOKENS):
-    """items: list of (feat_idx, question, gold 'Yes'/'No'). Returns accuracy (logit of "Yes" vs "No") and
-    the fraction predicted yes; ``evaluate.last_format``: the fraction whose greedy first token (over the
-    whole vocabulary) is "Yes" or "No", i.e. what generation answers.  ``keep < 196``: each question sees a random subset of ``keep`` tokens (seeded, the same
+    """items: list of (feat_idx, question, gold 'Yes'/'No'). Returns (accuracy (logit of "Yes" vs "No"),
+    fraction predicted yes, fraction whose greedy first token over the whole vocabulary is "Yes" or
+    "No", i.e. what generation answers).  ``keep < 196``: each question sees a random subset of ``keep`` tokens (seeded, the same
     subsets on every call), at their original positions."""
     model.eval()
     correct = n_yes = n_format = 0
@@ -258,8 +258,8 @@ def evaluate(model, enc, feats, items, yes_id, no_id, pad_id, batch=8, keep=NUM_
         for (_, _, gold), py in zip(chunk, pred_yes.tolist(), strict=True):
             correct += int(py == (gold == YES))
             n_yes += int(py)
-    evaluate.last_format = n_format / max(1, len(items))  # greedy first token is "Yes" or "No"
-    return correct / max(1, len(items)), n_yes / max(1, len(items))
+    n = max(1, len(items))
+    return correct / n, n_yes / n, n_format / n
 
 
 def _other_running_processes():
@@ -427,8 +427,7 @@ def main():
         out = {}
         for k in eval_keep:
             t0 = time.time()
-            acc, py = evaluate(model, enc, feats, items, yes_id, no_id, pad_id, keep=k)
-            fmt = evaluate.last_format
+            acc, py, fmt = evaluate(model, enc, feats, items, yes_id, no_id, pad_id, keep=k)
             print(f"{label} held-out acc {acc:.3f} at {k} tokens on {len(items)} questions "
                   f"(P(pred yes)={py:.2f}; greedy answer Yes/No {fmt:.2f}) [{time.time() - t0:.0f}s]", flush=True)
             out[k] = {"accuracy": acc, "frac_pred_yes": py, "frac_answer_yes_or_no": fmt}

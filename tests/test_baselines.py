@@ -148,6 +148,19 @@ def test_pool_splits_the_budget_over_grids_and_keeps_a_separator_per_row():
         split_budget(2, gen.visual_grids)
 
 
+@pytest.mark.parametrize("method,reads", [("fastv", 0), ("parvts", 0), ("pool", 1)])
+def test_patch_grids_are_asked_of_the_adapter_only_by_methods_that_read_them(model, monkeypatch, method, reads):
+    from vtprune.adapters.llava import LlavaAdapter
+
+    calls = []
+    real = LlavaAdapter.visual_grids
+    monkeypatch.setattr(LlavaAdapter, "visual_grids", lambda self, *a: calls.append(1) or real(self, *a))
+    with vtprune.apply(model, method, budget=4) as run:
+        generate(model, batch(PROMPTS[:1]), new=2)
+    assert len(calls) == reads
+    assert run.gen.visual_grid == (4, 4) and len(calls) == 1  # read on demand, then kept
+
+
 def test_pool_refuses_tokens_that_form_no_grid():
     gen = _gen(n=15)
     m = make_method("pool", budget=4)

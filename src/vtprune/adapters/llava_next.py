@@ -209,8 +209,7 @@ class LlavaNextAdapter(LlavaAdapter):
         ``pixel_values``). Raises ValueError as :func:`~vtprune.adapters.base.images_per_sample`."""
         if inputs.get("image_sizes") is None or inputs.get("pixel_values") is None:
             return None
-        counts = [self.packing(s)[0].numel() for s in inputs["image_sizes"]]
-        return images_per_sample(input_ids, self.image_token_id, counts)
+        return images_per_sample(input_ids, self.image_token_id, self.image_token_counts(inputs))
 
     def select_samples(self, inputs: dict, samples: list[int]) -> dict:
         """``inputs`` (a ``generate`` call's keyword arguments) restricted to ``samples``: per-sample tensors

@@ -27,8 +27,8 @@ def generate_in_groups(generate: Callable, adapter, groups: list[list[int]], kwa
         pad_token_id: fills the rows of groups that stopped before the longest.
 
     Returns:
-        (LongTensor [B * R, S + T] with R the sequences per sample (``num_return_sequences``) and T the
-        most new tokens of any group, list of (group, its ``generate`` output) in run order).
+        LongTensor [B * R, S + T], R the sequences per sample (``num_return_sequences``), T the most new
+        tokens of any group; the groups run in the order given.
 
     Raises:
         ValueError: ``return_dict_in_generate`` (the merged output is a tensor of sequences only).
@@ -53,7 +53,7 @@ def generate_in_groups(generate: Callable, adapter, groups: list[list[int]], kwa
     for samples, prompt, out in outputs:
         index = torch.tensor([b * rows + r for b in samples for r in range(rows)], device=merged.device)
         merged[index, length:length + out.shape[1] - prompt] = out[:, prompt:].to(merged.device)
-    return merged, [(samples, out) for samples, _, out in outputs]
+    return merged
 
 
 def trim_left_padding(kwargs: dict) -> dict:

@@ -121,8 +121,8 @@ class Run:
             reports.append(self.report())
             return out
 
-        merged, outs = generate_in_groups(one_group, self.adapter, groups, kwargs, self._pad_token_id(kwargs))
-        self._group_report = merge_reports([(g, r) for (g, _), r in zip(outs, reports, strict=True)], ids.shape[0])
+        merged = generate_in_groups(one_group, self.adapter, groups, kwargs, self._pad_token_id(kwargs))
+        self._group_report = merge_reports(list(zip(groups, reports, strict=True)), ids.shape[0])
         return merged
 
     def _pad_token_id(self, kwargs) -> int:
@@ -199,7 +199,7 @@ class Run:
         text = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)[~is_visual]
         self.gen = Generation(visual_index=visual, text_index=text.view(input_ids.shape[0], -1), valid=valid,
                               num_layers=self.dims.layers, max_new_tokens=self._max_new_tokens)
-        self.gen.visual_grids = self.adapter.visual_grids(visual, inputs)
+        self.gen.grids_source = functools.partial(self.adapter.visual_grids, visual, inputs)  # read by pool / show only
         self.ledger = Ledger(self.dims, self.gen.pads, input_ids.shape[1], visual.shape[1], visual.shape[2])
         self._timers = {"prefill": Timer(input_ids.device), "decode": Timer(input_ids.device)}
         self._generate_ms = None

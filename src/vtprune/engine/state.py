@@ -11,6 +11,8 @@ L decoder layers. Token indices are those of ``engine/layout.py``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from vtprune.engine.layout import PAD, Layout, gather_tokens, locate, select_kv
@@ -26,8 +28,9 @@ class Generation:
         visual_index: LongTensor [B, I, N_v], original indices of every image's tokens,
         saliency: FloatTensor [B, I, N_v] or None (per-patch saliency from the adapter),
         visual_grids: the :class:`~vtprune.adapters.base.PatchGrid` s that make up each image's visual
-            tokens when the adapter knows them, else None; visual_grid: (rows, cols) when that is one
-            grid covering every visual token, else None.
+            tokens when the adapter knows them, else None (asked of the adapter on first read only, so
+            methods that never read it cost nothing); visual_grid: (rows, cols) when that is one grid
+            covering every visual token, else None.
     """
 
     def __init__(self, *, visual_index: torch.Tensor, text_index: torch.Tensor, valid: torch.Tensor,
@@ -39,7 +42,9 @@ class Generation:
         self.prompt_length = valid.shape[1]
         self.num_layers = num_layers
         self.saliency: torch.Tensor | None = None  # set by the run before layer 0 when a method needs it
-        self.visual_grids: tuple | None = None  # PatchGrids of each image's visual tokens, if known
+        self.grids_source: Callable[[], tuple | None] | None = None  # set by the run: the adapter's answer
+        self._grids: tuple | None = None
+        self._grids_read = False
         self.max_new_tokens = max_new_tokens
         self.pads = (~valid).sum(1).tolist()  # per-sample left padding (one host sync, prefill only)
         self.has_padding = any(self.pads)
@@ -64,6 +69,18 @@ class Generation:
         self.cache = None
 
     # ------------------------------------------------------------------ reading
+    @property
+    def visual_grids(self) -> tuple | None:
+        """PatchGrids of each image's visual tokens, if known (from ``grids_source``, read once)."""
+        if not self._grids_read:
+            self._grids = self.grids_source() if self.grids_source is not None else None
+            self._grids_read = True
+        return self._grids
+
+    @visual_grids.setter
+    def visual_grids(self, grids: tuple | None) -> None:
+        self._grids, self._grids_read = grids, True
+
     @property
     def visual_grid(self) -> tuple[int, int] | None:
         """(rows, cols) when each image's visual tokens are exactly one row-major patch grid, else None."""

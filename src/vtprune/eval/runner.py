@@ -29,7 +29,9 @@ class Condition:
     def name(self) -> str:
         """The vtprune method name (the label without its fixed options: ``visionzip:contextual=0`` ->
         ``visionzip``)."""
-        return self.method.split(":")[0]
+        from vtprune.methods import parse_method_label
+
+        return parse_method_label(self.method)[0]
 
 
 def parse_budget(text: str | int | float) -> tuple[str, dict]:
@@ -113,8 +115,8 @@ def run_eval(model, processor, samples_by_data: dict[str, list], conds: list[Con
         samples_by_data: data set name -> its samples (:class:`vtprune.eval.datasets.Sample`).
         conds: from :func:`conditions` (the reference first).
         results: the JSONL file; records already there are skipped (resume).
-        batch_size: samples per ``generate`` call (left-padded; a LLaVA-NeXT batch of mixed image
-            sizes runs as groups of alike samples, :mod:`vtprune.engine.groups`).
+        batch_size: samples per ``generate`` call (left-padded; a LLaVA-NeXT / Qwen batch of mixed
+            image sizes runs as groups of alike samples, :mod:`vtprune.engine.groups`).
         max_new_tokens: greedy tokens per answer; the answer is the first line of the decoded text.
 
     Returns:

@@ -31,10 +31,6 @@ def is_bundled(pretrained: Any) -> bool:
     return isinstance(pretrained, str) and pretrained in BUNDLED_NAMES
 
 
-def _complete(directory) -> bool:
-    return (directory / "model.safetensors").is_file() and (directory / "processor_config.json").is_file()
-
-
 def bundled_checkpoint() -> str:
     """Directory of the bundled model as a ``save_pretrained`` checkpoint (model + processor).
 
@@ -50,9 +46,9 @@ def bundled_checkpoint() -> str:
     from vtprune.models import default
 
     directory = default.default_cache_dir()
-    if not _complete(directory):
+    if not default.is_saved_checkpoint(directory):
         default.load_default()
-    if not _complete(directory):
+    if not default.is_saved_checkpoint(directory):
         raise OSError(f"the bundled model could not be saved under {default.cache_root()}; "
                       "set VTPRUNE_CACHE to a writable directory")
     return str(directory)

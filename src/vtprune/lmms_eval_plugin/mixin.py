@@ -77,7 +77,7 @@ class VTPruneMixin:
         moves it to ``device``, which is what the stock code did with transformers 4."""
         params = self._stock_parameters()
         if "device" in params and stock.get("device") is None:
-            from vtprune.cli import default_device
+            from vtprune.inputs import default_device
 
             stock = {**stock, "device": default_device()}
         if "device_map" in params and stock.get("device_map", "") == "":

@@ -3,7 +3,7 @@ convert the values, validate them with vtprune's own checks; summarise the per-r
 
 lmms-eval splits ``--model_args`` on commas (not inside ``[...]``, ``{...}`` or quotes) and converts each
 value itself (``true`` / ``false`` -> bool, digits -> int, else float if it parses, else the string). Values
-that reach vtprune as strings are converted with :func:`vtprune.cli.parse_value` after dropping one pair
+that reach vtprune as strings are converted with :func:`vtprune.methods.parse_value` after dropping one pair
 of enclosing quotes or brackets, so a list option is written ``layers=[8,16,24]`` (PDrop's stages).
 """
 
@@ -12,8 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from vtprune.cli import parse_value
-from vtprune.methods import make_method
+from vtprune.methods import make_method, parse_value
 
 # report fields averaged over requests (see :func:`summarize`): name -> path in one sample's report
 SUMMARY_FIELDS: dict[str, tuple[str, ...]] = {
@@ -31,7 +30,7 @@ def parse_model_value(value: Any) -> Any:
 
     Non-strings (already converted by lmms-eval) are returned unchanged. A string loses one pair of
     enclosing quotes (``'...'``, ``"..."``) or brackets (``[...]``, ``(...)``) and is then parsed by
-    :func:`vtprune.cli.parse_value`: ``"[8,16,24]"`` -> ``[8, 16, 24]``, ``"fixed"`` -> ``"fixed"``,
+    :func:`vtprune.methods.parse_value`: ``"[8,16,24]"`` -> ``[8, 16, 24]``, ``"fixed"`` -> ``"fixed"``,
     ``"4"`` -> ``4``. Note that lmms-eval turns ``-2`` into ``-2.0`` before vtprune sees it.
     """
     if not isinstance(value, str):

@@ -78,7 +78,12 @@ def least_pooled(g) -> int:
     :func:`pooled_grid` accepts."""
     extra = min(g.separators, 1)
     return min(a * (b + extra) for a in range(1, g.rows + 1) for b in range(1, g.cols + 1)
-               if 0.5 <= (a / b) / (g.rows / g.cols) <= 2.0)
+               if aspect_fits(a, b, g.rows, g.cols))
+
+
+def aspect_fits(a: int, b: int, h: int, w: int) -> bool:
+    """Whether an ``a x b`` pooled grid keeps the ``h x w`` grid's aspect within a factor of 2."""
+    return 0.5 <= (a / b) / (h / w) <= 2.0
 
 
 def split_budget(keep: int, grids) -> list[int]:
@@ -109,7 +114,7 @@ def pooled_grid(budget: int, h: int, w: int, row_extra: int = 0) -> tuple[int, i
     best = None
     for a in range(1, h + 1):
         for b in range(1, w + 1):
-            if a * (b + row_extra) > budget or not (0.5 <= (a / b) / (h / w) <= 2.0):
+            if a * (b + row_extra) > budget or not aspect_fits(a, b, h, w):
                 continue
             aw, bh = a * w, b * h  # exact aspect distance, so ties break the same way everywhere
             key = (a * b, -Fraction(max(aw, bh), min(aw, bh)), b)

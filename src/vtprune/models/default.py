@@ -288,6 +288,12 @@ def assemble(projector_path: str | os.PathLike | None = PROJECTOR_PATH, dtype: t
     return model.to(dtype).eval(), processor
 
 
+def is_saved_checkpoint(directory: Path) -> bool:
+    """Whether ``directory`` holds a complete ``save_pretrained`` checkpoint of model and processor (what
+    :func:`load_default` writes into :func:`default_cache_dir`)."""
+    return (directory / "model.safetensors").is_file() and (directory / "processor_config.json").is_file()
+
+
 def default_cache_dir() -> Path:
     """The folder where :func:`load_default` saves (and later reloads) the assembled bundled model, a
     ``save_pretrained`` checkpoint keyed by the weight files and the transformers version. Raises
@@ -336,7 +342,7 @@ def load_default(dtype: torch.dtype = torch.float32, device: str | torch.device 
     if importlib.util.find_spec("efficientnet_lite_pytorch") is None:
         raise ImportError("The EfficientNet-Lite module code is missing: `pip install efficientnet_lite_pytorch`.")
     cdir = default_cache_dir()
-    if (cdir / "model.safetensors").is_file() and (cdir / "processor_config.json").is_file():
+    if is_saved_checkpoint(cdir):
         try:
             model = LlavaForConditionalGeneration.from_pretrained(cdir, dtype=dtype)
             processor = LlavaProcessor.from_pretrained(cdir)
