@@ -101,7 +101,7 @@ def test_spec_rejects_bad_values(field, value):
     (["--arch", "tiny", "--new-tokens", "0"], "new_tokens must be an int >= 1"),
     (["--arch", "tiny", "--model", "x"], "not allowed with argument"),
     (["--arch", "tiny", "--budgets", "a,b"], "expected a comma-separated list of int or 'default'"),
-    (["--arch", "tiny", "--attn", "flash_attention_2"], "invalid choice"),
+    (["--arch", "tiny", "--attn", "flash_attention_3"], "invalid choice"),
 ])
 def test_cli_bench_bad_input(capsys, monkeypatch, argv, match):
     def boom(*a, **k):

@@ -177,7 +177,9 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--prompt-tokens", type=int, default=60, help="text tokens around the image (default 60)")
     b.add_argument("--new-tokens", type=int, default=16, help="new tokens per generation, exactly (default 16)")
     b.add_argument("--dtype", choices=DTYPES, default=None, help="default float32 on CPU, bfloat16 on GPU")
-    b.add_argument("--attn", choices=ATTENTION, default="sdpa", help="attention implementation (default sdpa)")
+    b.add_argument("--attn", choices=ATTENTION, default="sdpa",
+                   help="attention implementation (default sdpa); flash_attention_2 needs flash_attn and a CUDA device, "
+                        "and runs ParVTS's packed two-path layers with SDPA")
     b.add_argument("--repeats", type=int, default=3, help="timed rounds; medians are reported (default 3)")
     b.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
     b.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (default 0)")
@@ -298,16 +300,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
                             prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeats=args.repeats,
                             warmup=args.warmup, seed=args.seed, matmul_size=args.matmul_size,
                             copy_bytes=args.copy_mb << 20 if args.copy_mb else None)
+    device = args.device or default_device()
+    dtype = resolve_dtype(args.dtype, device)
     with user_errors(ValueError):
         spec.validate()
         runner.check_methods(spec.methods)
+        archs.check_attention(args.attn, device, dtype)  # before building or loading anything
         if args.arch:  # check budgets against the architecture before allocating it
             cfg = archs.arch_config(args.arch)
             runner.plan_cases(spec.methods, spec.budgets, archs.image_tokens(cfg), cfg.text_config.num_hidden_layers)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = args.device or default_device()
-    dtype = resolve_dtype(args.dtype, device)
     label = args.arch or (Path(args.model).name if args.model and not is_default_model(args.model)
                           else _default_model_id().split("/")[-1])
     _log(f"{'building' if args.arch else 'loading'} {label} ({str(dtype).removeprefix('torch.')}, {device}, {args.attn})")

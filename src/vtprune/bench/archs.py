@@ -11,11 +11,14 @@ dominates. ``tiny`` (16 visual tokens, 6 layers) is for tests.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 
 import torch
 
-ATTENTION = ("sdpa", "eager")  # what the vtprune engine supports (vtprune.engine.run.SUPPORTED_ATTENTION)
+# what `vtprune bench --attn` accepts (the engine also runs flash_attention_3: vtprune.engine.run.SUPPORTED_ATTENTION)
+ATTENTION = ("sdpa", "eager", "flash_attention_2")
+FLASH_DTYPES = (torch.float16, torch.bfloat16)  # what the flash_attn kernels compute in
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,35 @@ def image_tokens(config) -> int:
     return n + 1 if getattr(config, "vision_feature_select_strategy", "default") == "full" else n
 
 
+def check_attention(attn: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> None:
+    """Check, before anything is built or loaded, that attention implementation ``attn`` can run here.
+
+    ``flash_attention_2`` needs the ``flash_attn`` package, a CUDA device (``device`` a CUDA one and CUDA
+    available) and a float16 / bfloat16 ``dtype`` (None: not checked). The engine gives FlashAttention only
+    "causal + left padding" masks and runs ParVTS's packed two-path layers with SDPA (vtprune.engine.scoring).
+
+    Raises:
+        ValueError: unknown implementation, or what ``flash_attention_2`` misses here; the message names
+            the accepted implementations.
+    """
+    accepted = ", ".join(ATTENTION)
+    if attn not in ATTENTION:
+        raise ValueError(f"unsupported attention implementation {attn!r}; accepted: {accepted}")
+    if attn != "flash_attention_2":
+        return
+    missing = []
+    if importlib.util.find_spec("flash_attn") is None:
+        missing.append("the flash_attn package is not installed (pip install flash-attn)")
+    if not str(device).startswith("cuda") or not torch.cuda.is_available():
+        missing.append(f"it runs on a CUDA device only (device {str(device)!r}"
+                       f"{'' if torch.cuda.is_available() else ', no CUDA device available'})")
+    if dtype is not None and dtype not in FLASH_DTYPES:
+        missing.append(f"it computes in float16 / bfloat16 only (dtype {str(dtype).removeprefix('torch.')})")
+    if missing:
+        raise ValueError(f"attention implementation 'flash_attention_2' cannot run here: {'; '.join(missing)}. "
+                         f"Accepted: {accepted} (sdpa and eager run everywhere)")
+
+
 def build_model(name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                 attn: str = "sdpa", seed: int = 0):
     """A stock ``LlavaForConditionalGeneration`` of architecture ``name`` with random weights, in eval mode.
@@ -110,17 +142,17 @@ def build_model(name: str, dtype: torch.dtype = torch.float32, device: str | tor
         name: one of :data:`ARCHS`.
         dtype: parameter dtype.
         device: where to allocate (the 7B architecture needs ~14 GB in bf16, 28 GB in fp32).
-        attn: attention implementation, ``"sdpa"`` or ``"eager"``.
+        attn: attention implementation, one of :data:`ATTENTION` (see :func:`check_attention`).
         seed: seed of the random weights.
 
     Raises:
-        ValueError: unknown name or attention implementation (the message names the accepted ones).
+        ValueError: unknown name, or an attention implementation that is unknown or cannot run on
+            ``device`` / ``dtype`` here (the message names the accepted ones).
     """
     from transformers import LlavaForConditionalGeneration
 
-    if attn not in ATTENTION:
-        raise ValueError(f"unsupported attention implementation {attn!r}; accepted: {', '.join(ATTENTION)}")
     cfg = arch_config(name)
+    check_attention(attn, device, dtype)
     torch.manual_seed(seed)
     with torch.device(device):
         model = LlavaForConditionalGeneration._from_config(cfg, attn_implementation=attn, dtype=dtype)

@@ -102,6 +102,20 @@ def build_mask(
     )
 
 
+def padding_mask(index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The 2-D padding mask FlashAttention takes, for a single-path layer whose keys are the tokens
+    ``index`` (LongTensor [B, n], ascending per row, so padding tokens come first: left padding).
+
+    Args:
+        index: key token indices [B, n] (a layer's prefill sequence, or its KV cache in cache order).
+        valid: BoolTensor [B, S_total], False at the model's padding tokens.
+
+    Returns:
+        BoolTensor [B, n], True at real keys. The kernel adds causality (aligned to the end of the keys).
+    """
+    return torch.gather(valid, 1, index.to(valid.device))
+
+
 def locate(sorted_index: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
     """Slots of ``wanted`` token indices in a layout whose ``index`` is sorted per row.
 

@@ -7,6 +7,12 @@ a decode step. Before each decoder layer it lets the method act, then gives the 
 position embeddings, position ids and attention mask of the layer's (possibly pruned or packed)
 sequence. Layers whose sequence and cache are the stock ones are left untouched, so with nothing pruned
 the model computes exactly what it computes without vtprune.
+
+Masks per attention implementation (``_layer_mask``): SDPA gets None where its causal kernel is exact
+(single path, no padding), else a [B, 1, q, k] boolean mask; eager always an additive float mask; a
+FlashAttention model (``flash_attention_2`` / ``_3``) None or a [B, k] padding mask of the layer's keys
+(left padding), and a [B, 1, q, k] boolean mask only on ParVTS's packed layers, which the scoring entry
+runs with SDPA instead (FlashAttention has no arbitrary masks; see ``engine/scoring.py``).
 """
 
 from __future__ import annotations
@@ -18,12 +24,19 @@ import torch
 from vtprune.adapters import adapter_for
 from vtprune.engine import scoring
 from vtprune.engine.groups import generate_in_groups, merge_reports
-from vtprune.engine.layout import PAD, Layout, build_mask, gather_position_embeddings, gather_tokens
+from vtprune.engine.layout import (
+    PAD,
+    Layout,
+    build_mask,
+    gather_position_embeddings,
+    gather_tokens,
+    padding_mask,
+)
 from vtprune.engine.ledger import Dims, Ledger, Timer
 from vtprune.engine.state import Generation
 from vtprune.methods import Method, make_method
 
-SUPPORTED_ATTENTION = ("sdpa", "eager")
+SUPPORTED_ATTENTION = ("sdpa", "eager", *scoring.FLASH)
 
 
 class Run:
@@ -59,6 +72,7 @@ class Run:
             raise ValueError(f"attention implementation {impl!r} is not supported yet; load the model with "
                              f"attn_implementation one of {list(SUPPORTED_ATTENTION)}")
         self._orig_impl = impl
+        self._flash = impl in scoring.FLASH
         name = scoring.register(impl)
         try:
             model, lm = self.model, self.adapter.language_model
@@ -279,10 +293,7 @@ class Run:
         if self._pe_cache is None or self._pe_cache[0] is not lay:
             pe = gather_position_embeddings(gen.orig_pe, lay.index) if gen.orig_pe is not None else None
             pos = gather_tokens(gen.orig_pos, lay.index) if gen.orig_pos is not None else None
-            mask = None
-            if lay.group is not None or gen.has_padding or self._orig_impl != "sdpa":
-                mask = build_mask(lay, lay, gen.valid, self._mask_dtype())
-            self._pe_cache = (lay, pe, pos, mask)
+            self._pe_cache = (lay, pe, pos, self._layer_mask(lay, lay))
         _, pe, pos, mask = self._pe_cache
         kwargs["position_embeddings"] = pe
         if "position_ids" in kwargs:
@@ -290,8 +301,20 @@ class Run:
         kwargs["attention_mask"] = mask
 
     def _mask_dtype(self):
-        """None (boolean mask) for SDPA; the model dtype (additive mask) for eager attention."""
+        """None (boolean mask) for SDPA and FlashAttention's SDPA fallback; the model dtype (additive mask)
+        for eager attention."""
         return self.model.dtype if self._orig_impl == "eager" else None
+
+    def _layer_mask(self, query: Layout, keys: Layout) -> torch.Tensor | None:
+        """The attention mask of a layer whose queries / keys are ``query`` / ``keys`` (see the module
+        docstring): None, a [B, n_k] padding mask (FlashAttention) or a [B, 1, n_q, n_k] mask."""
+        gen = self.gen
+        packed = query.group is not None or keys.group is not None
+        if self._flash and not packed:
+            return padding_mask(keys.index, gen.valid) if gen.has_padding else None
+        if packed or gen.has_padding or self._orig_impl != "sdpa":
+            return build_mask(query, keys, gen.valid, self._mask_dtype())
+        return None
 
     def _record_prefill(self, layer) -> None:
         gen = self.gen
@@ -324,7 +347,7 @@ class Run:
             if key not in self._mask_cache:
                 keys = Layout(gen.key_index(layer))
                 query = Layout(torch.full((gen.batch_size, 1), gen.total_length() - 1, device=keys.index.device))
-                self._mask_cache[key] = build_mask(query, keys, gen.valid, self._mask_dtype())
+                self._mask_cache[key] = self._layer_mask(query, keys)
             mask = self._mask_cache[key]
         kwargs["attention_mask"] = mask
         return args, kwargs
