@@ -121,6 +121,17 @@ def test_cli_eval_writes_tables_and_plots(tmp_path, capsys):
     assert len(runner.read_records(out / "results.jsonl")) == 4
     if importlib.util.find_spec("matplotlib") is not None:
         assert (out / "accuracy_vs_budget.png").stat().st_size > 1000
+    # records of another data set in the same results.jsonl: an eval run tables its own sets only,
+    # --tables-only tables every record (or --data's), answering nothing
+    other = [{**r, "data": "scenes", "id": f"x{r['id']}"} for r in runner.read_records(out / "results.jsonl")]
+    with (out / "results.jsonl").open("a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in other)
+    (out / "results.csv").unlink()
+    assert cli.main(["eval", "--tables-only", "--out", str(out), "--no-plots"]) == 0
+    csv = (out / "results.csv").read_text()
+    assert "\nimagenet-pope," in csv and "\nscenes," in csv
+    assert cli.main(["eval", "--tables-only", "--out", str(out), "--data", "scenes", "--no-plots"]) == 0
+    assert "\nimagenet-pope," not in (out / "results.csv").read_text()
 
 
 @pytest.mark.parametrize("argv,match", [
@@ -128,6 +139,9 @@ def test_cli_eval_writes_tables_and_plots(tmp_path, capsys):
     (["--data", "imagenet-pope", "--methods", "fastvv"], "unknown method 'fastvv'"),
     (["--data", "imagenet-pope", "--budgets", "half"], "budget 'half'"),
     (["--data", "imagenet-pope", "--batch", "0"], "--batch must be >= 1"),
+    ([], "--data is required"),
+    (["--tables-only"], "--tables-only needs --out"),
+    (["--tables-only", "--out", "/nonexistent/ev"], "no records in /nonexistent/ev/results.jsonl"),
 ])
 def test_cli_eval_bad_input_is_a_one_line_error(argv, match, capsys):
     assert cli.main(["eval", *argv]) == 2

@@ -31,9 +31,9 @@ def add_parsers(sub) -> None:
                        description="Answer every sample of the data sets under the unpruned model and every "
                                    "method x budget; append one JSON line per answer to OUT/results.jsonl (a rerun "
                                    "skips what is done) and write results.csv, results.md and two plots.")
-    e.add_argument("--data", type=parse_list(str), required=True,
+    e.add_argument("--data", type=parse_list(str), default=None,
                    help="comma-separated data sets (see vtprune.eval.DATASETS: imagenet-pope, scenes, easy-vqa, "
-                        "pope-coco)")
+                        "pope-coco); required unless --tables-only")
     e.add_argument("--split", default="test", help="data split (default test)")
     e.add_argument("--methods", type=parse_list(str), default=list(DEFAULT_EVAL_METHODS),
                    help=f"comma-separated methods (default {','.join(DEFAULT_EVAL_METHODS)}); the unpruned model "
@@ -48,6 +48,9 @@ def add_parsers(sub) -> None:
     e.add_argument("--seed", type=int, default=0, help="seed of the data sets' random choices (default 0)")
     e.add_argument("--out", default=None, help="output folder (default eval-results/<data>-<model>/)")
     e.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
+    e.add_argument("--tables-only", action="store_true",
+                   help="answer nothing: rewrite the tables and plots of --out from every record in its "
+                        "results.jsonl (only --data's sets when given)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
     e.add_argument("--dtype", choices=DTYPES, default=None, help="default float32 on CPU, bfloat16 on GPU")
@@ -91,8 +94,12 @@ def add_parsers(sub) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """``vtprune eval``: check everything cheap first, then load the model, run, write, print."""
-    from vtprune.eval import datasets, runner, tables
+    from vtprune.eval import datasets, runner
 
+    if args.tables_only:
+        return _tables_only(args)
+    if not args.data:
+        raise UsageError("--data is required (one or more data sets), unless --tables-only")
     for flag, value, lo in (("--batch", args.batch, 1), ("--max-new-tokens", args.max_new_tokens, 1),
                             ("--limit", args.limit, 0)):
         if value is not None and value < lo:
@@ -117,8 +124,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
         records = runner.run_eval(model, processor, samples, conds, out / "results.jsonl", batch_size=args.batch,
                                   max_new_tokens=args.max_new_tokens, progress=not args.no_progress, log=_log)
     records = [r for r in records if r["data"] in samples]
-    paths = tables.write_all(records, out, plots=not args.no_plots)
     (out / "command.txt").write_text(f"{datetime.date.today()}  vtprune {' '.join(getattr(args, 'argv', []))}\n")
+    return _write_tables(records, out, plots=not args.no_plots)
+
+
+def _tables_only(args: argparse.Namespace) -> int:
+    """``vtprune eval --tables-only``: the tables and plots of every record already in ``--out``."""
+    from vtprune.eval import runner
+
+    if not args.out:
+        raise UsageError("--tables-only needs --out, the folder that holds results.jsonl")
+    path = Path(args.out) / "results.jsonl"
+    records = runner.read_records(path)
+    if args.data:
+        records = [r for r in records if r["data"] in args.data]
+    if not records:
+        raise UsageError(f"no records{' of ' + ','.join(args.data) if args.data else ''} in {path}")
+    return _write_tables(records, Path(args.out), plots=not args.no_plots)
+
+
+def _write_tables(records: list[dict], out: Path, plots: bool) -> int:
+    from vtprune.eval import tables
+
+    paths = tables.write_all(records, out, plots=plots)
     print(tables.markdown(tables.summarize(records)))
     _log("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
