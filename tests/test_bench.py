@@ -129,6 +129,14 @@ def test_ideal_speedups_arithmetic():
     assert out["roofline_ms"]["pruned"]["prefill"]["bound"] == "compute"
 
 
+def test_median_interval_is_the_binomial_order_statistic_interval():
+    assert measure.median_interval([1, 2, 3, 4, 5]) is None  # P(all 5 on one side) = 1/32 > 2.5 %
+    assert measure.median_interval([6, 1, 5, 2, 4, 3]) == (1, 6)  # 1/64 <= 2.5 % < 7/64
+    assert measure.median_interval(range(1, 10)) == (2, 8)
+    assert measure.median_interval([*range(30, 0, -1), None]) == (10, 21)  # the textbook ranks for n = 30
+    assert measure.median_interval(range(1, 31), level=0.5) == (13, 18)  # P(X <= 12) = 0.18 <= 0.25 < P(X <= 13)
+
+
 def test_peak_memory_reports_a_kind_or_a_reason():
     with measure.PeakMemory("cpu") as mem:
         torch.ones(1 << 20)
@@ -201,8 +209,14 @@ def test_bench_overhead_and_scoring(tiny_run):
     ov = result["overhead"]
     assert ov["target_end_to_end_ratio"] == 1.02
     assert ov["end_to_end_ratio"] > 0 and isinstance(ov["within_target"], bool)
+    assert ov["end_to_end_ratio_paired_interval"] is None and ov["target_resolved"] is False  # 2 rounds: no interval
     sc = result["scoring"]
     assert sc["none"]["calls_prefill"] == sc["none"]["calls_decode"] == 0
     assert sc["fastv@4"]["calls_prefill"] == 1 and sc["fastv@4"]["calls_decode"] == 0
     assert sc["st3@4"]["calls_decode"] > 0 and sc["st3@4"]["ms_per_call_decode"] > 0
     assert sc["parvts@4"]["calls_prefill"] >= 1
+    layers, new_tokens = 6, result["spec"]["new_tokens"]  # the tiny arch
+    for name, s in sc.items():  # every forward: model pre + forward hook, LM pre-hook, per layer pre-hook + listener
+        assert s["hook_calls"] == new_tokens * (3 + 2 * layers), name
+        assert 0 < s["hook_ms"] and 0 < s["wrapper_ms"] and s["host_share_of_stock_end_to_end"] > 0
+        assert s["hook_ms"] >= s["total_ms"]  # scoring runs inside the attention listener

@@ -5,6 +5,7 @@ a call (torch's FlopCounterMode) and parameter bytes.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -74,6 +75,27 @@ def median(values):
     """Median of the non-None values, or None if there are none."""
     vals = [v for v in values if v is not None]
     return statistics.median(vals) if vals else None
+
+
+def median_interval(values, level: float = 0.95):
+    """Distribution-free confidence interval of the median of ``values`` (the non-None ones).
+
+    The interval between the j-th smallest and the j-th largest value, j the largest rank with
+    P(Binomial(n, 1/2) <= j - 1) <= (1 - level) / 2: it covers the true median with probability >= ``level``
+    whatever the distribution, for independent values (Conover, Practical Nonparametric Statistics, 3.6).
+    Used on per-round paired ratios, so drift shared by the two cases of a round cancels.
+
+    Returns:
+        ``(low, high)``, or None when fewer values are given than any such interval needs (6 at 0.95).
+    """
+    vals = sorted(v for v in values if v is not None)
+    n, tail, cdf, j = len(vals), (1.0 - level) / 2.0, 0.0, 0
+    while j < n:  # cdf = P(X <= j - 1) before the step
+        nxt = cdf + math.comb(n, j) / 2.0 ** n
+        if nxt > tail:
+            break
+        cdf, j = nxt, j + 1
+    return (vals[j - 1], vals[n - j]) if j >= 1 else None
 
 
 # ---------------------------------------------------------------------------------------- memory

@@ -22,6 +22,18 @@ def _r(v) -> str:
     return "-" if v is None else f"{v:.2f}"
 
 
+def _interval(overhead: dict) -> str:
+    iv = overhead.get("end_to_end_ratio_paired_interval")
+    if iv is None:
+        return ", too few rounds for a 95 % interval"
+    verdict = "resolves the target" if overhead.get("target_resolved") else "cannot resolve the target"
+    return f", 95 % interval {_r(iv[0])}-{_r(iv[1])}: {verdict}"
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{v:.1%}"
+
+
 def _ms(v) -> str:
     return "-" if v is None else (f"{v:.1f}" if v >= 10 else f"{v:.2f}")
 
@@ -63,7 +75,8 @@ def markdown(result: dict) -> str:
     ov = result.get("overhead")
     if ov:
         lines.append(f"- machinery overhead (`none` attached / stock): end-to-end {_r(ov['end_to_end_ratio'])} "
-                     f"(paired median {_r(ov['end_to_end_ratio_paired_median'])}; target <= {ov['target_end_to_end_ratio']}), "
+                     f"(paired median {_r(ov['end_to_end_ratio_paired_median'])}{_interval(ov)}; "
+                     f"target <= {ov['target_end_to_end_ratio']}), "
                      f"TTFT {_r(ov['ttft_ratio'])}, decode {_r(ov['decode_per_token_ratio'])}")
     lines += ["", "## Measurements (medians; ms)", "",
               "| case | equiv. budget | TTFT ms (roofline) | decode ms/token (roofline) | end-to-end ms | tokens/s "
@@ -101,15 +114,18 @@ def markdown(result: dict) -> str:
                          f"{_x(s.get('roofline_ideal', {}).get(phase))} | "
                          f"{_r(s.get('measured_over_roofline', {}).get(phase))} | {bound} |")
     if result.get("scoring"):
-        lines += ["", "## Scoring cost (partial attention rows beside the fused kernel; one call per scored layer)", "",
+        lines += ["", "## Scoring cost (partial attention rows beside the fused kernel; one call per scored layer) "
+                  "and host time in the engine's hooks and generate wrapper (one extra, untimed generation per case)", "",
                   "| case | scored layers, prefill | ms / layer, prefill | scored layers / decode step | "
-                  "ms / layer, decode | total ms | share of end-to-end |",
-                  "|---|---|---|---|---|---|---|"]
+                  "ms / layer, decode | total ms | share of end-to-end | hook calls | hook ms (host) "
+                  "| generate wrapper ms (host) | host ms / stock end-to-end |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, s in result["scoring"].items():
-            share = s.get("share_of_end_to_end")
             lines.append(f"| {name} | {s['calls_prefill']} | {_ms(s['ms_per_call_prefill'])} | "
                          f"{_r(s['layers_scored_per_decode_step'])} | {_ms(s['ms_per_call_decode'])} | "
-                         f"{_ms(s['total_ms'])} | {'-' if share is None else f'{share:.1%}'} |")
+                         f"{_ms(s['total_ms'])} | {_pct(s.get('share_of_end_to_end'))} | {s.get('hook_calls', '-')} "
+                         f"| {_ms(s.get('hook_ms'))} | {_ms(s.get('wrapper_ms'))} "
+                         f"| {_pct(s.get('host_share_of_stock_end_to_end'))} |")
     lines += ["", "Roofline ms: the roofline time of the case's own work on this machine's measured ceilings. "
               "FLOPs-ideal: decoder FLOPs (ledger, exact convention) unpruned / pruned. Roofline-ideal: per phase "
               "max(FLOPs / matmul rate, bytes / copy bandwidth) with vision tower, LM head, weights and KV bytes "
