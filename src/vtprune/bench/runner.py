@@ -33,8 +33,9 @@ Protocol (:func:`run_bench`):
    share of the end-to-end time. The same pass times the engine's hooks on the host (``HOOKS``: the
    model, language-model and per-layer pre-hooks, the model's forward hook and the attention listener;
    perf_counter, no synchronisation) and its ``generate`` wrapper outside the model's own ``generate``:
-   host ms per generation that vtprune adds, the method's own work in them included. For ``none`` that is the machinery alone; on CPU, where every op runs on the host, it
-   adds to the wall clock one for one, so it measures the overhead without the rounds' noise.
+   host ms per generation that vtprune adds, the method's own work in them included. For ``none`` that
+   is the machinery alone; on CPU, where every op runs on the host, it adds to the wall clock one for
+   one, so it measures the overhead without the rounds' noise.
 
 Attaching and detaching vtprune (hook registration, microseconds to milliseconds) is outside the timers.
 """
