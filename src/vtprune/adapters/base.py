@@ -9,9 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
+
+
+class SampleGroup(NamedTuple):
+    """Samples of a ``generate`` call that run as one batch (:meth:`Adapter.batch_groups`): their
+    indices in the call, and the indices (sample-major, among all images of the call) of their images."""
+
+    samples: list[int]
+    images: list[int]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,29 +146,26 @@ class Adapter:
         Default None: the config fixes the count."""
         return None
 
-    def batch_groups(self, input_ids: torch.Tensor, inputs: dict) -> list[list[int]] | None:
+    def batch_groups(self, input_ids: torch.Tensor, inputs: dict) -> list[SampleGroup] | None:
         """For a ``generate`` call: the samples grouped so that each group holds the same number of
         images and visual tokens per image (the engine then runs one ``generate`` per group and merges
-        the outputs), or None when the batch needs no split. From :meth:`image_counts_per_sample`."""
+        the outputs), or None when the batch needs no split. From :meth:`image_counts_per_sample`, read
+        once per call."""
         per_sample = self.image_counts_per_sample(input_ids, inputs)
         if per_sample is None:
             return None
         groups: dict[tuple[int, ...], list[int]] = {}
         for b, counts in enumerate(per_sample):
             groups.setdefault(tuple(counts), []).append(b)
-        return list(groups.values()) if len(groups) > 1 else None
+        if len(groups) == 1:
+            return None
+        owner = [b for b, images in enumerate(per_sample) for _ in images]  # image (sample-major) -> sample
+        return [SampleGroup(samples, [i for i, b in enumerate(owner) if b in samples]) for samples in groups.values()]
 
-    def images_of(self, inputs: dict, samples: list[int]) -> list[int]:
-        """Indices (sample-major, among all images of the call) of the images of ``samples``."""
-        per_sample = self.image_counts_per_sample(inputs["input_ids"], inputs) or []
-        owner = [b for b, images in enumerate(per_sample) for _ in images]
-        chosen = set(samples)
-        return [i for i, b in enumerate(owner) if b in chosen]
-
-    def select_samples(self, inputs: dict, samples: list[int]) -> dict:
-        """``inputs`` (a ``generate`` call's keyword arguments) restricted to ``samples`` (see
+    def select_samples(self, inputs: dict, group: SampleGroup) -> dict:
+        """``inputs`` (a ``generate`` call's keyword arguments) restricted to ``group`` (see
         :meth:`batch_groups`). Default: every tensor whose first dimension is the batch, by sample."""
-        return select_rows(inputs, samples, {})
+        return select_rows(inputs, group.samples, {})
 
     def attach_saliency(self, sink: Callable[[torch.Tensor], None]) -> list:
         """Register hooks that call ``sink(saliency)`` during the vision forward, with saliency a

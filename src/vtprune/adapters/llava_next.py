@@ -22,7 +22,14 @@ from collections.abc import Callable
 import torch
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-from vtprune.adapters.base import PatchGrid, images_per_sample, register_adapter, select_rows, visual_spans
+from vtprune.adapters.base import (
+    PatchGrid,
+    SampleGroup,
+    images_per_sample,
+    register_adapter,
+    select_rows,
+    visual_spans,
+)
 from vtprune.adapters.llava import LlavaAdapter
 
 NEWLINE = -1  # marks an ``image_newline`` token in a packing map
@@ -211,11 +218,11 @@ class LlavaNextAdapter(LlavaAdapter):
             return None
         return images_per_sample(input_ids, self.image_token_id, self.image_token_counts(inputs))
 
-    def select_samples(self, inputs: dict, samples: list[int]) -> dict:
-        """``inputs`` (a ``generate`` call's keyword arguments) restricted to ``samples``: per-sample tensors
-        by sample, ``pixel_values`` / ``image_sizes`` by those samples' images."""
-        images = torch.tensor(self.images_of(inputs, samples))
-        return select_rows(inputs, samples, {k: images for k in self.image_inputs})
+    def select_samples(self, inputs: dict, group: SampleGroup) -> dict:
+        """``inputs`` (a ``generate`` call's keyword arguments) restricted to ``group``: per-sample tensors
+        by sample, ``pixel_values`` / ``image_sizes`` by the group's images."""
+        images = torch.tensor(group.images)
+        return select_rows(inputs, group.samples, {k: images for k in self.image_inputs})
 
     # ------------------------------------------------------------------ saliency
     def attach_saliency(self, sink: Callable[[torch.Tensor], None]) -> list:

@@ -26,7 +26,14 @@ from collections.abc import Callable
 import torch
 from transformers.vision_utils import get_vision_window_index
 
-from vtprune.adapters.base import Adapter, images_per_sample, register_adapter, select_rows, visual_spans
+from vtprune.adapters.base import (
+    Adapter,
+    SampleGroup,
+    images_per_sample,
+    register_adapter,
+    select_rows,
+    visual_spans,
+)
 
 VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw")
 
@@ -106,14 +113,13 @@ class Qwen2VLAdapter(Adapter):
             return None
         return images_per_sample(input_ids, self.image_token_id, self.tokens_per_image_of(inputs))
 
-    def select_samples(self, inputs: dict, samples: list[int]) -> dict:
-        """``inputs`` restricted to ``samples``: per-sample tensors by sample, ``image_grid_thw`` by those
-        samples' images, ``pixel_values`` (patches of all images, concatenated) by those images' patch rows."""
-        images = self.images_of(inputs, samples)
+    def select_samples(self, inputs: dict, group: SampleGroup) -> dict:
+        """``inputs`` restricted to ``group``: per-sample tensors by sample, ``image_grid_thw`` by the
+        group's images, ``pixel_values`` (patches of all images, concatenated) by those images' patch rows."""
         patches = inputs["image_grid_thw"].prod(-1).tolist()
-        starts = [sum(patches[:i]) for i in range(len(patches))]
-        rows = torch.cat([torch.arange(starts[i], starts[i] + patches[i]) for i in images])
-        return select_rows(inputs, samples, {"image_grid_thw": torch.tensor(images), "pixel_values": rows})
+        rows = torch.arange(sum(patches)).split(patches)  # each image's patch rows
+        return select_rows(inputs, group.samples, {"image_grid_thw": torch.tensor(group.images),
+                                                   "pixel_values": torch.cat([rows[i] for i in group.images])})
 
     def visual_grid(self, visual: torch.Tensor, inputs: dict | None = None) -> tuple[int, int] | None:
         """(rows, cols) of each image's merged patches, row-major as the merger emits them: from

@@ -16,13 +16,13 @@ from collections.abc import Callable
 import torch
 
 
-def generate_in_groups(generate: Callable, adapter, groups: list[list[int]], kwargs: dict, pad_token_id: int):
+def generate_in_groups(generate: Callable, adapter, groups: list, kwargs: dict, pad_token_id: int):
     """Run ``generate(**sub_kwargs)`` for each group of samples and merge the sequences.
 
     Args:
         generate: the stock ``generate`` (with the engine's hooks attached).
         adapter: the model's adapter (``select_samples``).
-        groups: sample indices per group, covering ``range(B)``.
+        groups: the adapter's :class:`~vtprune.adapters.base.SampleGroup` s, whose samples cover ``range(B)``.
         kwargs: the caller's keyword arguments (``input_ids`` [B, S] among them).
         pad_token_id: fills the rows of groups that stopped before the longest.
 
@@ -40,12 +40,12 @@ def generate_in_groups(generate: Callable, adapter, groups: list[list[int]], kwa
     input_ids = kwargs["input_ids"]
     batch, length = input_ids.shape
     outputs = []
-    for samples in groups:
-        sub = trim_left_padding(adapter.select_samples(kwargs, samples))
+    for group in groups:
+        sub = trim_left_padding(adapter.select_samples(kwargs, group))
         out = generate(**sub)
         if not torch.is_tensor(out):  # e.g. return_dict_in_generate set in the model's generation_config
             raise refused
-        outputs.append((samples, sub["input_ids"].shape[1], out))
+        outputs.append((group.samples, sub["input_ids"].shape[1], out))
     rows = outputs[0][2].shape[0] // len(outputs[0][0])  # sequences per sample
     new = max(out.shape[1] - prompt for _, prompt, out in outputs)
     merged = torch.full((batch * rows, length + new), pad_token_id, dtype=input_ids.dtype, device=input_ids.device)

@@ -136,7 +136,7 @@ class Run:
             return out
 
         merged = generate_in_groups(one_group, self.adapter, groups, kwargs, self._pad_token_id(kwargs))
-        self._group_report = merge_reports(list(zip(groups, reports, strict=True)), ids.shape[0])
+        self._group_report = merge_reports([(g.samples, r) for g, r in zip(groups, reports, strict=True)], ids.shape[0])
         return merged
 
     def _pad_token_id(self, kwargs) -> int:

@@ -11,6 +11,7 @@ L decoder layers. Token indices are those of ``engine/layout.py``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -43,8 +44,6 @@ class Generation:
         self.num_layers = num_layers
         self.saliency: torch.Tensor | None = None  # set by the run before layer 0 when a method needs it
         self.grids_source: Callable[[], tuple | None] | None = None  # set by the run: the adapter's answer
-        self._grids: tuple | None = None
-        self._grids_read = False
         self.max_new_tokens = max_new_tokens
         self.pads = (~valid).sum(1).tolist()  # per-sample left padding (one host sync, prefill only)
         self.has_padding = any(self.pads)
@@ -69,17 +68,10 @@ class Generation:
         self.cache = None
 
     # ------------------------------------------------------------------ reading
-    @property
+    @functools.cached_property
     def visual_grids(self) -> tuple | None:
         """PatchGrids of each image's visual tokens, if known (from ``grids_source``, read once)."""
-        if not self._grids_read:
-            self._grids = self.grids_source() if self.grids_source is not None else None
-            self._grids_read = True
-        return self._grids
-
-    @visual_grids.setter
-    def visual_grids(self, grids: tuple | None) -> None:
-        self._grids, self._grids_read = grids, True
+        return self.grids_source() if self.grids_source is not None else None
 
     @property
     def visual_grid(self) -> tuple[int, int] | None:
