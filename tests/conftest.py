@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
@@ -68,6 +70,18 @@ def batch(prompts: list[list[int]], seed: int = 0, images: int = 1):
     g = torch.Generator().manual_seed(seed)
     pix = torch.randn(len(prompts) * images, 3, 32, 32, generator=g)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pix}
+
+
+def cache_keyword(model) -> str:
+    """The keyword the model's forward takes its KV cache by: ``cache`` (transformers >= 5.24) or
+    ``past_key_values`` (earlier; 5.24 still accepts it, deprecated)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def output_cache(out):
+    """The KV cache a model output returns (``out.cache`` from transformers 5.24, ``past_key_values`` before)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 @pytest.fixture(scope="module")

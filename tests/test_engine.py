@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 import math
+import warnings
 
 import pytest
 import torch
-from conftest import IMAGE_TOKEN, N_VISUAL, batch, make_prompt, tiny_llava
+from conftest import IMAGE_TOKEN, N_VISUAL, batch, cache_keyword, make_prompt, output_cache, tiny_llava
 
 import vtprune
 from vtprune.methods.st3 import annealed, schedule
@@ -381,17 +383,47 @@ def test_decode_only_annealing_on_a_padded_batch(model):
     assert entries == [s - N_VISUAL + c + 9 for c in last]
 
 
-def test_hand_written_decode_loop_without_position_ids_matches_generate(model):
-    # ParVTS shortens layer 0's cache, from which the stock model would derive decode positions
+@pytest.mark.parametrize("keyword", ["installed", "past_key_values"])
+def test_hand_written_decode_loop_without_position_ids_matches_generate(model, keyword):
+    # ParVTS shortens layer 0's cache, from which the stock model would derive decode positions; the
+    # engine finds the cache by its type, under the keyword this transformers takes or the older one
+    keyword = cache_keyword(model) if keyword == "installed" else keyword  # 5.24 accepts both (one deprecated)
     inputs = batch(PROMPTS[:1])
-    with vtprune.apply(model, "parvts", budget=4):
+    with vtprune.apply(model, "parvts", budget=4), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the deprecated keyword
         expected = generate(model, inputs, max_new_tokens=5)
         out = model(**inputs, use_cache=True)
-        cache, tokens = out.past_key_values, [out.logits[:, -1].argmax(-1)]
+        cache, tokens = output_cache(out), [out.logits[:, -1].argmax(-1)]
         for _ in range(4):
-            out = model(input_ids=tokens[-1][:, None], past_key_values=cache, use_cache=True)
+            out = model(input_ids=tokens[-1][:, None], use_cache=True, **{keyword: cache})
             tokens.append(out.logits[:, -1].argmax(-1))
     assert torch.equal(torch.stack(tokens, 1), expected)
+
+
+def test_precomputed_vision_features(model):
+    # transformers >= 5.24 takes the vision features precomputed (mm_encoder_outputs); a method that needs
+    # the tower's saliency says so clearly, one that needs none runs as with pixel_values
+    if "mm_encoder_outputs" not in inspect.signature(model.forward).parameters:
+        pytest.skip("this transformers takes no precomputed vision features")
+    inputs = batch(PROMPTS[:1])
+    pixels = inputs.pop("pixel_values")
+    with torch.no_grad():
+        features = {"image": model.model.get_image_features(pixel_values=pixels, return_dict=True)}
+    with vtprune.apply(model, "fastv", budget=4):
+        expected = generate(model, {**inputs, "pixel_values": pixels}, max_new_tokens=5)
+        assert torch.equal(generate(model, {**inputs, "mm_encoder_outputs": features}, max_new_tokens=5), expected)
+    with vtprune.apply(model, "parvts", budget=4), pytest.raises(RuntimeError, match="mm_encoder_outputs"):
+        generate(model, {**inputs, "mm_encoder_outputs": features}, max_new_tokens=5)
+
+
+def test_a_generate_call_whose_cache_cannot_be_found_fails_loudly(model, monkeypatch):
+    # a future rename that hides the cache from the engine must raise, not re-run the prefill
+    import vtprune.engine.run as run_module
+
+    monkeypatch.setattr(run_module, "find_cache", lambda args, kwargs: None)
+    with vtprune.apply(model, "fastv", budget=4), pytest.raises(ValueError, match="carries no KV cache"):
+        generate(model, batch(PROMPTS[:1]), max_new_tokens=3)
+    assert not model._forward_pre_hooks and "generate" not in model.__dict__  # detached on the error
 
 
 @pytest.mark.parametrize("every", [1, 3])

@@ -26,7 +26,7 @@ import pytest
 import qwen_tiny
 import torch
 import transformers
-from conftest import N_VISUAL, batch, make_prompt, tiny_llava
+from conftest import N_VISUAL, batch, cache_keyword, make_prompt, output_cache, tiny_llava
 from test_llava_next import MIXED, tiny_llava_next
 from test_llava_next import inputs as next_inputs
 from test_llava_next import prompt as next_prompt
@@ -478,9 +478,9 @@ def test_decode_position_ids_of_the_adapter_do_not_sync(family, monkeypatch):
             model.model.rope_deltas = None
         with torch.no_grad(), SyncDetector(model) as det:
             out = model(**inputs, use_cache=True)
-            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            cache, token = output_cache(out), out.logits[:, -1:].argmax(-1)
             for _ in range(NEW - 1):
-                out = model(input_ids=token, past_key_values=cache, use_cache=True)
+                out = model(input_ids=token, use_cache=True, **{cache_keyword(model): cache})
                 token = out.logits[:, -1:].argmax(-1)
     s = inputs["input_ids"].shape[1]
     assert calls == list(range(s, s + NEW - 1))

@@ -23,6 +23,7 @@ import torch
 
 from vtprune.adapters import adapter_for
 from vtprune.engine import scoring
+from vtprune.engine.calls import find_cache, hidden_states_of, input_ids_of, missing_cache_error
 from vtprune.engine.groups import generate_in_groups, merge_reports
 from vtprune.engine.layout import (
     PAD,
@@ -60,6 +61,7 @@ class Run:
         self._max_new_tokens: int | None = None
         self._generate_ms: float | None = None
         self._generate_kwargs: dict = {}  # of the generate call in progress (adapters read e.g. image_sizes)
+        self._calls_in_generate: int | None = None  # model calls so far in the generate call in progress
         self._group_report: dict | None = None  # the merged report of a batch that ran as groups
 
     # ------------------------------------------------------------------ attach / detach
@@ -158,6 +160,7 @@ class Run:
         timer = Timer(self.model.device)
         timer.start()
         self._generate_kwargs = kwargs
+        self._calls_in_generate = 0
         try:
             return self._orig_generate(*args, **kwargs)
         finally:
@@ -165,15 +168,21 @@ class Run:
             self._generate_ms = timer.ms()[0]
             self._max_new_tokens = None
             self._generate_kwargs = {}
+            self._calls_in_generate = None
 
     # ------------------------------------------------------------------ hooks
     def _on_call(self, module, args, kwargs):
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = kwargs.get("past_key_values")
+        input_ids = input_ids_of(args, kwargs)
+        cache = find_cache(args, kwargs)
         if input_ids is None:
             raise ValueError("vtprune needs input_ids (it finds the visual tokens from the image token id); got inputs_embeds only")
         empty = cache is None or cache.get_seq_length() == 0
         gen = self.gen
+        if self._calls_in_generate is not None:
+            self._calls_in_generate += 1
+            # a later call of this generate that is shorter than its prompt can only be a decode step
+            if cache is None and self._calls_in_generate > 1 and gen is not None and input_ids.shape[1] < gen.prompt_length:
+                raise missing_cache_error(kwargs)
         if not empty and gen is not None and cache is gen.cache and input_ids.shape[1] == 1:
             gen.phase, gen.step = "decode", gen.step + 1
             gen.logits = {}
@@ -194,8 +203,7 @@ class Run:
         past = self.gen.prompt_length + self.gen.step - 1  # the stock cache length before this step
         if kwargs.get("position_ids") is not None or cache.get_seq_length() == past:
             return None
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        positions = self.adapter.decode_position_ids(past, input_ids)
+        positions = self.adapter.decode_position_ids(past, input_ids_of(args, kwargs))
         if positions is None:
             raise ValueError("vtprune: a decode call without position_ids after layer 0's KV cache was pruned would "
                              "continue at shifted positions; decode with model.generate() or pass position_ids")
@@ -264,12 +272,12 @@ class Run:
     def _prefill_layer(self, layer, args, kwargs):
         gen = self.gen
         if layer == 0:
-            gen.cache = kwargs.get("past_key_values")
+            gen.cache = find_cache(args, kwargs)
             gen.orig_pe = kwargs.get("position_embeddings")
             gen.orig_pos = kwargs.get("position_ids")
             if self.method.needs_saliency:
                 gen.saliency = self._collect_saliency()
-        hidden = args[0] if args else kwargs["hidden_states"]
+        hidden = hidden_states_of(args, kwargs)
         gen.hidden = hidden
         self.method.on_prefill_layer(gen)
         changed = gen.hidden is not hidden
@@ -372,7 +380,9 @@ class Run:
     def _collect_saliency(self) -> torch.Tensor:
         gen = self.gen
         if not self._saliency:
-            raise RuntimeError("the method needs a visual saliency but the vision tower did not run in this call")
+            raise RuntimeError("the method needs a visual saliency but the vision tower did not run under vtprune in "
+                               "this call (precomputed vision features, e.g. mm_encoder_outputs, carry none): pass "
+                               "pixel_values, or choose a method (option) that needs no saliency")
         sal = torch.cat(self._saliency, dim=0)
         self._saliency.clear()
         if sal.shape != (gen.batch_size * gen.n_images, gen.n_visual):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from fractions import Fraction
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -79,21 +80,30 @@ def resolve_budget(name: str, budget: int | None, keep_ratio: float | None, n_vi
                    allow_zero: bool = False) -> int:
     """Visual tokens to keep per image, from ``budget`` (int) or ``keep_ratio`` (float in (0, 1]).
 
-    Returns ``ceil(keep_ratio * n_visual)`` for a ratio. Raises ValueError if both or neither are
-    given, or the result is outside [1, n_visual] ([0, n_visual] with ``allow_zero``).
+    Returns ``ceil(keep_ratio * n_visual)`` for a ratio, computed exactly by :func:`ceil_fraction` (the
+    ratio read as the decimal it prints as: ``keep_ratio=0.07`` of 100 tokens keeps 7, not the 8 that the
+    float product 7.000000000000001 would round up to), at least 1. Raises ValueError if both or neither
+    are given, or the result is outside [1, n_visual] ([0, n_visual] with ``allow_zero``).
     """
     if (budget is None) == (keep_ratio is None):
         raise ValueError(f"{name}: give exactly one of budget (int tokens per image) or keep_ratio (float in (0, 1])")
     if keep_ratio is not None:
         if not (0.0 < float(keep_ratio) <= 1.0):
             raise ValueError(f"{name}: keep_ratio must be in (0, 1], got {keep_ratio}")
-        return max(1, math.ceil(float(keep_ratio) * n_visual))
+        return max(1, ceil_fraction(keep_ratio, n_visual))
     lo = 0 if allow_zero else 1
     if isinstance(budget, bool) or not isinstance(budget, int) or not (lo <= budget <= n_visual):
         raise ValueError(
             f"{name}: budget must be an int in [{lo}, {n_visual}] (visual tokens per image of this model), got {budget!r}"
         )
     return budget
+
+
+def ceil_fraction(ratio: float, n: int) -> int:
+    """``ceil(ratio * n)`` without float error: the ratio is taken as the shortest decimal that prints as
+    it (``repr``), so an exact product stays whole (0.07 x 100 = 7, 0.14 x 100 = 14, 0.125 x 64 = 8)
+    and any other is rounded up (0.125 x 196 = 24.5 -> 25)."""
+    return math.ceil(Fraction(repr(float(ratio))) * n)
 
 
 def check_choice(name: str, option: str, value, choices) -> None:

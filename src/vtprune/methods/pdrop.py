@@ -4,11 +4,10 @@ Pyramid Visual Redundancy Reduction", CVPR 2025)."""
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 
-from vtprune.methods.base import Method, check_layer, resolve_budget, solve_for_budget
+from vtprune.methods.base import Method, ceil_fraction, check_layer, resolve_budget, solve_for_budget
 
 
 @dataclasses.dataclass
@@ -81,6 +80,6 @@ def stages(n_visual: int, num_layers: int, layers: list[int], ratio: float) -> l
     out, current = [], n_visual
     for layer in range(num_layers):
         if layer in layers:
-            current = max(1, math.ceil(ratio * current - 1e-9))
+            current = max(1, ceil_fraction(ratio, current))
         out.append(current)
     return out

@@ -7,7 +7,14 @@ import math
 
 import torch
 
-from vtprune.methods.base import Method, check_choice, check_layer, resolve_budget, solve_for_budget
+from vtprune.methods.base import (
+    Method,
+    ceil_fraction,
+    check_choice,
+    check_layer,
+    resolve_budget,
+    solve_for_budget,
+)
 
 
 @dataclasses.dataclass
@@ -126,14 +133,14 @@ def schedule(n_visual: int, num_layers: int, ratio: float, start_layer: int, str
     out, current = [], n_visual
     for layer in range(num_layers):
         if layer >= start_layer and (layer - start_layer) % stride == 0:
-            current = max(1, math.ceil((1.0 - ratio) * current))
+            current = max(1, ceil_fraction(1.0 - ratio, current))
         out.append(current)
     return out
 
 
 def annealed(g: int, step: int, steps: int, floor_ratio: float, kind: str = "cosine") -> int:
     """VTA: visual entries a layer with PVTP count ``g`` keeps at decode step ``step`` of ``steps``."""
-    g_min = math.ceil(floor_ratio * g)
+    g_min = ceil_fraction(floor_ratio, g)
     frac = min(step, steps) / steps
     decay = 0.5 * (1.0 + math.cos(math.pi * frac)) if kind == "cosine" else 1.0 - frac if kind == "linear" else 1.0
     return max(1, math.ceil(g_min + (g - g_min) * decay - 1e-9))

@@ -4,7 +4,6 @@ Withdrawal for Rapid Inference", AAAI 2025)."""
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 
@@ -45,7 +44,7 @@ class VTW(Method):
             self.withdraw_layer = self.num_layers // 2 if self.layer is None else self.layer
         else:
             target = resolve_budget(self.name, self.budget, self.keep_ratio, n_visual, allow_zero=True)
-            self.withdraw_layer = min(self.num_layers, math.ceil(target * self.num_layers / n_visual - 1e-9))
+            self.withdraw_layer = min(self.num_layers, -(-target * self.num_layers // n_visual))  # exact ceil
 
     def on_prefill_layer(self, gen) -> None:
         if gen.layer == self.withdraw_layer and gen.visual_count() > 0:
