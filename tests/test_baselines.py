@@ -14,6 +14,7 @@ from conftest import N_VISUAL, batch, make_prompt
 import vtprune
 from vtprune.adapters import PatchGrid
 from vtprune.engine.state import Generation
+from vtprune.engine.view import GenerationView
 from vtprune.methods import make_method
 from vtprune.methods.pdrop import stages
 from vtprune.methods.pool import pooled_grid, split_budget, window_centres
@@ -39,16 +40,14 @@ def test_vtw_withdraws_every_visual_token_at_layer_k(model):
 
 @pytest.mark.parametrize("target,layer", [(4, 2), (0, 0), (8, 3), (N_VISUAL, 6)])
 def test_vtw_budget_picks_the_smallest_layer_meeting_the_equivalent_budget(target, layer):
-    m = make_method("vtw", budget=target)
-    m.validate(6)
-    m.check_visual(N_VISUAL)
-    assert m.withdraw_layer == layer  # K * 16 / 6 >= target, smallest such K
+    plan = make_method("vtw", budget=target).plan(6, N_VISUAL)
+    assert plan.layer == layer  # K * 16 / 6 >= target, smallest such K
 
 
 def test_pdrop_default_stages_and_counts(model):
     with vtprune.apply(model, "pdrop") as run:
         generate(model, batch(PROMPTS[:1]))
-    assert run.method.stage_layers == [2, 3, 4]  # L/4, L/2, 3L/4 of 6 layers, rounded
+    assert run.plan.layers == (2, 3, 4)  # L/4, L/2, 3L/4 of 6 layers, rounded
     assert run.report()["samples"][0]["visual_tokens_per_layer_prefill"] == [16, 16, 8, 4, 2, 2]
 
 
@@ -63,11 +62,9 @@ def test_pdrop_single_stage_selects_like_fastv(model):
 
 
 def test_pdrop_budget_solves_the_stage_ratio():
-    m = make_method("pdrop", budget=6, layers=[1, 3])
-    m.validate(6)
-    m.check_visual(N_VISUAL)
-    assert sum(m.G) / 6 >= 6
-    assert sum(stages(N_VISUAL, 6, [1, 3], m._ratio - 1e-3)) / 6 < 6  # the most pruning that meets it
+    plan = make_method("pdrop", budget=6, layers=[1, 3]).plan(6, N_VISUAL)
+    assert sum(plan.per_layer) / 6 >= 6
+    assert sum(stages(N_VISUAL, 6, [1, 3], plan.ratio - 1e-3)) / 6 < 6  # the most pruning that meets it
 
 
 def _gen(hidden_dim=4, saliency=None, n=N_VISUAL, prefix=2, question=3):
@@ -84,15 +81,23 @@ def _gen(hidden_dim=4, saliency=None, n=N_VISUAL, prefix=2, question=3):
     return gen
 
 
+def _act(m, gen):
+    """Plan ``m`` for ``gen``'s image and apply its actions before the current prefill layer, as the run
+    does; returns the plan."""
+    plan = m.plan(gen.num_layers, gen.n_visual)
+    for action in m.on_prefill_layer(GenerationView(gen), plan):
+        action.apply(gen)
+    return plan
+
+
 def test_random_keeps_a_seeded_uniform_subset():
     picks = []
     for seed in (0, 0, 1):
         gen = _gen()
         m = make_method("random", budget=5, seed=seed)
-        m.check_visual(N_VISUAL)
-        m.on_prefill_layer(gen)
-        assert gen.vis.shape == (1, 1, 5)
-        picks.append(gen.vis.flatten().tolist())
+        _act(m, gen)
+        assert gen.visual.shape == (1, 1, 5)
+        picks.append(gen.visual.flatten().tolist())
     assert picks[0] == picks[1] != picks[2]
     assert picks[0] == sorted(picks[0])
 
@@ -101,12 +106,11 @@ def test_pool_averages_windows_and_keeps_centre_positions():
     gen = _gen(saliency=None)
     emb = gen.hidden.clone()
     m = make_method("pool", budget=4)  # 4x4 grid -> 2x2
-    m.check_visual(N_VISUAL)
-    m.on_prefill_layer(gen)
+    _act(m, gen)
     # windows of 2x2 patches; centre patch = top-left of the 2x2 (rounded down)
-    assert gen.vis.flatten().tolist() == [2 + p for p in (0, 2, 8, 10)]
+    assert gen.visual.flatten().tolist() == [2 + p for p in (0, 2, 8, 10)]
     grid = emb[0, 2:18].view(4, 4, -1)
-    slots = [gen.layout.index[0].tolist().index(i) for i in gen.vis.flatten().tolist()]
+    slots = [gen.layout.index[0].tolist().index(i) for i in gen.visual.flatten().tolist()]
     for slot, (r, c) in zip(slots, [(0, 0), (0, 2), (2, 0), (2, 2)], strict=True):
         assert torch.allclose(gen.hidden[0, slot], grid[r:r + 2, c:c + 2].mean((0, 1)), atol=1e-6)
     assert gen.layout.length == 2 + 4 + 3  # prefix + pooled + question
@@ -134,14 +138,13 @@ def test_pool_splits_the_budget_over_grids_and_keeps_a_separator_per_row():
     assert split_budget(6, gen.visual_grids) == [2, 4]  # least 1 + 2, spare 3 split 4:8
     emb = gen.hidden.clone()
     m = make_method("pool", budget=6)
-    m.check_visual(12)
-    m.on_prefill_layer(gen)
+    _act(m, gen)
     # base 2x2 -> 1x2 (columns); high-res 2x3 -> 1x3 (a * (b + 1) <= 4) + the separator of row 0
-    assert gen.vis.flatten().tolist() == [2 + p for p in (0, 1, 4, 5, 6, 7)]
+    assert gen.visual.flatten().tolist() == [2 + p for p in (0, 1, 4, 5, 6, 7)]
     vis = emb[0, 2:14]
     expected = [vis[[0, 2]].mean(0), vis[[1, 3]].mean(0), vis[[4, 8]].mean(0), vis[[5, 9]].mean(0),
                 vis[[6, 10]].mean(0), vis[7]]
-    for token, value in zip(gen.vis.flatten().tolist(), expected, strict=True):
+    for token, value in zip(gen.visual.flatten().tolist(), expected, strict=True):
         slot = gen.layout.index[0].tolist().index(token)
         assert torch.allclose(gen.hidden[0, slot], value, atol=1e-6)
     with pytest.raises(ValueError, match="below the 3"):
@@ -164,9 +167,8 @@ def test_patch_grids_are_asked_of_the_adapter_only_by_methods_that_read_them(mod
 def test_pool_refuses_tokens_that_form_no_grid():
     gen = _gen(n=15)
     m = make_method("pool", budget=4)
-    m.check_visual(15)
     with pytest.raises(ValueError, match="do not form known patch grids"):
-        m.on_prefill_layer(gen)
+        _act(m, gen)
 
 
 def test_visionzip_keeps_dominant_tokens_and_merges_the_rest():
@@ -174,9 +176,8 @@ def test_visionzip_keeps_dominant_tokens_and_merges_the_rest():
     gen = _gen(saliency=sal)
     emb = gen.hidden.clone()
     m = make_method("visionzip", budget=6, contextual=2)
-    m.check_visual(N_VISUAL)
-    m.on_prefill_layer(gen)
-    kept = gen.vis.flatten().tolist()
+    _act(m, gen)
+    kept = gen.visual.flatten().tolist()
     assert len(kept) == 6
     dominant = [2 + p for p in range(12, 16)]
     assert set(dominant) <= set(kept)
@@ -196,9 +197,7 @@ def test_visionzip_keeps_dominant_tokens_and_merges_the_rest():
 
 def test_visionzip_default_split_follows_the_paper():
     for budget, contextual in ((64, 10), (128, 20), (192, 30)):
-        m = make_method("visionzip", budget=budget)
-        m.check_visual(576)
-        assert m.n_contextual == contextual
+        assert make_method("visionzip", budget=budget).plan(32, 576).contextual == contextual
 
 
 @pytest.mark.parametrize("method,opts,match", [

@@ -6,7 +6,10 @@
     print(run.report())
 """
 
-from vtprune.engine.run import Run, apply
+from vtprune.api import apply, check
+from vtprune.engine.interface import Plan
+from vtprune.engine.report import Report
+from vtprune.engine.run import Run
 from vtprune.methods import (
     METHODS,
     ST3,
@@ -23,5 +26,5 @@ from vtprune.methods import (
 )
 
 __version__ = "0.1.0"
-__all__ = ["apply", "Run", "Method", "METHODS", "make_method", "NoPruning", "ParVTS", "ST3", "FastV", "VTW", "PDrop",
-           "VisionZip", "RandomSubset", "Pool"]
+__all__ = ["apply", "check", "Run", "Report", "Plan", "Method", "METHODS", "make_method", "NoPruning", "ParVTS",
+           "ST3", "FastV", "VTW", "PDrop", "VisionZip", "RandomSubset", "Pool"]

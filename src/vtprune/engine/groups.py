@@ -69,28 +69,3 @@ def trim_left_padding(kwargs: dict) -> dict:
     shape = kwargs["input_ids"].shape
     return {k: v[:, first:] if torch.is_tensor(v) and v.shape == shape else v for k, v in kwargs.items()}
 
-
-def merge_reports(reports: list[tuple[list[int], dict]], batch: int) -> dict:
-    """One report for a batch that ran as groups: ``samples`` back in the caller's order, KV bytes
-    summed, ``entries_per_layer`` per group (``entries_per_layer_by_group``), timings summed (decode
-    ms per token: the mean over groups, weighted by their decode steps)."""
-    first = reports[0][1]
-    samples: list = [None] * batch
-    for group, rep in reports:
-        for b, s in zip(group, rep["samples"], strict=True):
-            samples[b] = s
-    kv = {key: sum(r["kv_cache"][key] for _, r in reports) for key in ("bytes", "bytes_unpruned")}
-    kv["ratio"] = kv["bytes"] / kv["bytes_unpruned"] if kv["bytes_unpruned"] else 1.0
-    kv["entries_per_layer_by_group"] = [r["kv_cache"]["entries_per_layer"] for _, r in reports]
-    decode = [(r["timing"]["decode_ms_per_token"], r["timing"]["new_tokens"] - 1) for _, r in reports
-              if r["timing"]["decode_ms_per_token"] is not None]
-    steps = sum(n for _, n in decode)
-    timing = {
-        "prefill_ms": sum(r["timing"]["prefill_ms"] for _, r in reports),
-        "decode_ms_per_token": sum(ms * n for ms, n in decode) / steps if steps else None,
-        "end_to_end_ms": sum(r["timing"]["end_to_end_ms"] for _, r in reports),
-        "new_tokens": max(r["timing"]["new_tokens"] for _, r in reports),
-        "device": first["timing"]["device"],
-        "groups": [group for group, _ in reports],
-    }
-    return {"method": first["method"], "options": first["options"], "samples": samples, "kv_cache": kv, "timing": timing}

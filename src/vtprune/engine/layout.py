@@ -6,8 +6,8 @@ call (``0 <= i < S``); the ``j``-th token fed back during decoding has index ``S
 RoPE / M-RoPE embeddings are never recomputed: they are gathered from the stock model's own tensors at
 the original index, so kept tokens keep their original positions (METHODS.md, shared conventions).
 
-Groups. A slot belongs to group 0 (shared by every path), to a path ``g >= 1`` (ParVTS runs the
-subject and the non-subject tokens as paths 1 and 2 packed in one sequence) or to ``PAD`` (a filler slot
+Groups. A slot belongs to group 0 (shared by every path), to a path ``g >= 1`` (a multi-path method runs
+two groups of visual tokens as paths 1 and 2 packed in one sequence, :mod:`vtprune.engine.paths`) or to ``PAD`` (a filler slot
 that nothing attends to, used to give every sample of a batch the same packed length). Slot ``q``
 attends to slot ``k`` iff ``index[k] <= index[q]``, ``k`` is not padding, and ``group[k]`` is 0 or equals
 ``group[q]``.

@@ -7,7 +7,7 @@ unchanged by every method). Two conventions:
 
 - ``fastv``: FastV's per-layer count ``F(n) = 4 n d^2 + 2 n^2 d + 2 n d m`` (Chen et al., ECCV 2024),
   generalised to ``F(q, kv) = 4 q d^2 + 2 q kv d + 2 q d m`` for q queries against kv keys (a decode
-  step is ``F(1, kv)``); ParVTS's two paths count as ``F(n_A) + F(n_B)`` (METHODS.md).
+  step is ``F(1, kv)``); two packed paths count as ``F(n_A) + F(n_B)`` (METHODS.md).
 - ``exact``: multiply-adds x 2 of the real architecture: q / k / v / o projections with grouped-query
   attention, SwiGLU MLP (3 matrices), and QK^T + AV over the (query, key) pairs actually attended
   (causal, per path).

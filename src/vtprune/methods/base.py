@@ -1,79 +1,129 @@
-"""The method interface: a config dataclass plus the decisions it makes at the stages it declares.
+"""The method interface: an immutable options dataclass, its plan against a model, and its decisions.
 
-A method never sees a model class. The engine calls it with a :class:`~vtprune.engine.state.Generation`
-(one ``generate`` call: prefill + decode steps), through which it reads scores / saliency and acts
-(keep visual tokens, split or merge ParVTS paths, evict from a layer's KV cache).
+A method never sees a model class and never changes the generation: at each stage it reads a
+:class:`~vtprune.engine.view.GenerationView` and returns a score request or actions
+(:mod:`vtprune.engine.decisions`) that the engine applies. Its options are a frozen dataclass validated
+at construction (ValueError / TypeError naming the option and what is accepted); what depends on the
+model (kept counts, per-layer targets, a solved ratio or layer) is a separate :class:`Plan`
+(:meth:`Method.plan`), which the run holds and the report shows. The stages a method implements are
+those of its stage base (:mod:`vtprune.methods.stages`), visible in its class line.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from fractions import Fraction
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from vtprune.engine.interface import Plan
+
 if TYPE_CHECKING:
-    from vtprune.engine.state import Generation
+    from vtprune.engine.decisions import Action, ScoreRequest
+    from vtprune.engine.view import GenerationView
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Method:
-    """Base class. Subclasses are dataclasses whose fields are the method's options.
+    """Base class. Subclasses are frozen dataclasses whose fields are the method's options.
 
-    Stages (all optional): ``on_prefill_layer`` before each decoder layer of the prefill,
-    ``on_decode_layer`` before each decoder layer of each decode step, ``score_rows`` to ask for
-    attention rows of a layer (computed beside the fused kernel), ``needs_saliency`` for a per-patch
-    saliency from the vision side (adapter-defined).
+    Class attributes: ``name`` (the registry name), ``needs_saliency`` (the adapter's per-patch saliency
+    is wanted), ``examples`` (options for the conformance tests and docs: ``"prune"`` prunes on a small
+    model, ``"keep_all"`` keeps every visual token in every layer and every decode step).
+
+    Subclass contract: :meth:`validate` (model-independent checks, called at construction),
+    :meth:`check_layers` (the checks that need only the depth), :meth:`plan`, and the stages.
     """
 
     name: ClassVar[str] = "base"
     needs_saliency: ClassVar[bool] = False
+    examples: ClassVar[dict[str, dict[str, Any]]] = {"prune": {}, "keep_all": {}}
 
-    def validate(self, num_layers: int) -> None:
-        """Check the options against the model (raise ValueError naming the option and its range)."""
+    def __post_init__(self) -> None:
+        self.validate()
 
-    def check_visual(self, n_visual: int) -> None:
-        """Check the options against the number of visual tokens per image (ValueError if out of range)."""
+    def validate(self) -> None:
+        """Check the options that need no model (raise ValueError / TypeError naming the option)."""
 
-    def score_rows(self, gen: Generation) -> str | None:
-        """Which query rows of the current layer to score: None, ``"last"`` (the last query, or the
-        token being decoded) or ``"question"`` (ParVTS: the question tokens of both paths)."""
+    def check_layers(self, num_layers: int) -> None:
+        """Check the options against the model's depth (ValueError naming the option and its range)."""
+
+    def plan(self, num_layers: int, n_visual: int) -> Plan:
+        """The options resolved for a model with ``num_layers`` decoder layers and ``n_visual`` visual
+        tokens per image. Raises ValueError for what this model cannot take."""
+        self.check_layers(num_layers)
+        return Plan(num_layers, n_visual)
+
+    # ------------------------------------------------------------------ stages (default: do nothing)
+    def score_request(self, view: GenerationView, plan: Any) -> ScoreRequest | None:
+        """Which query rows of the current layer to score beside the fused kernel, or None."""
         return None
 
-    def on_prefill_layer(self, gen: Generation) -> None:
-        """Called before decoder layer ``gen.layer`` of the prefill."""
+    def on_prefill_layer(self, view: GenerationView, plan: Any) -> Sequence[Action]:
+        """Actions before decoder layer ``view.layer`` of the prefill."""
+        return ()
 
-    def on_decode_layer(self, gen: Generation) -> None:
-        """Called before decoder layer ``gen.layer`` of decode step ``gen.step``."""
+    def on_decode_layer(self, view: GenerationView, plan: Any) -> Sequence[Action]:
+        """Actions before decoder layer ``view.layer`` of decode step ``view.step``."""
+        return ()
 
-    def options(self) -> dict:
-        """The method's options as a JSON-serialisable dict."""
-        return dataclasses.asdict(self)
+    def options(self) -> dict[str, Any]:
+        """The method's options as a JSON-serialisable dict (exactly its fields)."""
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
 
-@dataclasses.dataclass
+def _jsonable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetPlan(Plan):
+    """A plan that keeps ``keep`` visual tokens per image (of ``n_visual``)."""
+
+    keep: int
+
+
+@dataclasses.dataclass(frozen=True)
 class PerImageBudget(Method):
-    """Base of methods that keep a fixed number of visual tokens per image.
+    """Mixin of methods that keep a number of visual tokens per image.
 
-    Options: ``budget`` (int, visual tokens kept per image) or ``keep_ratio`` (float in (0, 1]);
-    exactly one; neither gives ``keep_ratio = default_keep_ratio``. After :meth:`check_visual`,
-    ``self.keep`` is the resolved count and ``self.n_visual`` the model's tokens per image.
+    Options: ``budget`` (int, visual tokens kept per image) or ``keep_ratio`` (float in (0, 1]); at most
+    one; neither gives ``keep_ratio = default_keep_ratio``. The plan's ``keep`` is the resolved count.
     """
 
     default_keep_ratio: ClassVar[float] = 0.25
+    examples: ClassVar[dict[str, dict[str, Any]]] = {"prune": {"keep_ratio": 0.25}, "keep_all": {"keep_ratio": 1.0}}
     budget: int | None = None
     keep_ratio: float | None = None
 
-    def __post_init__(self):
+    def validate(self) -> None:
         if self.budget is None and self.keep_ratio is None:
-            self.keep_ratio = self.default_keep_ratio
+            object.__setattr__(self, "keep_ratio", self.default_keep_ratio)
+        check_amount(self.name, self.budget, self.keep_ratio)
 
-    def check_visual(self, n_visual: int) -> None:
-        self.keep = resolve_budget(self.name, self.budget, self.keep_ratio, n_visual)
-        self.n_visual = n_visual
+    def keep(self, n_visual: int) -> int:
+        """Visual tokens kept per image of ``n_visual`` (:func:`resolve_budget`)."""
+        return resolve_budget(self.name, self.budget, self.keep_ratio, n_visual)
+
+    def plan(self, num_layers: int, n_visual: int) -> BudgetPlan:
+        self.check_layers(num_layers)
+        return BudgetPlan(num_layers, n_visual, self.keep(n_visual))
+
+
+def check_amount(name: str, budget: Any, keep_ratio: Any, allow_zero: bool = False) -> None:
+    """The model-independent checks of a ``budget`` / ``keep_ratio`` pair: at most one; an int budget
+    >= 1 (>= 0 with ``allow_zero``); a ratio in (0, 1]. Raises ValueError naming what is accepted."""
+    if budget is not None and keep_ratio is not None:
+        raise ValueError(f"{name}: give one of budget (int tokens per image) or keep_ratio (float in (0, 1]), not both")
+    lo = 0 if allow_zero else 1
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < lo):
+        raise ValueError(f"{name}: budget must be an int >= {lo} (visual tokens per image), got {budget!r}")
+    if keep_ratio is not None and (isinstance(keep_ratio, bool) or not isinstance(keep_ratio, int | float)
+                                   or not 0.0 < float(keep_ratio) <= 1.0):
+        raise ValueError(f"{name}: keep_ratio must be in (0, 1], got {keep_ratio!r}")
 
 
 def resolve_budget(name: str, budget: int | None, keep_ratio: float | None, n_visual: int,
@@ -118,19 +168,29 @@ def check_layer(name: str, option: str, value, num_layers: int, lo: int = 1) -> 
         raise ValueError(f"{name}: {option} must be an int in [{lo}, {num_layers - 1}] for this {num_layers}-layer model, got {value!r}")
 
 
-def seeded_scores(gen: Generation, seed: int) -> torch.Tensor:
-    """Uniform random scores, FloatTensor [B, I, N_v]: one seeded draw per image slot, shared by all
-    samples of the batch, so a sample's selection does not depend on the batch it runs in."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(gen.visual_index.shape[1:], generator=g).expand(gen.batch_size, -1, -1)
-
-
 def check_int(name: str, option: str, value, lo: int, hi: int | None = None) -> None:
     """Raise ValueError unless ``value`` is an int in [lo, hi] (no upper bound when ``hi`` is None)."""
     bad = isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi)
     if bad:
         upper = "" if hi is None else f", {hi}]"
         raise ValueError(f"{name}: {option} must be an int in [{lo}{upper or ', inf)'}, got {value!r}")
+
+
+def check_ratio(name: str, option: str, value, lo_open: bool, hi_open: bool) -> None:
+    """Raise ValueError unless ``value`` is a number in [0, 1] (ends open as asked)."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if ok:
+        ok = (value > 0 if lo_open else value >= 0) and (value < 1 if hi_open else value <= 1)
+    if not ok:
+        interval = f"{'(' if lo_open else '['}0, 1{')' if hi_open else ']'}"
+        raise ValueError(f"{name}: {option} must be a float in {interval}, got {value!r}")
+
+
+def seeded_scores(view: GenerationView, seed: int) -> torch.Tensor:
+    """Uniform random scores, FloatTensor [B, I, N_v]: one seeded draw per image slot, shared by all
+    samples of the batch, so a sample's selection does not depend on the batch it runs in."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(view.visual_index.shape[1:], generator=g).expand(view.batch_size, -1, -1)
 
 
 def solve_for_budget(mean: Callable[[float], float], target: float, lo: float, hi: float, increasing: bool,

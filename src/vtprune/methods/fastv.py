@@ -4,21 +4,30 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
+from vtprune.methods.base import PerImageBudget, check_int, check_layer
+from vtprune.methods.registry import register_method
+from vtprune.methods.stages import LayerPlan, RankByAttention
 
-from vtprune.methods.base import PerImageBudget, check_layer
+
+@dataclasses.dataclass(frozen=True)
+class FastVPlan(LayerPlan):
+    """FastV's plan: ``keep`` visual tokens per image from layer ``layer`` on."""
+
+    keep: int
+    layer: int
 
 
-@dataclasses.dataclass
-class FastV(PerImageBudget):
+@register_method
+@dataclasses.dataclass(frozen=True)
+class FastV(RankByAttention, PerImageBudget):
     """At layer ``layer`` (K), keep the top ``budget`` visual tokens per image ranked by the last
     query's attention at layer K-1 (softmax over the whole row, mean over heads); static afterwards.
 
     Options:
         budget: visual tokens kept per image (int), or
-        keep_ratio: fraction kept per image (float in (0, 1]); exactly one of the two. Default
+        keep_ratio: fraction kept per image (float in (0, 1]); at most one of the two. Default
             ``keep_ratio=0.25`` (FastV's R = 75 %).
-        layer: K, default 2 (paper default).
+        layer: K, default 2 (paper default); an int in [1, L-1].
 
     Source: FastV paper, Sec. 4 (K = 2, R = 50-75 %). Scores are taken beside the fused kernel
     (no eager attention), which the original code needed.
@@ -27,12 +36,15 @@ class FastV(PerImageBudget):
     name = "fastv"
     layer: int = 2
 
-    def validate(self, num_layers: int) -> None:
+    def validate(self) -> None:
+        super().validate()
+        check_int(self.name, "layer", self.layer, 1)
+
+    def check_layers(self, num_layers: int) -> None:
         check_layer(self.name, "layer", self.layer, num_layers)
 
-    def score_rows(self, gen) -> str | None:
-        return "last" if gen.phase == "prefill" and gen.layer == self.layer - 1 else None
-
-    def on_prefill_layer(self, gen) -> None:
-        if gen.layer == self.layer and self.keep < gen.visual_count():
-            gen.keep_visual(torch.topk(gen.visual_attention(self.layer - 1), self.keep, dim=-1).indices)
+    def plan(self, num_layers: int, n_visual: int) -> FastVPlan:
+        self.check_layers(num_layers)
+        keep = self.keep(n_visual)
+        per_layer = tuple(n_visual if layer < self.layer else keep for layer in range(num_layers))
+        return FastVPlan(num_layers, n_visual, per_layer, keep, self.layer)

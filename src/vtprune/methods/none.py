@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 
 from vtprune.methods.base import Method
+from vtprune.methods.registry import register_method
 
 
-@dataclasses.dataclass
+@register_method
+@dataclasses.dataclass(frozen=True)
 class NoPruning(Method):
     """Keeps every visual token in every layer. Outputs equal the unmodified model's exactly."""
 

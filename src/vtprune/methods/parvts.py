@@ -6,7 +6,9 @@ import dataclasses
 
 import torch
 
-from vtprune.methods.base import PerImageBudget, check_choice, check_layer, seeded_scores
+from vtprune.methods.base import check_choice, check_int, check_layer, check_ratio, seeded_scores
+from vtprune.methods.registry import register_method
+from vtprune.methods.stages import ParallelPaths, PathsPlan
 
 SCHEDULES = {  # question tokens in which path(s); path whose visual tokens survive; question source
     "parallel": ((1, 2), 1, 1),
@@ -15,8 +17,9 @@ SCHEDULES = {  # question tokens in which path(s); path whose visual tokens surv
 }
 
 
-@dataclasses.dataclass
-class ParVTS(PerImageBudget):
+@register_method
+@dataclasses.dataclass(frozen=True)
+class ParVTS(ParallelPaths):
     """Subject and non-subject visual tokens run as two parallel paths whose information migrates
     into the question tokens; the non-subject path is discarded mid-network.
 
@@ -56,51 +59,42 @@ class ParVTS(PerImageBudget):
     schedule: str = "parallel"
     seed: int = 0
 
-    def validate(self, num_layers: int) -> None:
-        check_layer(self.name, "discard_layer", self.discard_layer, num_layers)
+    def validate(self) -> None:
+        super().validate()
+        check_int(self.name, "discard_layer", self.discard_layer, 1)
         check_choice(self.name, "subject_score", self.subject_score, ("cls_attention", "random"))
         check_choice(self.name, "fusion", self.fusion, ("attention_mass", "fixed", "size"))
         check_choice(self.name, "schedule", self.schedule, tuple(SCHEDULES))
-        if not (isinstance(self.alpha, int | float) and 0.0 <= self.alpha <= 1.0):
-            raise ValueError(f"parvts: alpha must be a float in [0, 1], got {self.alpha!r}")
+        check_ratio(self.name, "alpha", self.alpha, lo_open=False, hi_open=False)
+        check_int(self.name, "seed", self.seed, 0)
 
-    # ------------------------------------------------------------------ stages
-    def _active(self) -> bool:
-        return self.keep < self.n_visual
+    def check_layers(self, num_layers: int) -> None:
+        check_layer(self.name, "discard_layer", self.discard_layer, num_layers)
 
-    def _fuses(self) -> bool:
-        return self.schedule == "parallel"
+    def plan(self, num_layers: int, n_visual: int) -> PathsPlan:
+        self.check_layers(num_layers)
+        question_in, keep_path, question_from = SCHEDULES[self.schedule]
+        return PathsPlan(num_layers, n_visual, self.keep(n_visual), self.discard_layer, question_in, keep_path,
+                         question_from)
 
-    def score_rows(self, gen) -> str | None:
-        if gen.phase != "prefill" or not self._active() or not self._fuses() or self.fusion != "attention_mass":
-            return None
-        last = gen.layer == self.discard_layer - 1
-        return "question" if last or (self.fuse_every_layer and gen.layer < self.discard_layer - 1) else None
+    # ------------------------------------------------------------------ the stage's choices
+    def needs_question_scores(self, plan: PathsPlan) -> bool:
+        return self.fusion == "attention_mass"
 
-    def on_prefill_layer(self, gen) -> None:
-        if not self._active():
-            return
-        question_in, keep_group, question_from = SCHEDULES[self.schedule]
-        if gen.layer == 0:
-            gen.split_paths(self._subjects(gen), question_in)
-        elif self._fuses() and self.fuse_every_layer and gen.layer < self.discard_layer:
-            gen.fuse_questions(self._weights(gen, gen.layer - 1), into=(1, 2))
-        if gen.layer == self.discard_layer:
-            if self._fuses():
-                gen.fuse_questions(self._weights(gen, gen.layer - 1), into=(1,))
-            gen.merge_paths(keep_group, question_from)
+    def fuse_before_merge(self, plan: PathsPlan) -> bool:
+        return self.fuse_every_layer
 
-    def _subjects(self, gen) -> torch.Tensor:
+    def first_path(self, view, plan: PathsPlan) -> torch.Tensor:
         """Subject tokens per image, LongTensor [B, I, budget] of positions among the N_v."""
-        scores = seeded_scores(gen, self.seed) if self.subject_score == "random" else gen.saliency
-        return torch.topk(scores.float(), self.keep, dim=-1).indices
+        scores = seeded_scores(view, self.seed) if self.subject_score == "random" else view.saliency
+        return torch.topk(scores.float(), plan.keep, dim=-1).indices
 
-    def _weights(self, gen, layer: int) -> torch.Tensor:
+    def fusion_weights(self, view, plan: PathsPlan, layer: int) -> torch.Tensor:
         """w_S per question token, FloatTensor [B, Q]."""
-        q = gen.paths["q_valid"].shape[1]
+        q = view.question_count()
         if self.fusion == "fixed":
-            return torch.full((gen.batch_size, q), float(self.alpha))
+            return torch.full((view.batch_size, q), float(self.alpha))
         if self.fusion == "size":
-            return torch.full((gen.batch_size, q), self.keep / self.n_visual)
-        lse_s, lse_n, _ = gen.question_visual_lse(layer)
+            return torch.full((view.batch_size, q), plan.keep / plan.n_visual)
+        lse_s, lse_n, _ = view.question_visual_lse(layer)
         return torch.sigmoid(lse_s - lse_n).nan_to_num(0.5).mean(1)

@@ -5,13 +5,31 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
+from vtprune.methods.base import (
+    ceil_fraction,
+    check_amount,
+    check_layer,
+    check_ratio,
+    resolve_budget,
+    solve_for_budget,
+)
+from vtprune.methods.registry import register_method
+from vtprune.methods.stages import LayerPlan, RankByAttention
 
-from vtprune.methods.base import Method, ceil_fraction, check_layer, resolve_budget, solve_for_budget
+DEFAULT_RATIO = 0.5
 
 
-@dataclasses.dataclass
-class PDrop(Method):
+@dataclasses.dataclass(frozen=True)
+class PDropPlan(LayerPlan):
+    """PDrop's plan: the stage boundary ``layers`` and ``ratio`` (lambda, given or solved)."""
+
+    layers: tuple[int, ...]
+    ratio: float
+
+
+@register_method
+@dataclasses.dataclass(frozen=True)
+class PDrop(RankByAttention):
     """Staged pruning: at each stage boundary layer l in ``layers`` keep ``ceil(ratio * current)``
     visual tokens per image, ranked by the last instruction token's attention at layer l-1 (softmax
     over the whole row, mean over heads, taken beside the fused kernel).
@@ -29,53 +47,48 @@ class PDrop(Method):
     """
 
     name = "pdrop"
-    layers: list[int] | tuple[int, ...] | None = None
+    examples = {"prune": {}, "keep_all": {"keep_ratio": 1.0}}
+    layers: tuple[int, ...] | None = None
     ratio: float | None = None
     budget: int | None = None
     keep_ratio: float | None = None
 
-    def validate(self, num_layers: int) -> None:
-        self.num_layers = num_layers
+    def validate(self) -> None:
         if self.ratio is not None and (self.budget is not None or self.keep_ratio is not None):
             raise ValueError("pdrop: give ratio (kept per stage) or a target budget / keep_ratio, not both")
-        if self.ratio is not None and not (isinstance(self.ratio, int | float) and 0.0 < self.ratio <= 1.0):
-            raise ValueError(f"pdrop: ratio must be a float in (0, 1], got {self.ratio!r}")
-        layers = self.layers
-        if layers is None:
-            layers = sorted({max(1, round(num_layers * f)) for f in (0.25, 0.5, 0.75)} - {num_layers})
-        if not isinstance(layers, list | tuple) or not layers:
-            raise ValueError(f"pdrop: layers must be a non-empty list of ints, got {layers!r}")
-        for layer in layers:
-            check_layer(self.name, "layers", layer, num_layers)
-        if list(layers) != sorted(set(layers)):
-            raise ValueError(f"pdrop: layers must be strictly increasing, got {list(layers)}")
-        self.stage_layers = list(layers)
+        if self.ratio is not None:
+            check_ratio(self.name, "ratio", self.ratio, lo_open=True, hi_open=False)
+        check_amount(self.name, self.budget, self.keep_ratio)
+        if self.layers is not None:
+            if not isinstance(self.layers, list | tuple) or not self.layers:
+                raise ValueError(f"pdrop: layers must be a non-empty list of ints, got {self.layers!r}")
+            object.__setattr__(self, "layers", tuple(self.layers))
+            if list(self.layers) != sorted(set(self.layers)):
+                raise ValueError(f"pdrop: layers must be strictly increasing, got {list(self.layers)}")
 
-    def check_visual(self, n_visual: int) -> None:
+    def stage_layers(self, num_layers: int) -> tuple[int, ...]:
+        """The stage boundaries for a ``num_layers``-layer model (``layers``, or the default)."""
+        if self.layers is not None:
+            return tuple(self.layers)
+        return tuple(sorted({max(1, round(num_layers * f)) for f in (0.25, 0.5, 0.75)} - {num_layers}))
+
+    def check_layers(self, num_layers: int) -> None:
+        for layer in self.stage_layers(num_layers):
+            check_layer(self.name, "layers", layer, num_layers)
+
+    def plan(self, num_layers: int, n_visual: int) -> PDropPlan:
+        self.check_layers(num_layers)
+        layers = self.stage_layers(num_layers)
         if self.budget is None and self.keep_ratio is None:
-            self._ratio = 0.5 if self.ratio is None else float(self.ratio)
+            ratio = DEFAULT_RATIO if self.ratio is None else float(self.ratio)
         else:
             target = resolve_budget(self.name, self.budget, self.keep_ratio, n_visual)
-            self._ratio = solve_for_budget(
-                lambda r: sum(stages(n_visual, self.num_layers, self.stage_layers, r)) / self.num_layers,
-                target, lo=1e-6, hi=1.0, increasing=True)
-        self.G = stages(n_visual, self.num_layers, self.stage_layers, self._ratio)
-
-    def score_rows(self, gen) -> str | None:
-        return "last" if gen.phase == "prefill" and gen.layer + 1 in self.stage_layers else None
-
-    def on_prefill_layer(self, gen) -> None:
-        if gen.layer in self.stage_layers and self.G[gen.layer] < gen.visual_count():
-            gen.keep_visual(torch.topk(gen.visual_attention(gen.layer - 1), self.G[gen.layer], dim=-1).indices)
-
-    def options(self) -> dict:
-        out = dataclasses.asdict(self)
-        out["layers_used"] = getattr(self, "stage_layers", None)
-        out["ratio_used"] = getattr(self, "_ratio", None)
-        return out
+            ratio = solve_for_budget(lambda r: sum(stages(n_visual, num_layers, layers, r)) / num_layers,
+                                     target, lo=1e-6, hi=1.0, increasing=True)
+        return PDropPlan(num_layers, n_visual, tuple(stages(n_visual, num_layers, layers, ratio)), layers, ratio)
 
 
-def stages(n_visual: int, num_layers: int, layers: list[int], ratio: float) -> list[int]:
+def stages(n_visual: int, num_layers: int, layers, ratio: float) -> list[int]:
     """Visual tokens per image present in each layer l = 0..L-1 (at least 1 after a stage)."""
     out, current = [], n_visual
     for layer in range(num_layers):

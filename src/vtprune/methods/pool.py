@@ -8,11 +8,14 @@ from fractions import Fraction
 import torch
 import torch.nn.functional as F
 
-from vtprune.methods.base import PerImageBudget
+from vtprune.engine.decisions import KeepVisual
+from vtprune.methods.registry import register_method
+from vtprune.methods.stages import SelectBeforeLLM
 
 
-@dataclasses.dataclass
-class Pool(PerImageBudget):
+@register_method
+@dataclasses.dataclass(frozen=True)
+class Pool(SelectBeforeLLM):
     """Average-pool each image's grid of visual embeddings (the projector's output, i.e. layer 0's
     input) to an ``a x b`` grid, before layer 0.
 
@@ -41,14 +44,12 @@ class Pool(PerImageBudget):
 
     name = "pool"
 
-    def on_prefill_layer(self, gen) -> None:
-        if gen.layer != 0 or self.keep >= gen.visual_count():
-            return
-        grids = patch_grids(gen)
-        x = gen.visual_hidden()  # [B, I, N, d]
+    def select(self, view, plan) -> KeepVisual:
+        grids = patch_grids(view)
+        x = view.visual_hidden()  # [B, I, N, d]
         bsz, imgs, _, d = x.shape
         keeps, values = [], []
-        for g, share in zip(grids, split_budget(self.keep, grids), strict=True):
+        for g, share in zip(grids, split_budget(plan.keep, grids), strict=True):
             a, b = pooled_grid(share, g.rows, g.cols, min(g.separators, 1))
             rows, cols = torch.meshgrid(torch.arange(g.rows), torch.arange(g.cols), indexing="ij")
             cells = x[:, :, g.token(rows, cols).flatten().to(x.device)]  # [B, I, rows * cols, d]
@@ -61,16 +62,16 @@ class Pool(PerImageBudget):
                 newline = g.token(centre[::b] // g.cols, g.cols)
                 keeps.append(newline)
                 values.append(x[:, :, newline.to(x.device)])
-        keep = torch.cat(keeps).to(gen.vis.device).expand(bsz, imgs, -1)
-        gen.keep_visual(keep, torch.cat(values, 2))
+        keep = torch.cat(keeps).to(view.visual_index.device).expand(bsz, imgs, -1)
+        return KeepVisual(keep, torch.cat(values, 2))
 
 
-def patch_grids(gen) -> tuple:
+def patch_grids(view) -> tuple:
     """Each image's patch grids, from the model adapter (ValueError when it has none)."""
-    if not gen.visual_grids:
-        raise ValueError(f"pool: the model's {gen.n_visual} visual tokens per image do not form known patch grids "
+    if not view.visual_grids:
+        raise ValueError(f"pool: the model's {view.n_visual} visual tokens per image do not form known patch grids "
                          "(or the images of this call differ in shape); use another method")
-    return gen.visual_grids
+    return view.visual_grids
 
 
 def least_pooled(g) -> int:

@@ -6,11 +6,15 @@ import dataclasses
 
 import torch
 
-from vtprune.methods.base import PerImageBudget, seeded_scores
+from vtprune.engine.decisions import KeepVisual
+from vtprune.methods.base import check_int, seeded_scores
+from vtprune.methods.registry import register_method
+from vtprune.methods.stages import SelectBeforeLLM
 
 
-@dataclasses.dataclass
-class RandomSubset(PerImageBudget):
+@register_method
+@dataclasses.dataclass(frozen=True)
+class RandomSubset(SelectBeforeLLM):
     """Keep ``budget`` visual tokens per image drawn uniformly at random (seeded), before layer 0; every
     layer then sees the same subset.
 
@@ -24,6 +28,9 @@ class RandomSubset(PerImageBudget):
     name = "random"
     seed: int = 0
 
-    def on_prefill_layer(self, gen) -> None:
-        if gen.layer == 0 and self.keep < gen.visual_count():
-            gen.keep_visual(torch.topk(seeded_scores(gen, self.seed), self.keep, dim=-1).indices)
+    def validate(self) -> None:
+        super().validate()
+        check_int(self.name, "seed", self.seed, 0)
+
+    def select(self, view, plan) -> KeepVisual:
+        return KeepVisual(torch.topk(seeded_scores(view, self.seed), plan.keep, dim=-1).indices)

@@ -5,20 +5,32 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import torch
-
 from vtprune.methods.base import (
-    Method,
     ceil_fraction,
+    check_amount,
     check_choice,
+    check_int,
     check_layer,
+    check_ratio,
     resolve_budget,
     solve_for_budget,
 )
+from vtprune.methods.registry import register_method
+from vtprune.methods.stages import LayerPlan, RankByAttention
+
+DEFAULT_RATIO = 0.2
 
 
-@dataclasses.dataclass
-class ST3(Method):
+@dataclasses.dataclass(frozen=True)
+class ST3Plan(LayerPlan):
+    """ST³'s plan: ``ratio`` (R, given or solved for the target budget), ``per_layer`` = G(l) of PVTP."""
+
+    ratio: float
+
+
+@register_method
+@dataclasses.dataclass(frozen=True)
+class ST3(RankByAttention):
     """Progressive visual token pruning (PVTP) across layers plus visual token annealing (VTA) of the
     visual KV cache during decoding.
 
@@ -49,6 +61,7 @@ class ST3(Method):
     """
 
     name = "st3"
+    examples = {"prune": {}, "keep_all": {"keep_ratio": 1.0, "anneal": "none"}}
     ratio: float | None = None
     stride: int = 2
     start_layer: int = 2
@@ -59,13 +72,13 @@ class ST3(Method):
     floor_ratio: float = 0.1
     anneal_every: int = 1
 
-    def validate(self, num_layers: int) -> None:
-        self.num_layers = num_layers
+    def validate(self) -> None:
         if self.ratio is not None and (self.budget is not None or self.keep_ratio is not None):
             raise ValueError("st3: give ratio (per pruning step) or a target budget / keep_ratio, not both")
-        if self.ratio is not None and not (isinstance(self.ratio, int | float) and 0.0 <= self.ratio < 1.0):
-            raise ValueError(f"st3: ratio must be a float in [0, 1), got {self.ratio!r}")
-        check_layer(self.name, "start_layer", self.start_layer, num_layers)
+        if self.ratio is not None:
+            check_ratio(self.name, "ratio", self.ratio, lo_open=False, hi_open=True)
+        check_amount(self.name, self.budget, self.keep_ratio)
+        check_int(self.name, "start_layer", self.start_layer, 1)
         if isinstance(self.stride, bool) or not isinstance(self.stride, int) or self.stride < 1:
             raise ValueError(f"st3: stride must be an int >= 1, got {self.stride!r}")
         check_choice(self.name, "anneal", self.anneal, ("cosine", "linear", "none"))
@@ -73,59 +86,39 @@ class ST3(Method):
             raise ValueError(f"st3: anneal_steps must be an int >= 1 or None, got {self.anneal_steps!r}")
         if isinstance(self.anneal_every, bool) or not isinstance(self.anneal_every, int) or self.anneal_every < 1:
             raise ValueError(f"st3: anneal_every must be an int >= 1 (decode steps between evictions), got {self.anneal_every!r}")
-        if not (0.0 <= self.floor_ratio <= 1.0):
-            raise ValueError(f"st3: floor_ratio must be in [0, 1], got {self.floor_ratio!r}")
+        check_ratio(self.name, "floor_ratio", self.floor_ratio, lo_open=False, hi_open=False)
 
-    def check_visual(self, n_visual: int) -> None:
+    def check_layers(self, num_layers: int) -> None:
+        check_layer(self.name, "start_layer", self.start_layer, num_layers)
+
+    def plan(self, num_layers: int, n_visual: int) -> ST3Plan:
+        self.check_layers(num_layers)
         if self.budget is None and self.keep_ratio is None:
-            self._ratio = 0.2 if self.ratio is None else float(self.ratio)
+            ratio = DEFAULT_RATIO if self.ratio is None else float(self.ratio)
         else:
             target = resolve_budget(self.name, self.budget, self.keep_ratio, n_visual)
-            self._ratio = solve_ratio(target, n_visual, self.num_layers, self.start_layer, self.stride)
-        self.G = schedule(n_visual, self.num_layers, self._ratio, self.start_layer, self.stride)
+            ratio = solve_ratio(target, n_visual, num_layers, self.start_layer, self.stride)
+        per_layer = tuple(schedule(n_visual, num_layers, ratio, self.start_layer, self.stride))
+        return ST3Plan(num_layers, n_visual, per_layer, ratio)
 
-    # ------------------------------------------------------------------ stages
-    def score_rows(self, gen) -> str | None:
-        if gen.phase == "prefill":
-            return "last" if gen.layer + 1 in self.pruning_layers() else None
-        # score layer l only at the steps where layer l + 1 evicts (its target falls below what it holds)
-        nxt = gen.layer + 1
-        if self.anneal == "none" or nxt >= gen.num_layers:
-            return None
-        return "last" if self._decode_target(gen, nxt) < gen.visual_count(nxt) else None
-
-    def on_prefill_layer(self, gen) -> None:
-        layer = gen.layer
-        if layer in self.pruning_layers() and self.G[layer] < gen.visual_count():
-            gen.keep_visual(torch.topk(gen.visual_attention(layer - 1), self.G[layer], dim=-1).indices)
-
-    def on_decode_layer(self, gen) -> None:
-        layer = gen.layer
-        if self.anneal == "none" or layer == 0:
-            return
-        target = self._decode_target(gen, layer)
-        if target < gen.visual_count():
-            gen.keep_visual(torch.topk(gen.visual_attention(layer - 1), target, dim=-1).indices)
-
-    def _decode_target(self, gen, layer: int) -> int:
+    def decode_target(self, view, plan: ST3Plan, layer: int) -> int | None:
         """VTA: visual entries per image ``layer`` keeps at the current decode step (with
         ``anneal_every = k``: what it holds, except at eviction steps 1, 1 + k, ..., where it is the
-        schedule's count k - 1 steps ahead)."""
-        steps = self.anneal_steps or gen.max_new_tokens
+        schedule's count k - 1 steps ahead); None with ``anneal="none"`` or for layer 0.
+
+        Raises:
+            ValueError: annealing without a number of new tokens (no ``max_new_tokens`` and no
+                ``anneal_steps``).
+        """
+        if self.anneal == "none" or layer == 0:
+            return None
+        steps = self.anneal_steps or view.max_new_tokens
         if not steps:
             raise ValueError("st3: annealing needs the number of new tokens: call generate(max_new_tokens=...) or set anneal_steps")
         k = self.anneal_every
-        if (gen.step - 1) % k:
-            return gen.visual_count(layer)
-        return annealed(self.G[layer], gen.step + k - 1, steps, self.floor_ratio, self.anneal)
-
-    def pruning_layers(self) -> range:
-        return range(self.start_layer, self.num_layers, self.stride)
-
-    def options(self) -> dict:
-        out = dataclasses.asdict(self)
-        out["ratio_used"] = getattr(self, "_ratio", None)
-        return out
+        if (view.step - 1) % k:
+            return view.visual_count(layer)
+        return annealed(plan.per_layer[layer], view.step + k - 1, steps, self.floor_ratio, self.anneal)
 
 
 def schedule(n_visual: int, num_layers: int, ratio: float, start_layer: int, stride: int) -> list[int]:

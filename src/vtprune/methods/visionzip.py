@@ -7,11 +7,22 @@ import dataclasses
 
 import torch
 
-from vtprune.methods.base import PerImageBudget, check_int
+from vtprune.engine.decisions import KeepVisual
+from vtprune.methods.base import BudgetPlan, check_int
+from vtprune.methods.registry import register_method
+from vtprune.methods.stages import SelectBeforeLLM
 
 
-@dataclasses.dataclass
-class VisionZip(PerImageBudget):
+@dataclasses.dataclass(frozen=True)
+class VisionZipPlan(BudgetPlan):
+    """VisionZip's plan: ``keep`` tokens per image, ``contextual`` of them merged (the rest dominant)."""
+
+    contextual: int
+
+
+@register_method
+@dataclasses.dataclass(frozen=True)
+class VisionZip(SelectBeforeLLM):
     """Before the LLM, keep per image ``budget - contextual`` *dominant* tokens (highest vision-side
     saliency: [CLS] attention for CLIP) plus ``contextual`` tokens that each merge a group of the
     remaining ones.
@@ -34,31 +45,29 @@ class VisionZip(PerImageBudget):
     needs_saliency = True
     contextual: int | None = None
 
-    def check_visual(self, n_visual: int) -> None:
-        super().check_visual(n_visual)
-        if self.contextual is None:
-            self.n_contextual = min(self.keep - 1, round(self.keep * 10 / 64)) if self.keep > 1 else 0
-        else:
-            check_int(self.name, "contextual", self.contextual, 0, self.keep)
-            self.n_contextual = self.contextual
+    def validate(self) -> None:
+        super().validate()
+        if self.contextual is not None:
+            check_int(self.name, "contextual", self.contextual, 0)
 
-    def on_prefill_layer(self, gen) -> None:
-        if gen.layer != 0 or self.keep >= gen.visual_count():
-            return
-        c = self.n_contextual
-        dominant = torch.topk(gen.saliency.float(), self.keep - c, dim=-1).indices  # [B, I, d]
-        x = gen.visual_hidden()  # [B, I, N, D]
+    def plan(self, num_layers: int, n_visual: int) -> VisionZipPlan:
+        keep = self.keep(n_visual)
+        if self.contextual is None:
+            contextual = min(keep - 1, round(keep * 10 / 64)) if keep > 1 else 0
+        else:
+            check_int(self.name, "contextual", self.contextual, 0, keep)
+            contextual = self.contextual
+        return VisionZipPlan(num_layers, n_visual, keep, contextual)
+
+    def select(self, view, plan: VisionZipPlan) -> KeepVisual:
+        c = plan.contextual
+        dominant = torch.topk(view.saliency.float(), plan.keep - c, dim=-1).indices  # [B, I, d]
+        x = view.visual_hidden()  # [B, I, N, D]
         kept_hidden = torch.gather(x, 2, dominant[..., None].expand(-1, -1, -1, x.shape[-1]).to(x.device))
         if c == 0:
-            gen.keep_visual(dominant, kept_hidden)
-            return
+            return KeepVisual(dominant, kept_hidden)
         targets, merged = merge_contextual(x, dominant, c)
-        gen.keep_visual(torch.cat([dominant, targets], dim=-1), torch.cat([kept_hidden, merged], dim=2))
-
-    def options(self) -> dict:
-        out = dataclasses.asdict(self)
-        out["contextual_used"] = getattr(self, "n_contextual", None)
-        return out
+        return KeepVisual(torch.cat([dominant, targets], dim=-1), torch.cat([kept_hidden, merged], dim=2))
 
 
 def merge_contextual(x: torch.Tensor, dominant: torch.Tensor, contextual: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,7 +18,7 @@ glue (``integrations/flash_attention.py``) with three adjustments:
   every occurrence of the smallest position into separately attended segments;
 - the glue loads its kernels by ``module.config._attn_implementation``, which names ``vtprune_<impl>`` while
   a run is attached; during the call the config names the original implementation again;
-- a 4-D mask (the engine builds one only for ParVTS's layers that hold both paths packed in one
+- a 4-D mask (the engine builds one only for layers that hold several paths packed in one
   sequence, where a path must not see the other: not "causal + padding") goes to transformers' SDPA
   kernel (``sdpa_attention_forward``) with that boolean mask instead, for that call only. FlashAttention
   has no arbitrary masks; the fallback is ours (reconstructed), not part of any method.

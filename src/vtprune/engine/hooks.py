@@ -1,0 +1,74 @@
+"""Every hook a run attaches, in one place, and removed together (also on an exception).
+
+A run attaches: a forward pre-hook and a forward hook on the model (phase detection, timers), a forward
+pre-hook on the language model (the decode mask), a forward pre-hook on each decoder layer (the method's
+stages and the layer's rewrite), a listener on each decoder layer's attention module (scoring beside
+the kernel, :mod:`vtprune.engine.attention`), the adapter's saliency hooks on the vision tower when the
+method needs them, and the language model's attention implementation switched to the scoring entry.
+They compose with other hooks on the same modules (accelerate's ``AlignDevicesHook`` included): a
+pre-hook that returns nothing leaves the call as it came.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from vtprune.engine import attention
+from vtprune.engine.profile import HostProfile
+
+
+class Hooks:
+    """The handles of one run's hooks. With a :class:`~vtprune.engine.profile.HostProfile`, every hook's
+    host time is added to it."""
+
+    def __init__(self, profile: HostProfile | None = None):
+        self.profile = profile
+        self._handles: list = []
+        self._listened: list[nn.Module] = []
+        self._attention: tuple[nn.Module, str] | None = None
+
+    def _timed(self, fn: Callable) -> Callable:
+        return self.profile.timed_hook(fn) if self.profile is not None else fn
+
+    def pre(self, module: nn.Module, fn: Callable) -> None:
+        """``fn(module, args, kwargs)`` before each forward of ``module`` (may return new (args, kwargs))."""
+        self._handles.append(module.register_forward_pre_hook(self._timed(fn), with_kwargs=True))
+
+    def post(self, module: nn.Module, fn: Callable) -> None:
+        """``fn(module, args, kwargs, output)`` after each forward of ``module``."""
+        self._handles.append(module.register_forward_hook(self._timed(fn), with_kwargs=True))
+
+    def listen(self, attention_module: nn.Module, fn: Callable) -> None:
+        """``fn(module, query, key, mask, scaling)`` after each attention call of ``attention_module``."""
+        attention.listen(attention_module, self._timed(fn))
+        self._listened.append(attention_module)
+
+    def keep(self, handles: list) -> None:
+        """Remove ``handles`` (from ``register_*_hook``) with the others."""
+        self._handles.extend(handles)
+
+    def switch_attention(self, config, original: str) -> None:
+        """Make the language model (whose config is ``config``) run the scoring entry of its ``original``
+        attention implementation, ``vtprune_<original>`` (:func:`vtprune.engine.attention.register`);
+        undone by :meth:`remove`. The config's attention field is set directly, as transformers' model
+        code reads it, not through ``set_attn_implementation``: that also re-checks the kernels' install
+        (FlashAttention's) on every switch, and the switch is transient. Raises ValueError for an
+        implementation transformers does not know."""
+        name = attention.register(original)
+        config._attn_implementation = name
+        self._attention = (config, original)
+
+    def remove(self) -> None:
+        """Remove every hook and listener and restore the attention implementation."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for module in self._listened:
+            attention.unlisten(module)
+        self._listened.clear()
+        if self._attention is not None:
+            config, original = self._attention
+            config._attn_implementation = original
+            self._attention = None

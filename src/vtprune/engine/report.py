@@ -1,0 +1,101 @@
+"""What a generation kept and what it saved: :class:`Report`, one per ``generate`` call.
+
+Units: tokens (visual tokens per image, per layer), FLOPs (decoder layers only; FastV's per-layer
+convention and an exact count, see :mod:`vtprune.engine.ledger`), bytes (KV cache, measured on the cache
+tensors), ms (wall clock; CUDA events on GPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Report(Mapping):
+    """The report of one generation (a batch that ran as groups of alike samples: the groups merged).
+
+    Attributes:
+        method: the method's registry name.
+        options: the method's options as given (its frozen config, ``Method.options()``).
+        plan: the options resolved against the model (``Plan.to_dict()``; the last group's for a merged
+            batch), e.g. kept counts per layer, a solved ratio or layer.
+        samples: per sample: ``visual_tokens_in``, ``prompt_tokens``, ``visual_tokens_per_layer_prefill``,
+            ``visual_tokens_per_layer_last_decode``, ``equivalent_budget`` (mean over layers of the visual
+            tokens present, per image), ``final_budget``, ``flops`` (``prefill`` / ``decode``, pruned and
+            unpruned, both conventions; ``total_fastv_ratio``), ``kv_cache`` (bytes vs unpruned).
+        kv_cache: ``bytes`` measured on the batch's cache tensors, ``bytes_unpruned``, ``ratio``,
+            ``entries_per_layer`` (or ``entries_per_layer_by_group`` when merged).
+        timing: ``prefill_ms`` (vision encoder + prefill, i.e. TTFT), ``decode_ms_per_token``,
+            ``end_to_end_ms``, ``new_tokens``, ``device`` (and ``groups`` when merged).
+
+    A report reads like the dict of :meth:`to_dict` (``report["samples"]``).
+    """
+
+    method: str
+    options: dict[str, Any]
+    plan: dict[str, Any] | None
+    samples: list[dict[str, Any]]
+    kv_cache: dict[str, Any]
+    timing: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict with the attributes as keys."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._keys():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys())
+
+    def __len__(self) -> int:
+        return len(self._keys())
+
+    @classmethod
+    def _keys(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def flatten(self, sample: int = 0) -> dict[str, Any]:
+        """One sample's report as a flat dict (what ``vtprune generate`` prints): ``method``, ``options``,
+        ``plan``, that sample's fields (``visual_tokens_in``, ``prompt_tokens``, the per-layer counts,
+        ``equivalent_budget``, ``final_budget``, ``flops``), ``kv_cache`` (the batch's measured bytes; for
+        one sample the two agree) and ``timing``. Raises IndexError for a sample out of range."""
+        out: dict[str, Any] = {"method": self.method, "options": self.options, "plan": self.plan}
+        fields = dict(self.samples[sample]) if self.samples else {}
+        fields.pop("kv_cache", None)
+        out.update(fields)
+        out["kv_cache"] = self.kv_cache
+        out["timing"] = self.timing
+        return out
+
+    @classmethod
+    def merge(cls, parts: list[tuple[list[int], Report]], batch: int) -> Report:
+        """One report for a batch that ran as groups: ``parts`` holds each group's sample indices and
+        report. ``samples`` back in the caller's order, KV bytes summed, ``entries_per_layer`` per group
+        (``entries_per_layer_by_group``), timings summed (decode ms per token: the mean over groups,
+        weighted by their decode steps), ``timing["groups"]`` the groups' samples."""
+        first = parts[0][1]
+        samples: list = [None] * batch
+        for group, rep in parts:
+            for b, s in zip(group, rep.samples, strict=True):
+                samples[b] = s
+        kv: dict[str, Any] = {key: sum(r.kv_cache[key] for _, r in parts) for key in ("bytes", "bytes_unpruned")}
+        kv["ratio"] = kv["bytes"] / kv["bytes_unpruned"] if kv["bytes_unpruned"] else 1.0
+        kv["entries_per_layer_by_group"] = [r.kv_cache["entries_per_layer"] for _, r in parts]
+        decode = [(r.timing["decode_ms_per_token"], r.timing["new_tokens"] - 1) for _, r in parts
+                  if r.timing["decode_ms_per_token"] is not None]
+        steps = sum(n for _, n in decode)
+        timing = {
+            "prefill_ms": sum(r.timing["prefill_ms"] for _, r in parts),
+            "decode_ms_per_token": sum(ms * n for ms, n in decode) / steps if steps else None,
+            "end_to_end_ms": sum(r.timing["end_to_end_ms"] for _, r in parts),
+            "new_tokens": max(r.timing["new_tokens"] for _, r in parts),
+            "device": first.timing["device"],
+            "groups": [group for group, _ in parts],
+        }
+        return cls(method=first.method, options=first.options, plan=parts[-1][1].plan, samples=samples,
+                   kv_cache=kv, timing=timing)

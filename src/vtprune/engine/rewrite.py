@@ -1,0 +1,83 @@
+"""The per-layer rewrite: a decoder layer's call arguments for the sequence and KV cache the generation
+holds at that layer.
+
+Before a prefill layer whose sequence is not the stock one, the layer gets the position embeddings and
+position ids gathered at its tokens' **original** indices (RoPE / M-RoPE is never recomputed for a
+shortened sequence) and a mask built for that sequence; before a decode layer whose cache is not the
+stock one, a mask for its cache. Masks per attention implementation:
+
+* SDPA: None where its causal kernel is exact (single sequence, no padding), else a [B, 1, q, k] boolean
+  mask;
+* eager: always an additive float mask;
+* FlashAttention (``flash_attention_2`` / ``_3``): None or a [B, k] padding mask of the layer's keys
+  (left padding), and a [B, 1, q, k] boolean mask only on layers that hold packed paths, which the scoring
+  entry runs with SDPA instead (FlashAttention takes no arbitrary mask; :mod:`vtprune.engine.attention`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from vtprune.engine.attention import FLASH
+from vtprune.engine.layout import Layout, build_mask, gather_position_embeddings, gather_tokens, padding_mask
+from vtprune.engine.state import Generation
+
+
+class LayerRewrite:
+    """Call arguments of the decoder layers of one model with attention implementation ``impl``; caches
+    what stays the same between layers (a layout's positions and mask, a cache index's decode mask)."""
+
+    def __init__(self, impl: str, dtype: torch.dtype):
+        self.impl = impl
+        self.flash = impl in FLASH
+        self.dtype = dtype
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the cached positions and masks (a new generation, or a new decode step)."""
+        self._layout: tuple[Layout, Any, Any, Any] | None = None
+        self._decode: dict[int, torch.Tensor | None] = {}
+
+    def new_step(self) -> None:
+        """A decode step starts: the keys have grown, cached decode masks are stale."""
+        self._decode = {}
+
+    def prefill(self, gen: Generation, kwargs: dict) -> None:
+        """Set ``position_embeddings``, ``position_ids`` (when the layer takes them) and
+        ``attention_mask`` of a prefill layer's call to those of ``gen.layout``."""
+        lay = gen.layout
+        if self._layout is None or self._layout[0] is not lay:
+            pe = gather_position_embeddings(gen.position_embeddings, lay.index) if gen.position_embeddings is not None else None
+            pos = gather_tokens(gen.position_ids, lay.index) if gen.position_ids is not None else None
+            self._layout = (lay, pe, pos, self.mask(gen, lay, lay))
+        _, pe, pos, mask = self._layout
+        kwargs["position_embeddings"] = pe
+        if "position_ids" in kwargs:
+            kwargs["position_ids"] = pos
+        kwargs["attention_mask"] = mask
+
+    def decode(self, gen: Generation, layer: int, kwargs: dict) -> None:
+        """Set ``attention_mask`` of a decode layer's call whose cache is not the stock one."""
+        mask = None
+        if gen.has_padding or self.impl == "eager":
+            index = gen.cache_index[layer]
+            key = id(index)
+            if key not in self._decode:
+                keys = Layout(gen.key_index(layer))
+                query = Layout(torch.full((gen.batch_size, 1), gen.total_length() - 1, device=keys.index.device))
+                self._decode[key] = self.mask(gen, query, keys)
+            mask = self._decode[key]
+        kwargs["attention_mask"] = mask
+
+    def mask(self, gen: Generation, query: Layout, keys: Layout) -> torch.Tensor | None:
+        """The attention mask of a layer whose queries / keys are ``query`` / ``keys`` (module docstring):
+        None, a [B, n_k] padding mask (FlashAttention) or a [B, 1, n_q, n_k] mask (boolean, or additive
+        in the model dtype for eager)."""
+        packed = query.group is not None or keys.group is not None
+        if self.flash and not packed:
+            return padding_mask(keys.index, gen.valid) if gen.has_padding else None
+        if packed or gen.has_padding or self.impl != "sdpa":
+            return build_mask(query, keys, gen.valid, self.dtype if self.impl == "eager" else None)
+        return None
