@@ -100,7 +100,7 @@ def test_spec_rejects_bad_values(field, value):
     (["--arch", "tiny", "--budgets", "64"], r"budget 64 out of range: budgets are ints in [1, 16]"),
     (["--arch", "tiny", "--new-tokens", "0"], "new_tokens must be an int >= 1"),
     (["--arch", "tiny", "--model", "x"], "not allowed with argument"),
-    (["--arch", "tiny", "--budgets", "a,b"], "expected a comma-separated list of int or 'default'"),
+    (["--arch", "tiny", "--budgets", "a,b"], "budget 'a': expected visual tokens per image (e.g. 64), a percentage"),
     (["--arch", "tiny", "--attn", "flash_attention_3"], "invalid choice"),
 ])
 def test_cli_bench_bad_input(capsys, monkeypatch, argv, match):

@@ -14,6 +14,7 @@ from conftest import N_VISUAL, batch, make_prompt, tiny_llava
 from PIL import Image
 from transformers import BatchFeature
 
+import vtprune
 from vtprune import cli
 
 PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "photos"
@@ -31,7 +32,7 @@ def no_model(monkeypatch):
     """Fail the test if the CLI tries to load a model (errors must be caught before)."""
     def boom(*a, **k):
         raise AssertionError("load_model must not be called")
-    monkeypatch.setattr(cli, "load_model", boom)
+    monkeypatch.setattr(cli.common, "load_model", boom)
 
 
 def _run(capsys, *argv):
@@ -74,11 +75,12 @@ def test_speedups_and_flatten():
     s = cli.speedups({"end_to_end_ms": 50.0, "prefill_ms": 10.0, "decode_ms_per_token": None},
                      {"end_to_end_ms": 100.0, "prefill_ms": 40.0, "decode_ms_per_token": 5.0})
     assert s == {"end_to_end": 2.0, "prefill": 4.0, "decode_per_token": None}
-    report = {"method": "m", "options": {"budget": 3}, "kv_cache": {"bytes": 1}, "timing": {"prefill_ms": 1.0},
-              "samples": [{"visual_tokens_in": 9, "equivalent_budget": 3.0, "kv_cache": {"bytes": 2}}]}
-    assert cli.flatten_report(report) == {"method": "m", "options": {"budget": 3}, "visual_tokens_in": 9,
-                                          "equivalent_budget": 3.0, "kv_cache": {"bytes": 1},
-                                          "timing": {"prefill_ms": 1.0}}
+    report = vtprune.Report(method="m", options={"budget": 3}, plan={"keep": 3}, kv_cache={"bytes": 1},
+                            timing={"prefill_ms": 1.0},
+                            samples=[{"visual_tokens_in": 9, "equivalent_budget": 3.0, "kv_cache": {"bytes": 2}}])
+    assert report.flatten() == {"method": "m", "options": {"budget": 3}, "plan": {"keep": 3}, "visual_tokens_in": 9,
+                                "equivalent_budget": 3.0, "kv_cache": {"bytes": 1}, "timing": {"prefill_ms": 1.0}}
+    assert report["samples"] == report.to_dict()["samples"] and dict(report) == report.to_dict()
 
 
 # ---------------------------------------------------------------------------------------- errors
@@ -153,7 +155,7 @@ def tiny(monkeypatch):
     def load(model_id, dtype, device):
         calls.append((model_id, dtype, device))
         return model, StubProcessor()
-    monkeypatch.setattr(cli, "load_model", load)
+    monkeypatch.setattr(cli.common, "load_model", load)
     return calls
 
 

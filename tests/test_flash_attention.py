@@ -23,7 +23,7 @@ from conftest import N_VISUAL, batch, make_prompt, tiny_llava
 import vtprune
 from vtprune import cli
 from vtprune.bench import archs
-from vtprune.engine import scoring
+from vtprune.engine import attention as engine_attention
 
 pytestmark = pytest.mark.usefixtures("one_thread", "emulated_fa2")
 
@@ -32,18 +32,9 @@ NEW = 10
 PROMPTS = [make_prompt(2, 4, 1), make_prompt(5, 9, 2), make_prompt(3, 2, 3)]  # 3 lengths: left padding
 LAYERS = 6
 PARVTS_DISCARD = 3  # ParVTS's default discard_layer: layers 0-2 hold both paths packed
-METHODS = [
-    ("none", {}),
-    ("fastv", {"budget": 4}),
-    ("st3", {}),
-    ("parvts", {"budget": 4}),
-    ("parvts", {"budget": 5, "schedule": "sequential_non_subject_first"}),
-    ("pdrop", {}),
-    ("vtw", {"layer": 3}),
-    ("random", {"budget": 4, "seed": 3}),
-    ("pool", {"budget": 4}),
-    ("visionzip", {"budget": 6}),
-]
+# every registered method's pruning example, plus the multi-path schedule whose question lives in one path
+METHODS = [(m, dict(cls.examples["prune"])) for m, cls in sorted(vtprune.METHODS.items())]
+METHODS += [("parvts", {"budget": 5, "schedule": "sequential_non_subject_first"})]
 
 
 # ---------------------------------------------------------------------------------------- reference kernels
@@ -123,13 +114,13 @@ def attention(model, impl: str):
 def sdpa_fallback(monkeypatch):
     """Record (layer, mask shape) of each call the vtprune FA2 wrapper sends to SDPA."""
     calls = []
-    fallback = scoring.sdpa_attention_forward
+    fallback = engine_attention.sdpa_attention_forward
 
     def spy(module, query, key, value, attention_mask, *args, **kwargs):
         calls.append((module.layer_idx, tuple(attention_mask.shape)))
         return fallback(module, query, key, value, attention_mask, *args, **kwargs)
 
-    monkeypatch.setattr(scoring, "sdpa_attention_forward", spy)
+    monkeypatch.setattr(engine_attention, "sdpa_attention_forward", spy)
     return calls
 
 
@@ -241,8 +232,8 @@ def test_row_logits_reads_a_padding_mask_like_the_full_mask():
     full = torch.ones(6, 6, dtype=torch.bool).tril()[None, None] & valid[:, None, None, :]
     rows = torch.tensor([[5, 3], [5, 0]])
     for mask in (valid, valid.long()):
-        assert torch.equal(scoring.row_logits(query, key, rows, mask, 0.35),
-                           scoring.row_logits(query, key, rows, full, 0.35))
+        assert torch.equal(engine_attention.row_logits(query, key, rows, mask, 0.35),
+                           engine_attention.row_logits(query, key, rows, full, 0.35))
 
 
 # ---------------------------------------------------------------------------------------- Qwen2-VL
@@ -268,7 +259,7 @@ def test_bench_refuses_flash_attention_2_without_flash_attn_or_cuda(capsys, monk
     def boom(*a, **k):
         raise AssertionError("no model may be built or loaded when the attention cannot run")
     monkeypatch.setattr(archs, "build_model", boom)
-    monkeypatch.setattr(cli, "load_model", boom)
+    monkeypatch.setattr(cli.common, "load_model", boom)
     for argv in (["--arch", "tiny"], []):
         assert cli.main(["bench", *argv, "--attn", FA2, "--device", "cpu"]) == 2
         err = capsys.readouterr().err

@@ -24,14 +24,14 @@ Protocol (:func:`run_bench`):
    measure the same span and the stock model has none, so the comparisons use the external clock.
 5. Work and ideals from the ledger of the last round (:mod:`vtprune.bench.ideal`): FLOPs-ideal and
    roofline-ideal speedups per phase, beside the measured ones and the ratios measured / ideal.
-6. Scoring cost: after the timed rounds, one extra generation per vtprune case with
-   ``vtprune.engine.scoring.row_logits`` (the partial-attention scoring the engine runs beside the
-   fused kernel, once per scored layer and forward) wrapped by a synchronized timer; the engine
-   exposes no per-layer scoring timer, and timing a scoring method against ``none`` would mix the
-   scoring with the pruning it enables. This pass is not part of the timed rounds (its
+6. Scoring cost: after the timed rounds, one extra generation per vtprune case under the run's opt-in
+   host-time profile (``vtprune.apply(..., profile=True)``, :mod:`vtprune.engine.profile`): every
+   partial-attention scoring call (``vtprune.engine.attention.row_logits``, once per scored layer and
+   forward) timed between device synchronisations; timing a scoring method against ``none`` would mix
+   the scoring with the pruning it enables. This pass is not part of the timed rounds (its
    synchronisations would perturb them); it reports calls, ms per call (= per scored layer) and their
-   share of the end-to-end time. The same pass times the engine's hooks on the host (``HOOKS``: the
-   model, language-model and per-layer pre-hooks, the model's forward hook and the attention listener;
+   share of the end-to-end time. The same profile times the engine's hooks on the host (the model,
+   language-model and per-layer pre-hooks, the model's forward hook and the attention listener;
    perf_counter, no synchronisation) and its ``generate`` wrapper outside the model's own ``generate``:
    host ms per generation that vtprune adds, the method's own work in them included. For ``none`` that
    is the machinery alone; on CPU, where every op runs on the host, it adds to the wall clock one for
@@ -49,21 +49,22 @@ import datetime
 import os
 import platform
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from vtprune import __version__
+from vtprune.api import apply
 from vtprune.bench import measure
 from vtprune.bench.archs import image_tokens
 from vtprune.bench.ideal import ModelWork, ideal_speedups, phase_work
 from vtprune.bench.inputs import synthetic_inputs
+from vtprune.methods.spec import DEFAULT  # a budget that runs a method with its own defaults
 
 STOCK = "stock"
 DEFAULT_METHODS = ("none", "parvts", "st3", "fastv")
 DEFAULT_BUDGETS = (192, 128, 64)
-DEFAULT = "default"  # a budget entry that runs a method with its own defaults (e.g. ST3's ratio 0.2)
 OVERHEAD_TARGET = 1.02  # issue 5: `none` attached within 2 % of the stock model end-to-end
 
 
@@ -106,56 +107,56 @@ class Case:
 
 
 def _method_names() -> list[str]:
-    import vtprune
+    from vtprune.methods import METHODS
 
-    return sorted(vtprune.METHODS)
+    return sorted(METHODS)
 
 
 def check_methods(methods) -> None:
     """Raise ValueError naming the accepted methods if one of ``methods`` is unknown (a method may carry
-    fixed options, ``"st3:anneal_every=4"``: :func:`vtprune.methods.parse_method_label`)."""
-    from vtprune.methods import parse_method_label
+    fixed options and a budget: ``"st3:anneal_every=4"``, ``"fastv@25%"``; :mod:`vtprune.methods.spec`)."""
+    from vtprune.methods import parse_spec
 
     for label in methods:
-        parse_method_label(label)
+        parse_spec(label)
 
 
 def plan_cases(methods, budgets, n_visual: int, num_layers: int) -> list[Case]:
-    """The cases of a run: ``stock``, then ``none`` if asked, then each other method x budget (an int, visual
-    tokens kept per image, or ``"default"``: the method's own default options).
+    """The cases of a run: ``stock``, then ``none`` if asked, then each other method x budget: a budget is
+    an int (visual tokens kept per image), a percentage of them (``"25%"``) or ``"default"`` (the
+    method's own default options); a method spec may name its own (``"st3@64"``,
+    :func:`vtprune.methods.expand`).
 
-    Each method is built and checked against the model (``n_visual`` visual tokens per image,
+    Each method is built and planned against the model (``n_visual`` visual tokens per image,
     ``num_layers`` decoder layers) before anything runs.
 
     Raises:
         ValueError: unknown method (naming the accepted ones), no budgets for a pruning method, or a
             budget / option out of range for this model (the method's own message, naming the range).
     """
-    import vtprune
-    from vtprune.methods import parse_method_label
+    from vtprune.methods import expand, parse_spec
 
     cases = [Case(STOCK, None)]
-    seen = set()
-    for label in methods:
-        label = str(label).strip().lower()
-        name, fixed = parse_method_label(label)
-        if label in seen:
+    for text in methods:
+        if parse_spec(text).name == "none":
+            if Case("none", "none") not in cases:
+                cases.append(Case("none", "none"))
             continue
-        seen.add(label)
-        if name == "none":
-            cases.append(Case("none", "none"))
-            continue
-        if not budgets:
-            raise ValueError(f"method {name!r} needs at least one budget (visual tokens per image, 1..{n_visual})")
-        for b in budgets:
-            if b != DEFAULT and (isinstance(b, bool) or not isinstance(b, int) or not (1 <= b <= n_visual)):
+        specs = expand([text], budgets)
+        if not specs or any(s.budget is None for s in specs):
+            raise ValueError(f"method {parse_spec(text).name!r} needs at least one budget (visual tokens per image, "
+                             f"1..{n_visual}, a percentage, or {DEFAULT!r})")
+        for spec in specs:
+            options = spec.options
+            b = options.get("budget")
+            if b is not None and not (1 <= b <= n_visual):
                 raise ValueError(f"budget {b!r} out of range: budgets are ints in [1, {n_visual}] "
-                                 f"(visual tokens per image of this model) or {DEFAULT!r} (the method's defaults)")
-            options = tuple(sorted({**fixed, **({} if b == DEFAULT else {"budget": b})}.items()))
-            method = vtprune.make_method(name, **dict(options))
-            method.validate(num_layers)
-            method.check_visual(n_visual)
-            cases.append(Case(f"{label}@{b}", name, options))
+                                 f"(visual tokens per image of this model), percentages or {DEFAULT!r} "
+                                 "(the method's defaults)")
+            spec.build().plan(num_layers, n_visual)
+            case = Case(spec.text, spec.name, tuple(sorted(options.items())))
+            if case not in cases:
+                cases.append(case)
     return cases
 
 
@@ -211,11 +212,9 @@ def _check_logits(model, inputs) -> None:
 def _one_round(model, case: Case, inputs: dict, gc, device, work: ModelWork | None) -> dict:
     """Run ``case`` once: one timed generation (TTFT, decode ms/token, end-to-end ms), its peak memory,
     the run's report and its work (:func:`vtprune.bench.ideal.phase_work`)."""
-    import vtprune
-
     n_new = gc.max_new_tokens
     expected = inputs["input_ids"].shape[1] + n_new
-    ctx = vtprune.apply(model, case.method, **dict(case.options)) if case.method else contextlib.nullcontext()
+    ctx = apply(model, case.method, **dict(case.options)) if case.method else contextlib.nullcontext()
     with ctx as run:
         with measure.PeakMemory(device) as mem:
             out, ids = measure.timed_generate(model, inputs, gc, device)
@@ -224,7 +223,7 @@ def _one_round(model, case: Case, inputs: dict, gc, device, work: ModelWork | No
                                f"expected {n_new} (min_new_tokens was not honoured)")
         out["memory"] = mem.result
         if run is not None:
-            report = run.report()
+            report = run.report().to_dict()
             out["report"] = report
             out["engine_prefill_ms"] = report["timing"]["prefill_ms"]
             out["engine_decode_ms_per_token"] = report["timing"]["decode_ms_per_token"]
@@ -232,12 +231,11 @@ def _one_round(model, case: Case, inputs: dict, gc, device, work: ModelWork | No
     return out
 
 
-HOOKS = ("_on_call", "_after_call", "_on_lm", "_on_layer", "_on_attention")  # vtprune.engine.run.Run's hooks
-
-
 def scoring_cost(model, case: Case, inputs: dict, gc, device) -> dict:
-    """Time every partial-attention scoring call, the engine's hooks and its ``generate`` wrapper during one
-    generation of ``case`` (see the module docstring).
+    """One extra generation of ``case`` under the run's host-time profile
+    (:mod:`vtprune.engine.profile`): every partial-attention scoring call timed between device
+    synchronisations, the engine's hooks and its ``generate`` wrapper on the host (see the module
+    docstring).
 
     Returns:
         ``{"calls_prefill", "calls_decode", "ms_per_call_prefill", "ms_per_call_decode" (medians, ms per
@@ -245,48 +243,17 @@ def scoring_cost(model, case: Case, inputs: dict, gc, device) -> dict:
         (host ms inside the engine's hooks over the generation, scoring included), "wrapper_ms" (host ms in
         vtprune's ``generate`` wrapper outside the model's own ``generate``)}``.
     """
-    from unittest import mock
-
-    import vtprune
-    from vtprune.engine import scoring
-    from vtprune.engine.run import Run
-
-    calls: list[tuple[int, float]] = []  # (query length, ms)
-    spent = {"hook_calls": 0, "hook": 0.0, "wrapper": 0.0, "generate": 0.0}
-    original = scoring.row_logits
-
-    def timed_row_logits(query, key, rows, mask, scaling):
-        ms, out = measure.timed(lambda: original(query, key, rows, mask, scaling), device)
-        calls.append((query.shape[2], ms))
-        return out
-
-    def timed(fn, key):
-        def wrapper(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                spent[key] += (time.perf_counter() - t0) * 1000.0
-                spent["hook_calls"] += key == "hook"
-        return wrapper
-
-    with contextlib.ExitStack() as stack:  # patched before attach, which binds them
-        stack.enter_context(mock.patch.object(scoring, "row_logits", timed_row_logits))
-        for name in HOOKS:
-            stack.enter_context(mock.patch.object(Run, name, timed(getattr(Run, name), "hook")))
-        stack.enter_context(mock.patch.object(Run, "_generate", timed(Run._generate, "wrapper")))
-        stack.enter_context(mock.patch.object(type(model), "generate", timed(type(model).generate, "generate")))
-        with vtprune.apply(model, case.method, **dict(case.options)):
-            model.generate(**inputs, generation_config=gc)
-    pre = [ms for q, ms in calls if q > 1]
-    dec = [ms for q, ms in calls if q == 1]
+    with apply(model, case.method, profile=True, **dict(case.options)) as run:
+        model.generate(**inputs, generation_config=gc)
+    profile = run.profile
+    pre = [ms for q, ms in profile.scoring if q > 1]
+    dec = [ms for q, ms in profile.scoring if q == 1]
     steps = gc.max_new_tokens - 1
     return {"calls_prefill": len(pre), "calls_decode": len(dec),
             "ms_per_call_prefill": measure.median(pre), "ms_per_call_decode": measure.median(dec),
             "total_ms": sum(pre) + sum(dec),
             "layers_scored_per_decode_step": len(dec) / steps if steps else None,
-            "hook_calls": spent["hook_calls"], "hook_ms": spent["hook"],
-            "wrapper_ms": spent["wrapper"] - spent["generate"]}
+            "hook_calls": profile.hook_calls, "hook_ms": profile.hook_ms, "wrapper_ms": profile.wrapper_ms}
 
 
 def _ceilings(device, dtype, spec: BenchSpec) -> dict:
@@ -396,7 +363,6 @@ def run_bench(model, spec: BenchSpec, label: str = "model", meta: dict | None = 
     """
     import transformers
 
-    import vtprune
     from vtprune.adapters import adapter_for
 
     log = log or (lambda message: None)
@@ -463,7 +429,7 @@ def run_bench(model, spec: BenchSpec, label: str = "model", meta: dict | None = 
         "attention": text_cfg._attn_implementation,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "vtprune": vtprune.__version__,
+        "vtprune": __version__,
         "python": sys.version.split()[0],
         "visual_tokens_per_image": n_visual,
         "sequence_length": int(inputs["input_ids"].shape[1]),

@@ -2,10 +2,12 @@
 
 :class:`VTPruneMixin` goes first in the bases of a subclass of an lmms-eval model class whose
 ``generate_until`` calls ``self.model.generate`` (``llava_hf``, ``qwen2_vl``, ``qwen2_5_vl``).
-It takes ``method`` and the method's options out of the constructor's keyword arguments, hands the rest
-to the stock class, and for every ``generate_until`` call attaches ``vtprune.apply(self.model, method,
-**options)``, collects ``run.report()`` after each ``model.generate`` (one request), and detaches. The
-stock class's prompt building and generate loop run unchanged.
+It takes ``method`` (a method spec, ``parvts``, ``parvts:fusion=fixed@25%``: :mod:`vtprune.methods.spec`)
+and the method's options out of the constructor's keyword arguments, hands the rest to the stock class,
+and for every ``generate_until`` call attaches ``vtprune.apply(self.model, method, **options)`` with an
+``on_report`` callback that collects each ``model.generate``'s report (one request) and an ``on_error``
+callback that keeps the errors the stock loop would swallow, and detaches. The stock class's prompt
+building and generate loop run unchanged.
 
 Where it reports:
 * ``self.vtprune_reports``: one :meth:`vtprune.Run.report` per request, in generation order, each with
@@ -30,8 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import vtprune
-from vtprune.engine.run import check
+from vtprune.api import apply, check
 from vtprune.lmms_eval_plugin.options import check_method, split_model_args, summarize
 
 METRIC_PREFIX = "vtprune_"
@@ -41,8 +42,10 @@ class VTPruneMixin:
     """vtprune around an lmms-eval HF model class (put it first in the bases).
 
     Args:
-        method: a vtprune method name (``none``, ``parvts``, ``st3``, ``fastv``, ``vtw``, ``pdrop``,
-            ``visionzip``, ``random``, ``pool``); default ``none`` (the stock model with vtprune's accounting).
+        method: a vtprune method spec: a name (``none``, ``parvts``, ``st3``, ``fastv``, ``vtw``, ``pdrop``,
+            ``visionzip``, ``random``, ``pool``), optionally with fixed options and a budget
+            (``parvts:fusion=fixed@25%``, :mod:`vtprune.methods.spec`); default ``none`` (the stock model
+            with vtprune's accounting).
         vtprune_report: optional path of a JSON-lines file; one :meth:`vtprune.Run.report` per request is
             appended to it.
         **kwargs: the stock class's arguments (``pretrained``, ``device``, ``dtype``, ...) and the method's
@@ -143,26 +146,14 @@ class VTPruneMixin:
         exit the run is detached (also on an exception); on a normal exit the block's reports are
         summarised and logged.
         """
-        model = self.model
-        run = vtprune.apply(model, self.vtprune_method, **self.vtprune_options)
-        inner = model.generate  # the run's generate wrapper
         errors: list[BaseException] = []
         start = len(self.vtprune_reports)
-
-        def generate(*args, **kwargs):
-            try:
-                out = inner(*args, **kwargs)
-            except Exception as e:
-                errors.append(e)
-                raise
-            self._record({**run.report(), "task": task})
-            return out
-
-        model.generate = generate
+        run = apply(self.model, self.vtprune_method, **self.vtprune_options,
+                            on_report=lambda report: self._record({**report.to_dict(), "task": task}),
+                            on_error=errors.append)
         try:
             yield errors
         finally:
-            model.generate = inner
             run.detach()
         self._log_summary(self.vtprune_reports[start:])
 

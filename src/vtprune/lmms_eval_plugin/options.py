@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from vtprune.methods import make_method, parse_value
+from vtprune.methods import make_method, parse_spec, parse_value
 
 # report fields averaged over requests (see :func:`summarize`): name -> path in one sample's report
 SUMMARY_FIELDS: dict[str, tuple[str, ...]] = {
@@ -55,22 +55,27 @@ def split_model_args(kwargs: dict[str, Any], stock: Iterable[str]) -> tuple[dict
 
 
 def check_method(method: Any, options: dict[str, Any], stock: Iterable[str], model_id: str) -> str:
-    """Validate ``method`` and ``options`` with :func:`vtprune.make_method` (before any weight is loaded)
-    and return the method name, lower case.
+    """Validate ``method`` (a spec: ``parvts``, ``parvts:fusion=fixed@25%``, :mod:`vtprune.methods.spec`) and
+    ``options`` with vtprune's own checks (before any weight is loaded); the spec's options are merged
+    into ``options`` (in place; a key given twice is refused). Returns the method name, lower case.
 
     Raises:
-        ValueError: unknown method (vtprune's message: the available methods) or an option value out of
-            range that needs no model to check.
+        ValueError: unknown method (vtprune's message: the available methods), a malformed spec, an
+            option given twice, or an option value out of range that needs no model to check.
         TypeError: an option the method does not have; the message names the method's options and the
             other arguments ``model_id`` accepts.
     """
-    name = str(parse_model_value(method)).strip().lower()
+    spec = parse_spec(str(parse_model_value(method)))
+    twice = sorted(set(spec.options) & set(options))
+    if twice:
+        raise ValueError(f"{model_id}: option(s) {twice} given both in method={spec.text!r} and as model_args")
+    options.update(spec.options)
     try:
-        make_method(name, **options)
+        make_method(spec.name, **options)
     except TypeError as e:
         raise TypeError(f"{model_id}: {e}; the other model_args it accepts are "
                         f"{sorted(set(stock) | {'method', 'vtprune_report'})}") from e
-    return name
+    return spec.name
 
 
 def _field(sample: dict, path: tuple[str, ...]) -> float | None:
