@@ -8,7 +8,7 @@ Inputs (read in place, never copied into the repository):
   * ``<data>/imagenet-sample/`` -- 1000 ImageNet photos (one per class) + ``labels.jsonl``;
   * easy-VQA (PyPI ``easy_vqa``) train images (first ``--easyvqa-images`` ids).
 
-With ``--scenes``, instead: the ``scenes`` train and test splits (``vtprune.eval.scenes``, built in
+With ``--scenes``, instead: the ``scenes`` train and test splits (``vtprune.eval.datasets.scenes``, built in
 memory, seed 0) to ``--scenes-out`` (default ``~/.cache/vtprune/scenes-features.pt``) as
 ``{"train" / "test": {"feats"[N,196,1280] fp16, "questions": [[scene, question, answer, kind, qtype]]}}``.
 
@@ -59,7 +59,7 @@ def extract(tower, image_processor, paths, batch=8, tag=""):
 
 
 def write_scenes_features(tower, image_processor, data: Path, out: str) -> None:
-    from vtprune.eval.scenes import iter_scenes
+    from vtprune.eval.datasets.scenes import iter_scenes
 
     result = {}
     for split in ("train", "test"):

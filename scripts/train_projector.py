@@ -12,7 +12,7 @@ Data
     Train questions: "Is there a {label} in the image?" -> "Yes" / "No" (negatives: a random other
     train label, balanced 50/50) and "What is in the image?" -> "{label}".
   * easy-VQA train questions (PyPI ``easy_vqa``) on the images whose features were precomputed.
-  * scenes (``vtprune.eval.scenes``) train-split questions about the subject, the background and the
+  * scenes (``vtprune.eval.datasets.scenes``) train-split questions about the subject, the background and the
     shapes at the edges (4th ``--mix`` weight; features from ``prepare_projector_data.py --scenes``);
     the test split's yes/no questions are the scene checks (``--scene-eval N`` per kind).
 

@@ -1,6 +1,6 @@
 """Evaluation data sets (vtprune.eval): counts and fields on the real data, seeded determinism, the
 projector's held-out split, POPE-style negatives (WordNet siblings), synthetic scenes checked against
-their pixels, the JSONL round trip, and answer scoring."""
+their pixels, the JSONL round trip, and answer answers."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vtprune.eval import answers
 from vtprune.eval import datasets as ds
-from vtprune.eval import scoring
 from vtprune.eval.datasets import Sample, load_dataset, load_jsonl, split_imagenet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,7 +131,7 @@ def test_pope_coco_counts_fields_and_source_rows():
 @needs_data
 @needs_wordnet
 def test_imagenet_pope_counts_negatives_and_determinism():
-    from vtprune.eval.imagenet_pope import POPULAR
+    from vtprune.eval.datasets.imagenet_pope import POPULAR
     from vtprune.eval.wordnet import load_hierarchy
 
     samples = load_dataset("imagenet-pope")
@@ -183,7 +183,7 @@ def test_wordnet_siblings_of_a_dog_breed():
 
 @needs_data
 def test_popular_table_is_the_most_frequent_pope_objects():
-    from vtprune.eval.imagenet_pope import POPULAR
+    from vtprune.eval.datasets.imagenet_pope import POPULAR
 
     counts = collections.Counter()
     for line in open(DATA / "pope" / "coco_pope_popular.json"):
@@ -218,7 +218,7 @@ def test_easy_vqa_counts_and_kinds():
 # --------------------------------------------------------------------------------------------- scenes
 
 def _nearest_color(rgb):
-    from vtprune.eval.scenes import COLORS
+    from vtprune.eval.datasets.scenes import COLORS
 
     return min(COLORS, key=lambda c: sum((a - b) ** 2 for a, b in zip(COLORS[c], rgb, strict=True)))
 
@@ -227,13 +227,13 @@ def _nearest_color(rgb):
 def scenes():
     if not DATA.is_dir():
         pytest.skip(f"shared data not found at {DATA}")
-    from vtprune.eval.scenes import iter_scenes
+    from vtprune.eval.datasets.scenes import iter_scenes
 
     return list(iter_scenes("test", 24))
 
 
 def test_scene_pixels_match_meta(scenes):
-    from vtprune.eval.scenes import CANVAS, COLORS, square_photo
+    from vtprune.eval.datasets.scenes import CANVAS, COLORS, square_photo
 
     assert {m["background"]["kind"] for _, _, m, _ in scenes} == {"flat", "stripes", "checkerboard", "noise", "photo"}
     assert {len(m["shapes"]) for _, _, m, _ in scenes} == {0, 1, 2}
@@ -287,7 +287,7 @@ def test_scene_questions_are_consistent(scenes):
 
 @needs_data
 def test_scenes_deterministic_prefix_and_splits_disjoint():
-    from vtprune.eval.scenes import iter_scenes
+    from vtprune.eval.datasets.scenes import iter_scenes
 
     a = load_dataset("scenes", limit=20)
     b = load_dataset("scenes", limit=40)
@@ -308,7 +308,7 @@ def test_scenes_deterministic_prefix_and_splits_disjoint():
 
 @needs_data
 def test_scenes_jsonl_round_trip(tmp_path):
-    from vtprune.eval.scenes import write_scenes
+    from vtprune.eval.datasets.scenes import write_scenes
 
     path = write_scenes(tmp_path, "test", 5)
     back = load_jsonl(path, tmp_path)
@@ -327,35 +327,35 @@ def test_scenes_jsonl_round_trip(tmp_path):
     ("the Shih-Tzu\nsecond line", "shih tzu"), ("Grey", "gray"), ("  \n Red  ", "red"), ("", ""),
 ])
 def test_normalize_answer(text, expected):
-    assert scoring.normalize_answer(text) == expected
+    assert answers.normalize_answer(text) == expected
 
 
 def test_yes_no_parsing_and_correctness():
-    assert scoring.parse_yes_no("I think yes, there is") == "yes"
-    assert scoring.parse_yes_no("There is no dog. Yes.") == "no"  # the first yes/no word
-    assert scoring.parse_yes_no("nothing here\nyes") is None and scoring.parse_yes_no("Yesterday") is None
+    assert answers.parse_yes_no("I think yes, there is") == "yes"
+    assert answers.parse_yes_no("There is no dog. Yes.") == "no"  # the first yes/no word
+    assert answers.parse_yes_no("nothing here\nyes") is None and answers.parse_yes_no("Yesterday") is None
     s = Sample("x", "img.png", "Is there a dog?", "yes", "yes/no:random")
-    assert scoring.is_correct("Yes, there is.", s) and not scoring.is_correct("No.", s)
-    assert scoring.is_correct("Two.", "2") and scoring.is_correct("a Tench", "tench")
-    assert not scoring.is_correct("It is a tench.", "tench")
-    assert scoring.is_correct("It is a tench.", "tench", relaxed=True)
-    assert not scoring.is_correct("It is a tenchfish.", "tench", relaxed=True)
+    assert answers.is_correct("Yes, there is.", s) and not answers.is_correct("No.", s)
+    assert answers.is_correct("Two.", "2") and answers.is_correct("a Tench", "tench")
+    assert not answers.is_correct("It is a tench.", "tench")
+    assert answers.is_correct("It is a tench.", "tench", relaxed=True)
+    assert not answers.is_correct("It is a tenchfish.", "tench", relaxed=True)
     with pytest.raises(TypeError, match="str"):
-        scoring.normalize_answer(None)
+        answers.normalize_answer(None)
 
 
 def test_pope_metrics():
     pairs = [("Yes", "yes"), ("yes", "yes"), ("No", "yes"), ("maybe", "yes"),
              ("yes", "no"), ("no", "no"), ("No.", "no"), (None, "no")]
-    m = scoring.pope_metrics(pairs)
+    m = answers.pope_metrics(pairs)
     assert (m["tp"], m["fn"], m["fp"], m["tn"], m["unparsed"], m["n"]) == (2, 2, 1, 2, 2, 8)
     assert m["accuracy"] == 4 / 8 and m["precision"] == 2 / 3 and m["recall"] == 2 / 4
     assert m["f1"] == pytest.approx(2 * (2 / 3) * 0.5 / (2 / 3 + 0.5)) and m["yes_ratio"] == 3 / 8
-    assert scoring.pope_metrics([("no", "yes")])["precision"] == 0.0
+    assert answers.pope_metrics([("no", "yes")])["precision"] == 0.0
     with pytest.raises(ValueError, match="at least one"):
-        scoring.pope_metrics([])
+        answers.pope_metrics([])
     with pytest.raises(ValueError, match="'yes' or 'no'"):
-        scoring.pope_metrics([("yes", "Yes")])
+        answers.pope_metrics([("yes", "Yes")])
 
 
 def test_sample_load_image_in_memory_and_from_disk(tmp_path):

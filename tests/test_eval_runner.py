@@ -10,7 +10,8 @@ import pytest
 
 from vtprune import cli
 from vtprune.eval import runner, tables
-from vtprune.eval.runner import Condition, conditions, parse_budget
+from vtprune.eval.runner import Condition, conditions
+from vtprune.methods import parse_budget
 
 
 @pytest.mark.parametrize("text,label,opts", [

@@ -17,6 +17,8 @@ from collections.abc import Callable
 
 import torch
 
+from vtprune.api import apply
+
 SWEEPS = {  # method -> (layer option, other options swept with it)
     "parvts": ("discard_layer", {"fusion": ("attention_mass", "fixed", "size")}),
     "vtw": ("layer", {}),
@@ -40,9 +42,7 @@ class SweepRow:
 def first_token_logprobs(model, inputs, method: str = "none", **options) -> tuple[torch.Tensor, list[dict]]:
     """Log-probabilities of the first generated token under ``method``, FloatTensor [B, vocab] (fp32,
     from the raw logits, before any logits processor), and the per-sample report entries."""
-    import vtprune
-
-    with vtprune.apply(model, method, **options) as run:
+    with apply(model, method, **options) as run:
         out = model.generate(**inputs, max_new_tokens=1, do_sample=False, output_logits=True,
                              return_dict_in_generate=True)
     return torch.log_softmax(out.logits[0].float(), dim=-1), run.report()["samples"]
@@ -78,7 +78,7 @@ def calibrate(model, batches: list, method: str, settings: list[dict], threshold
     Raises:
         ValueError / TypeError: a setting the method rejects (before any generation of it).
     """
-    from vtprune.engine.run import check
+    from vtprune.api import check
 
     layer_key = SWEEPS[method][0]
     for opts in settings:  # option errors first, before the slow part

@@ -13,13 +13,16 @@ import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from vtprune.api import apply
+
 REFERENCE = ("none", "all")  # (method, budget label) of the unpruned reference every run includes
 
 
 @dataclasses.dataclass(frozen=True)
 class Condition:
-    """One method at one budget: ``budget`` is its label (``"25%"``, ``"64"``, ``"default"``, ``"all"``)
-    and ``options`` the method options it stands for."""
+    """One method at one budget: ``method`` is its label with fixed options (``"visionzip:contextual=0"``),
+    ``budget`` its budget label (``"25%"``, ``"64"``, ``"default"``, ``"all"``) and ``options`` the method
+    options they stand for."""
 
     method: str
     budget: str
@@ -29,59 +32,24 @@ class Condition:
     def name(self) -> str:
         """The vtprune method name (the label without its fixed options: ``visionzip:contextual=0`` ->
         ``visionzip``)."""
-        from vtprune.methods import parse_method_label
-
-        return parse_method_label(self.method)[0]
-
-
-def parse_budget(text: str | int | float) -> tuple[str, dict]:
-    """A ``--budgets`` item as ``(label, options)``.
-
-    ``"25%"`` -> keep_ratio 0.25 (a fraction of each image's visual tokens); ``"64"`` -> budget 64
-    (visual tokens per image); ``"default"`` -> the method's own defaults. For progressive methods
-    (st3, pdrop, vtw) the budget is the target *equivalent* budget (mean over layers).
-
-    Raises:
-        ValueError: anything else, or a percentage outside (0, 100].
-    """
-    label = str(text).strip()
-    if label.lower() == "default":
-        return "default", {}
-    if label.endswith("%"):
-        try:
-            pct = float(label[:-1])
-        except ValueError:
-            pct = float("nan")
-        if not 0.0 < pct <= 100.0:
-            raise ValueError(f"budget {label!r}: a percentage must be in (0, 100]")
-        return label, {"keep_ratio": pct / 100.0}
-    try:
-        return label, {"budget": int(label)}
-    except ValueError:
-        raise ValueError(f"budget {label!r}: expected visual tokens per image (e.g. 64), a percentage of them "
-                         "(e.g. 12.5%) or 'default'") from None
+        return self.method.split(":")[0]
 
 
 def conditions(methods: Iterable[str], budgets: Iterable[str | int | float]) -> list[Condition]:
-    """The unpruned reference, then every method x budget (``none`` is the reference, not repeated).
-
-    A method may carry fixed options after colons, ``"visionzip:contextual=0"`` (saliency-only
-    selection) or ``"parvts:fusion=fixed:alpha=0.7"``; the whole string is the condition's label.
+    """The unpruned reference, then every method x budget (``none`` is the reference, not repeated), in the
+    grammar of :mod:`vtprune.methods.spec`: ``"visionzip:contextual=0"`` (saliency-only selection) or
+    ``"parvts:fusion=fixed:alpha=0.7"`` crossed with the budgets; ``"st3@64"`` at its own budget.
 
     Raises:
         ValueError: an unknown method (naming the accepted ones) or a malformed budget.
     """
-    from vtprune.methods import parse_method_label
+    from vtprune.methods import expand
 
-    parsed = [parse_budget(b) for b in budgets]
     out = [Condition(*REFERENCE)]
-    for spec in methods:
-        label = str(spec).strip().lower()
-        name, fixed = parse_method_label(label)
-        if name == "none":
+    for spec in expand(methods, budgets):
+        if spec.name == "none":
             continue
-        for budget, opts in parsed:
-            out.append(Condition(label, budget, tuple(sorted({**fixed, **opts}.items()))))
+        out.append(Condition(spec.label, spec.budget or "default", tuple(sorted(spec.options.items()))))
     return out
 
 
@@ -126,8 +94,7 @@ def run_eval(model, processor, samples_by_data: dict[str, list], conds: list[Con
         ValueError / TypeError: a method option out of range for this model (before any generation of
             that condition), images of different token counts in one prompt.
     """
-    import vtprune
-    from vtprune.eval.scoring import is_correct
+    from vtprune.eval.answers import is_correct
     from vtprune.inputs import build_batch
 
     results = Path(results)
@@ -142,7 +109,7 @@ def run_eval(model, processor, samples_by_data: dict[str, list], conds: list[Con
         for data, cond, chunk in _chunks(todo, batch_size):
             images = [s.load_image() for s in chunk]
             inputs = build_batch(processor, images, [s.question for s in chunk], device=model.device, dtype=model.dtype)
-            with vtprune.apply(model, cond.name, **dict(cond.options)) as run:
+            with apply(model, cond.name, **dict(cond.options)) as run:
                 generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
             texts = processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
             report = run.report()

@@ -25,7 +25,7 @@ def summarize(records: list[dict]) -> list[dict]:
     ``agreement`` is the fraction of samples whose normalised answer equals the unpruned model's; None
     when the reference has not answered those samples. ``equivalent_budget_pct`` is the equivalent budget
     as a percentage of the visual tokens per image."""
-    from vtprune.eval.scoring import normalize_answer
+    from vtprune.eval.answers import normalize_answer
 
     reference = {(r["data"], r["id"]): normalize_answer(r["prediction"]) for r in records
                  if (r["method"], r["budget"]) == REFERENCE}

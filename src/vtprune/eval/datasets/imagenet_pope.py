@@ -34,7 +34,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from vtprune.eval.datasets import (
+from vtprune.eval.datasets.base import (
     POPE_FILES,
     Sample,
     default_data_root,
@@ -42,6 +42,7 @@ from vtprune.eval.datasets import (
     imagenet_split,
     object_question,
 )
+from vtprune.eval.datasets.registry import register_dataset
 from vtprune.eval.wordnet import load_hierarchy
 
 # (COCO category, ImageNet wnid, ImageNet label): the 20 COCO categories most often present in POPE's
@@ -70,6 +71,7 @@ POPULAR: tuple[tuple[str, str, str], ...] = (
     ("skis", "n04228054", "ski"),
 )
 
+@register_dataset("imagenet-pope", splits=("test", "train"))
 def load_imagenet_pope(split: str = "test", limit: int | None = None, root: Path | None = None,
                        seed: int = 0) -> list[Sample]:
     """Build the set (see the module docstring); ``split`` ``"test"`` (held-out 200) or ``"train"`` (800).

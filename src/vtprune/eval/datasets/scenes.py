@@ -50,7 +50,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from vtprune.eval.datasets import Sample, default_data_root, imagenet_split, object_question, sample_row
+from vtprune.eval.datasets.base import Sample, default_data_root, imagenet_split, object_question, sample_row
+from vtprune.eval.datasets.registry import register_dataset
 
 CANVAS = 448
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -224,6 +225,7 @@ def _samples(split: str, s: int, image, meta: dict, questions) -> list[Sample]:
             for q, (question, answer, kind, qtype) in enumerate(questions)]
 
 
+@register_dataset("scenes", splits=("test", "train"))
 def load_scenes(split: str = "test", limit: int | None = None, root: Path | None = None,
                 seed: int = 0) -> list[Sample]:
     """The scene questions of ``split`` with in-memory images (the questions of a scene share its image),

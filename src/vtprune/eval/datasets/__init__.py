@@ -1,0 +1,40 @@
+"""Evaluation data sets: one module each, registered by name (:func:`register_dataset`); plain JSONL +
+image folders, nothing from a hub. :func:`load_dataset` builds one:
+
+=================  =====================================================================================
+``pope-coco``      POPE's COCO questions (random / popular / adversarial files), kept only where the
+                   image is present (``<root>/pope`` + ``<root>/photos``; 4 COCO images there: 24
+                   questions per file, 72 in all, 36 yes). Kind ``yes/no:<file>``. Split ``test`` only
+                   (:mod:`~vtprune.eval.datasets.pope_coco`).
+``imagenet-pope``  POPE-style yes/no questions on the ImageNet sample's held-out images
+                   (:mod:`~vtprune.eval.datasets.imagenet_pope`): 200 images x 3 kinds x (1 yes + 1 no) = 1200.
+``easy-vqa``       easy-VQA's test questions (PyPI ``easy_vqa``): 9673 questions on 1000 64x64 images;
+                   kinds ``yes/no`` (7136), ``shape`` (1257), ``color`` (1280). Split ``test`` only
+                   (:mod:`~vtprune.eval.datasets.easy_vqa`).
+``scenes``         Synthetic subject / background scenes made from real photos
+                   (:mod:`~vtprune.eval.datasets.scenes`); splits ``test`` (200 scenes on the held-out
+                   subjects: 1508 questions with seed 0) and ``train`` (800 scenes, 6074 questions).
+=================  =====================================================================================
+
+Order and ``limit``: every set has one canonical, seeded order that interleaves its kinds (POPE: row i of
+each file in turn; ImageNet-POPE: per image its yes/no pair of each kind; scenes: per scene its
+questions), so a prefix (``limit``) keeps the kinds and yes/no answers roughly balanced. What every set
+shares (samples, the data root, the ImageNet split, JSONL) is in :mod:`~vtprune.eval.datasets.base`.
+"""
+
+from vtprune.eval.datasets import easy_vqa, imagenet_pope, pope_coco, scenes  # noqa: F401  (registers them)
+from vtprune.eval.datasets.base import (
+    POPE_FILES,
+    Sample,
+    default_data_root,
+    imagenet_rows,
+    imagenet_split,
+    load_jsonl,
+    object_question,
+    sample_row,
+    split_imagenet,
+)
+from vtprune.eval.datasets.registry import DATASETS, load_dataset, register_dataset
+
+__all__ = ["DATASETS", "POPE_FILES", "Sample", "default_data_root", "imagenet_rows", "imagenet_split", "load_dataset",
+           "load_jsonl", "object_question", "register_dataset", "sample_row", "split_imagenet"]

@@ -1,0 +1,65 @@
+"""The data-set registry: each data-set module registers its builder with :func:`register_dataset` (as
+methods and adapters register themselves); :func:`load_dataset` builds one by name."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+
+from vtprune.eval.datasets.base import Sample, check_split, default_data_root
+
+Builder = Callable[[str, "int | None", Path, int], list[Sample]]
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetEntry:
+    """A registered set: its builder ``(split, limit, root, seed) -> samples`` (may stop early at
+    ``limit``) and the splits it has."""
+
+    build: Builder
+    splits: tuple[str, ...]
+
+
+DATASETS: dict[str, DatasetEntry] = {}
+"""Name -> :class:`DatasetEntry`, in registration order."""
+
+
+def register_dataset(name: str, splits: tuple[str, ...] = ("test",)) -> Callable[[Builder], Builder]:
+    """Decorator: register ``builder(split, limit, root, seed) -> list[Sample]`` as data set ``name``.
+
+    Raises:
+        ValueError: ``name`` is registered already by another builder.
+    """
+    def add(builder: Builder) -> Builder:
+        if name in DATASETS and DATASETS[name].build is not builder:
+            raise ValueError(f"data set {name!r} is registered already")
+        DATASETS[name] = DatasetEntry(builder, tuple(splits))
+        return builder
+    return add
+
+
+def load_dataset(name: str, split: str = "test", limit: int | None = None, root: str | Path | None = None,
+                 seed: int = 0) -> list[Sample]:
+    """Build the named set (see :mod:`vtprune.eval.datasets` for the sets, their splits and sizes).
+
+    Args:
+        name: a key of :data:`DATASETS`.
+        split: ``"test"`` (every set) or ``"train"`` (``imagenet-pope``, ``scenes``).
+        limit: keep the first ``limit`` samples of the canonical order (None: all).
+        root: data root (default :func:`~vtprune.eval.datasets.base.default_data_root`).
+        seed: seed of every random choice (negatives, scenes); the same seed gives the same samples.
+
+    Raises:
+        ValueError: unknown name (the message lists the available sets), unknown split, bad limit.
+        FileNotFoundError: the data are missing (the message names the path).
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown data set {name!r}; available: {', '.join(sorted(DATASETS))}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"limit must be None or an int >= 0, got {limit!r}")
+    entry = DATASETS[name]
+    check_split(name, split, entry.splits)
+    root = Path(root) if root is not None else default_data_root()
+    samples = entry.build(split, limit, root, seed)
+    return samples if limit is None else samples[:limit]
