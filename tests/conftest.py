@@ -10,6 +10,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 IMAGE_TOKEN = 250
 N_VISUAL = 16  # (32 px / 8 px)^2 patches, CLS dropped ("default" strategy)
+STANDARD_PROMPTS = [(2, 4, 1), (5, 9, 2), (3, 2, 3)]  # (prefix, question, seed): three lengths, so a batch pads
 
 
 def tiny_clip_config() -> CLIPVisionConfig:

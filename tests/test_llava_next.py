@@ -1,83 +1,19 @@
-"""LLaVA-NeXT (any-resolution tiles) on a tiny random-weight ``LlavaNextForConditionalGeneration``.
-
-Inputs come from the real ``LlavaNextProcessor`` (its PIL image processor and a word-level tokenizer
-built offline), so the number of image tokens per image is the processor's. Tiles are 32 px with 8 px
-patches (16 patches per tile); the grid pinpoints are (32, 64), (64, 32), (64, 64). Token counts per
-image size, derived by hand (base tile 16 + rows x (cols + 1) of the unpadded grid):
-
-    (20, 40): 1x2 tiles, 4x8 patches, nothing unpadded            -> 16 + 4 * 9 = 52
-    (16, 64): 1x2 tiles, 4x8 patches, rows 1-2 kept (wider image) -> 16 + 2 * 9 = 34
-    (64, 48): 2x2 tiles, 8x8 patches, cols 1-6 kept (taller)      -> 16 + 8 * 7 = 72
-    (64, 64): 2x2 tiles, 8x8 patches                              -> 16 + 8 * 9 = 88
-"""
+"""LLaVA-NeXT (any-resolution tiles) on a tiny random-weight ``LlavaNextForConditionalGeneration``
+(models and inputs: ``next_tiny.py``)."""
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
-from conftest import IMAGE_TOKEN, ready, tiny_clip_config, tiny_llama_config, word_tokenizer
-from PIL import Image
-from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
-from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+from conftest import IMAGE_TOKEN
+from next_tiny import COUNTS, LAYERS, MIXED, NEW, SIZE, N, batch, inputs, prompt, tiny_llava_next
 
 import vtprune
 from vtprune.adapters import PatchGrid, adapter_for
 from vtprune.adapters.llava_next import LlavaNextAdapter
 from vtprune.methods.st3 import annealed
-
-PINPOINTS = [[32, 64], [64, 32], [64, 64]]
-SIZE = (20, 40)  # the image size of most tests
-N = 52  # its visual tokens
-COUNTS = {(20, 40): 52, (16, 64): 34, (64, 48): 72, (64, 64): 88}
-NEW = 10
-LAYERS = 6
-
-
-def tiny_llava_next(attn: str = "sdpa") -> LlavaNextForConditionalGeneration:
-    torch.manual_seed(0)
-    cfg = LlavaNextConfig(vision_config=tiny_clip_config(), text_config=tiny_llama_config(LAYERS),
-                          image_token_id=IMAGE_TOKEN, image_grid_pinpoints=PINPOINTS, vision_feature_layer=-2,
-                          vision_feature_select_strategy="default")
-    return ready(LlavaNextForConditionalGeneration(cfg), attn)
-
-
-def tiny_processor() -> LlavaNextProcessor:
-    tokenizer = word_tokenizer()
-    images = LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
-                                        image_grid_pinpoints=PINPOINTS)
-    return LlavaNextProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8,
-                              vision_feature_select_strategy="default", num_additional_image_tokens=1)
-
-
-PROCESSOR = tiny_processor()
-
-
-def image(size, seed) -> Image.Image:
-    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (*size, 3), dtype=np.uint8))
-
-
-def prompt(prefix: int, question: int, seed: int, images: int = 1) -> str:
-    words = np.random.RandomState(100 + seed).randint(4, 240, prefix + question)
-    text = [f"w{w}" for w in words]
-    return " ".join(text[:prefix] + ["<image>"] * images + text[prefix:])
-
-
-def inputs(prompts: list[str], sizes: list[list[tuple[int, int]]], seed: int = 0) -> dict:
-    """Processor output for prompts (left-padded) with images ``sizes[b]`` in sample b."""
-    imgs = [image(s, seed + 10 * b + i) for b, row in enumerate(sizes) for i, s in enumerate(row)]
-    return dict(PROCESSOR(images=imgs, text=prompts, return_tensors="pt", padding=True))
-
-
-PROMPTS = [prompt(2, 4, 1), prompt(5, 9, 2), prompt(3, 2, 3)]
-
-
-def batch(idx=(0, 1, 2), size=SIZE) -> dict:
-    """Samples ``idx`` of PROMPTS, each with its own image (same content whatever the batch)."""
-    imgs = [image(size, i) for i in idx]
-    return dict(PROCESSOR(images=imgs, text=[PROMPTS[i] for i in idx], return_tensors="pt", padding=True))
 
 
 def generate(model, x, **kw):
@@ -155,36 +91,20 @@ def test_kept_tokens_keep_original_positions(model):
     assert torch.allclose(seen["cos"], torch.gather(cos, 1, index[..., None].expand(-1, -1, cos.shape[-1])))
 
 
-# ---------------------------------------------------------------- equivalence with the stock model
-KEEP_ALL = [("none", {}), ("fastv", {"budget": N}), ("st3", {"ratio": 0.0, "anneal": "none"}), ("parvts", {"budget": N}),
-            ("vtw", {"budget": N}), ("pdrop", {"ratio": 1.0}), ("visionzip", {"budget": N}), ("random", {"budget": N}), ("pool", {"budget": N})]
+# ---------------------------------------------------------------- counts (keep-all = stock and batched = one by one: test_conformance.py)
 PRUNING = [("none", {}), ("fastv", {"budget": 8}), ("st3", {}), ("parvts", {"budget": 8}), ("vtw", {"layer": 3}),
            ("pdrop", {"layers": [2, 4]}), ("visionzip", {"budget": 8}), ("random", {"budget": 8}), ("pool", {"budget": 12})]
 FINAL = {"none": N, "fastv": 8, "parvts": 8, "visionzip": 8, "random": 8, "vtw": 0, "pool": 12}
 
 
-@pytest.mark.parametrize("method,opts", KEEP_ALL)
-@pytest.mark.parametrize("which", ["single", "batched"])
-def test_keeping_every_token_equals_stock(model, stock, method, opts, which):
-    x = batch((0,)) if which == "single" else batch()
-    with vtprune.apply(model, method, **opts) as run:
-        out = generate(model, x)
-    assert torch.equal(out, stock[which])
-    sample = run.report()["samples"][-1]
-    assert sample["visual_tokens_per_layer_prefill"] == [N] * LAYERS
-    assert sample["flops"]["prefill"]["exact_ratio"] == 1.0
-
-
 @pytest.mark.parametrize("method,opts", PRUNING)
-def test_batched_equals_one_by_one(model, method, opts):
+def test_final_budget_of_each_method_in_a_padded_batch(model, method, opts):
     x = batch()
     assert x["attention_mask"][0, 0] == 0  # left padding
     with vtprune.apply(model, method, **opts) as run:
-        together = generate(model, x)
-        final = FINAL[method] if method in FINAL else run.method.G[-1]
-        assert run.report()["samples"][0]["final_budget"] == final
-        for i in range(3):
-            assert torch.equal(generate(model, batch((i,)))[0], together[i]), f"sample {i}"
+        generate(model, x)
+    final = FINAL[method] if method in FINAL else run.plan.per_layer[-1]
+    assert [s["final_budget"] for s in run.report()["samples"]] == [final] * 3
 
 
 # ---------------------------------------------------------------- pool: base grid + high-resolution grid
@@ -230,7 +150,7 @@ def test_pool_pools_each_grid_and_keeps_one_newline_per_pooled_row(model):
     hires = [16 + r * 9 + c for r in hires_rows for c in hires_cols]
     newlines = [16 + r * 9 + 8 for r in hires_rows]
     kept = sorted(base + hires + newlines)
-    assert run.gen.vis[0, 0].tolist() == [start + k for k in kept]
+    assert run.gen.visual[0, 0].tolist() == [start + k for k in kept]
     index = run.gen.layouts[0].index[0].tolist()
     vis = stock_h[0, start:start + N]
     got = {k: pooled_h[0, index.index(start + k)] for k in kept}
@@ -284,7 +204,7 @@ def test_parvts_counts_and_subjects(model):
     assert r["samples"][0]["visual_tokens_per_layer_prefill"] == [N] * 3 + [10] * 3
     assert r["kv_cache"]["entries_per_layer"] == [s - N + 10 + NEW - 1] * LAYERS
     top = torch.topk(run.gen.saliency, 10, dim=-1).indices.sort(-1).values
-    assert torch.equal(run.gen.cache_vis[5], torch.gather(run.gen.visual_index, 2, top))
+    assert torch.equal(run.gen.cache_visual[5], torch.gather(run.gen.visual_index, 2, top))
     source, _ = adapter_for(model).packing(SIZE)
     assert (source[top.flatten()] >= 0).all()  # subjects are patches, never newline tokens
 
@@ -303,13 +223,13 @@ def test_two_adjacent_images_each_pruned_separately(model):
     with vtprune.apply(model, "fastv", budget=3) as run:
         generate(model, x, max_new_tokens=6)
     assert run.report()["samples"][1]["visual_tokens_per_layer_prefill"] == [2 * N] * 2 + [6] * 4
-    kept = run.gen.cache_vis[5]
+    kept = run.gen.cache_visual[5]
     assert kept.shape == (2, 2, 3)
     assert torch.all(kept[:, 0] < run.gen.visual_index[:, 1, :1])  # three from each image
     with vtprune.apply(model, "parvts", budget=5) as run:
         generate(model, x, max_new_tokens=6)
     top = torch.topk(run.gen.saliency, 5, dim=-1).indices.sort(-1).values  # per image
-    assert torch.equal(run.gen.cache_vis[5], torch.gather(run.gen.visual_index, 2, top))
+    assert torch.equal(run.gen.cache_visual[5], torch.gather(run.gen.visual_index, 2, top))
 
 
 def test_images_of_different_sizes_in_one_prompt_raise(model):
@@ -320,7 +240,6 @@ def test_images_of_different_sizes_in_one_prompt_raise(model):
     assert "get_image_features" not in model.model.__dict__
 
 
-MIXED = [[SIZE], [(16, 64)], [SIZE], [(64, 48)]]  # 52, 34, 52, 72 visual tokens
 
 
 @pytest.mark.parametrize("method,opts", [("fastv", {"keep_ratio": 0.25}), ("parvts", {"budget": 8}), ("st3", {}),

@@ -62,7 +62,7 @@ def check_pruned(results: dict, rows: list[dict], method: str, budget: int) -> N
 def llava_next_checkpoint(path):
     """``test_llava_next.tiny_llava_next`` saved with its real ``LlavaNextProcessor`` (word-level tokenizer,
     32 px tiles, pinpoints up to 64 x 64 px) plus a chat template, as a llava-hf NeXT repo."""
-    from test_llava_next import tiny_llava_next, tiny_processor
+    from next_tiny import tiny_llava_next, tiny_processor
 
     processor = tiny_processor()
     processor.chat_template = processor.tokenizer.chat_template = WORD_CHAT_TEMPLATE

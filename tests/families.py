@@ -1,0 +1,67 @@
+"""Every supported model family as a tiny random-weight model of its real class plus its inputs: what the
+conformance matrix (``test_conformance.py``) runs each registered method on.
+
+A :class:`Family` builds the model for an attention implementation and a batch of the three standard
+prompts, each sample with its own image whose content does not depend on the batch it is in (so a sample
+alone is the same sample). Adding a family: its builders (a ``*_tiny.py`` module like ``qwen_tiny.py``)
+and one entry in :data:`FAMILIES`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import conftest
+import next_tiny
+import qwen_tiny
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """One model family. ``build(attn)`` returns a tiny model in eval mode with attention ``attn`` (no EOS:
+    every generation runs its full length); ``batch(indices)`` the left-padded inputs of those prompts;
+    ``one(indices, i)`` sample ``i`` of that batch alone (as a batch of one); ``n_visual`` the visual
+    tokens of each image; ``layers`` the decoder layers."""
+
+    name: str
+    build: Callable[[str], torch.nn.Module]
+    batch: Callable[[tuple[int, ...]], dict]
+    n_visual: int
+    layers: int = 6
+
+    def one(self, i: int) -> dict:
+        return self.batch((i,))
+
+
+def _attn(model, attn: str):
+    model.config.text_config._attn_implementation = attn
+    return model
+
+
+def _llava_batch(idx: tuple[int, ...]) -> dict:
+    prompts = [conftest.make_prompt(*conftest.STANDARD_PROMPTS[i]) for i in idx]
+    ids, mask = conftest.left_pad(prompts)
+    pixels = torch.cat([torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(100 + i)) for i in idx])
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+
+
+def _qwen_batch(idx: tuple[int, ...]) -> dict:
+    prompts = [qwen_tiny.make_prompt(*conftest.STANDARD_PROMPTS[i]) for i in idx]
+    ids, mask = conftest.left_pad(prompts)
+    images = [qwen_tiny.pixels([(32, 32)], seed=100 + i) for i in idx]
+    return {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": (ids == qwen_tiny.IMAGE_TOKEN).int(),
+            "pixel_values": torch.cat([im["pixel_values"] for im in images]),
+            "image_grid_thw": torch.cat([im["image_grid_thw"] for im in images])}
+
+
+FAMILIES: dict[str, Family] = {
+    "llava": Family("llava", lambda attn: conftest.tiny_llava(attn=attn), _llava_batch, conftest.N_VISUAL),
+    "llava_next": Family("llava_next", lambda attn: _attn(next_tiny.tiny_llava_next(), attn), next_tiny.batch,
+                         next_tiny.N),
+    "qwen2_vl": Family("qwen2_vl", lambda attn: _attn(qwen_tiny.tiny_qwen("qwen2_vl"), attn), _qwen_batch,
+                       qwen_tiny.N_VISUAL),
+    "qwen2_5_vl": Family("qwen2_5_vl", lambda attn: _attn(qwen_tiny.tiny_qwen("qwen2_5_vl"), attn), _qwen_batch,
+                         qwen_tiny.N_VISUAL),
+}

@@ -1,0 +1,38 @@
+"""The house's rules that a grep can check (the layer contracts are import-linter's: ``make lint``)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import vtprune
+
+ENGINE = Path(vtprune.__file__).resolve().parent / "engine"
+# the FLOPs convention the report names after the FastV paper (Chen et al.): a unit, not the method
+CONVENTION = {"ledger.py": {"FastV", "fastv"}, "report.py": {"FastV", "fastv"}}
+
+
+def test_the_engine_names_no_method():
+    names = {cls.__name__ for cls in vtprune.METHODS.values()} | set(vtprune.METHODS)
+    offending = []
+    for path in sorted(ENGINE.glob("*.py")):
+        text = path.read_text()
+        for name in names - CONVENTION.get(path.name, set()):
+            # class names as words; registry names as string literals (some are plain words: "none", "pool")
+            pattern = rf"\b{re.escape(name)}\b" if name[0].isupper() else rf"[\"']{re.escape(name)}[\"']"
+            for match in re.finditer(pattern, text):
+                line = text.count("\n", 0, match.start()) + 1
+                offending.append(f"engine/{path.name}:{line}: {name}")
+    assert not offending, "the engine names a method:\n" + "\n".join(offending)
+
+
+def test_every_method_registers_itself_and_shows_its_stage():
+    from vtprune.methods.base import Method
+    from vtprune.methods.stages import ParallelPaths, RankByAttention, SelectBeforeLLM
+
+    stages = (SelectBeforeLLM, RankByAttention, ParallelPaths)
+    for name, cls in vtprune.METHODS.items():
+        assert issubclass(cls, Method) and cls.name == name
+        assert cls.__dataclass_params__.frozen, f"{name}'s options are not frozen"
+        if name != "none":
+            assert issubclass(cls, stages), f"{name} derives from no stage base"
