@@ -10,7 +10,7 @@ LOCK := requirements/lock.txt
 # the oldest transformers of pyproject's supported range, tested by `make test-oldest` (.ci/run)
 OLDEST_VENV := .venv-oldest
 OLDEST_LOCK := requirements/lock-oldest.txt
-PARITY_TESTS := tests/test_engine.py tests/test_baselines.py tests/test_llava_next.py tests/test_qwen2_vl.py
+PARITY_TESTS := tests/test_conformance.py tests/test_engine.py tests/test_baselines.py tests/test_llava_next.py tests/test_qwen2_vl.py
 # the lock is resolved for this platform against the local CPU torch wheel (requirements/torch.txt)
 TORCH_WHEELS ?= /opt/wheels
 UV_VERSION := 0.13.9
@@ -56,8 +56,11 @@ $(OLDEST_VENV)/.installed: pyproject.toml $(OLDEST_LOCK) requirements/torch.txt 
 test-oldest: $(OLDEST_VENV)/.installed
 	HF_HUB_OFFLINE=1 $(OLDEST_VENV)/bin/python -m pytest $(PARITY_TESTS)
 
+# ruff, the layer contracts of ARCHITECTURE.md (import-linter, pyproject.toml) and the type checker on src/
 lint: setup
-	$(BIN)/ruff check src tests scripts
+	$(BIN)/ruff check src tests scripts experiments
+	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 # Regenerate the locks at the newest releases the pyproject ranges allow (run it to take new releases,
 # or after changing a dependency in pyproject.toml; then run `make test test-oldest` and commit the locks).
