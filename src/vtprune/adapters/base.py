@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -166,6 +166,32 @@ class Adapter:
         """``inputs`` (a ``generate`` call's keyword arguments) restricted to ``group`` (see
         :meth:`batch_groups`). Default: every tensor whose first dimension is the batch, by sample."""
         return select_rows(inputs, group.samples, {})
+
+    def attention_blocks(self, input_ids: torch.Tensor, inputs: dict | None = None) -> torch.Tensor | None:
+        """Block ids of the prompt's tokens that attend to each other in both directions in the language
+        model (Gemma 3's image tokens), LongTensor [B, S] (-1 for causal tokens), or None when every token
+        is causal (the default). The engine's masks keep these blocks after pruning."""
+        return None
+
+    def sliding_window(self, layer: int) -> int | None:
+        """The sliding window (tokens) of decoder layer ``layer``'s attention, or None for full attention
+        (the default). The engine refuses a pruned sequence that would outgrow a sliding-window cache."""
+        return None
+
+    def take_language_model_inputs(self, kwargs: dict) -> Any:
+        """Called with the keyword arguments of the language model's prefill call: take out (in place) the
+        inputs that must follow the sequence the engine builds for each layer (Qwen3-VL's DeepStack
+        features, added to the visual tokens' hidden states between layers) and return them, or return
+        None (the default: nothing to take). They come back to :meth:`layer_input`."""
+        return None
+
+    def layer_input(self, layer: int, hidden: torch.Tensor, index: torch.Tensor, group: torch.Tensor | None,
+                    taken: Any) -> torch.Tensor:
+        """The input of prefill decoder layer ``layer`` with what :meth:`take_language_model_inputs` took
+        re-applied to the sequence the previous layer ran on (``hidden`` [B, n, d]; ``index`` LongTensor
+        [B, n] of each slot's original token index and ``group`` its path group or None, as
+        :class:`vtprune.engine.layout.Layout`). Default: ``hidden`` unchanged."""
+        return hidden
 
     def attach_saliency(self, sink: Callable[[torch.Tensor], None]) -> list:
         """Register hooks that call ``sink(saliency)`` during the vision forward, with saliency a

@@ -70,7 +70,7 @@ def gather_position_embeddings(pe, index: torch.Tensor):
 
 
 def build_mask(
-    q: Layout, k: Layout, valid: torch.Tensor, dtype: torch.dtype | None = None
+    q: Layout, k: Layout, valid: torch.Tensor, dtype: torch.dtype | None = None, blocks: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Attention mask between the query slots ``q`` and key slots ``k``.
 
@@ -80,12 +80,21 @@ def build_mask(
         valid: BoolTensor [B, S_total], False at the model's padding tokens (the 2-D attention mask).
         dtype: None for a boolean mask (True = attend; SDPA), or a float dtype for an additive mask
             (0 / finfo.min; eager attention).
+        blocks: LongTensor [B, S] of block ids of the prompt's tokens (>= 0: the tokens of one block attend
+            to each other in both directions, as Gemma 3's image tokens; -1: causal only), or None;
+            tokens past the prompt are causal.
 
     Returns:
-        [B, 1, nq, nk] mask. Rows of padding queries are all False, as in transformers' own masks.
+        [B, 1, nq, nk] mask: (causal or same block) and not padding (and, with groups, the same group or
+        group 0). Rows of padding queries are all False, as in transformers' own masks.
     """
     qi, ki = q.index.to(valid.device), k.index.to(valid.device)
     allowed = ki[:, None, :] <= qi[:, :, None]
+    if blocks is not None:
+        full = torch.full(valid.shape, -1, dtype=torch.long, device=valid.device)
+        full[:, : blocks.shape[1]] = blocks.to(valid.device)
+        bq, bk = torch.gather(full, 1, qi), torch.gather(full, 1, ki)
+        allowed |= (bq[:, :, None] >= 0) & (bq[:, :, None] == bk[:, None, :])
     allowed &= torch.gather(valid, 1, ki)[:, None, :]
     if k.group is not None or q.group is not None:
         kg = k.group if k.group is not None else torch.zeros_like(ki)

@@ -36,8 +36,10 @@ class LayerRewrite:
         self.reset()
 
     def reset(self) -> None:
-        """Forget the cached positions and masks (a new generation, or a new decode step)."""
-        self._layout: tuple[Layout, Any, Any, Any] | None = None
+        """Forget the cached positions and masks (a new generation)."""
+        # keyed by object ids; each value keeps its layout alive, so an id is never reused within a generation
+        self._positions: dict[tuple, tuple[Any, Any, Layout]] = {}
+        self._masks: dict[int, tuple[torch.Tensor | None, Layout]] = {}
         self._decode: dict[int, torch.Tensor | None] = {}
 
     def new_step(self) -> None:
@@ -46,17 +48,23 @@ class LayerRewrite:
 
     def prefill(self, gen: Generation, kwargs: dict) -> None:
         """Set ``position_embeddings``, ``position_ids`` (when the layer takes them) and
-        ``attention_mask`` of a prefill layer's call to those of ``gen.layout``."""
+        ``attention_mask`` of a prefill layer's call to those of ``gen.layout``. The position embeddings
+        and ids are gathered from the ones the language model hands this layer: the stock, full-length
+        ones (models whose layers differ in type, as Gemma 3's sliding and full layers, hand each type
+        its own). Layouts stay alive in ``gen.layouts`` for the generation, so their ids key the caches."""
         lay = gen.layout
-        if self._layout is None or self._layout[0] is not lay:
-            pe = gather_position_embeddings(gen.position_embeddings, lay.index) if gen.position_embeddings is not None else None
-            pos = gather_tokens(gen.position_ids, lay.index) if gen.position_ids is not None else None
-            self._layout = (lay, pe, pos, self.mask(gen, lay, lay))
-        _, pe, pos, mask = self._layout
+        pe_in, pos_in = kwargs.get("position_embeddings"), kwargs.get("position_ids")
+        key = (id(lay), _identity(pe_in), _identity(pos_in))
+        if key not in self._positions:
+            self._positions[key] = (gather_position_embeddings(pe_in, lay.index) if pe_in is not None else None,
+                                    gather_tokens(pos_in, lay.index) if pos_in is not None else None, lay)
+        if id(lay) not in self._masks:
+            self._masks[id(lay)] = (self.mask(gen, lay, lay), lay)
+        pe, pos, _ = self._positions[key]
         kwargs["position_embeddings"] = pe
         if "position_ids" in kwargs:
             kwargs["position_ids"] = pos
-        kwargs["attention_mask"] = mask
+        kwargs["attention_mask"] = self._masks[id(lay)][0]
 
     def decode(self, gen: Generation, layer: int, kwargs: dict) -> None:
         """Set ``attention_mask`` of a decode layer's call whose cache is not the stock one."""
@@ -74,10 +82,19 @@ class LayerRewrite:
     def mask(self, gen: Generation, query: Layout, keys: Layout) -> torch.Tensor | None:
         """The attention mask of a layer whose queries / keys are ``query`` / ``keys`` (module docstring):
         None, a [B, n_k] padding mask (FlashAttention) or a [B, 1, n_q, n_k] mask (boolean, or additive
-        in the model dtype for eager)."""
+        in the model dtype for eager). Prompt tokens that attend to each other in both directions
+        (``gen.blocks``, Gemma 3's image tokens) need the full mask in the prefill, as packed paths do."""
         packed = query.group is not None or keys.group is not None
-        if self.flash and not packed:
+        blocks = gen.blocks if gen.phase == "prefill" else None
+        if self.flash and not packed and blocks is None:
             return padding_mask(keys.index, gen.valid) if gen.has_padding else None
-        if packed or gen.has_padding or self.impl != "sdpa":
-            return build_mask(query, keys, gen.valid, self.dtype if self.impl == "eager" else None)
+        if packed or blocks is not None or gen.has_padding or self.impl != "sdpa":
+            return build_mask(query, keys, gen.valid, self.dtype if self.impl == "eager" else None, blocks)
         return None
+
+
+def _identity(x: Any) -> Any:
+    """What identifies a layer input for the cache: the tensor objects (a tuple's members), or None."""
+    if isinstance(x, tuple):
+        return tuple(id(t) for t in x)
+    return None if x is None else id(x)

@@ -83,6 +83,11 @@ class Run:
         self._timers: dict[str, Timer] = {}
         self._rewrite: LayerRewrite | None = None
         self._counted: tuple | None = None
+        self._taken = None  # language-model inputs the adapter re-applies per layer (take_language_model_inputs)
+        self._call_mask = None  # the attention mask of the decode call in progress
+        windows = [w for w in (self.adapter.sliding_window(i) for i in range(self.dims.layers)) if w]
+        self._window: int | None = min(windows) if windows else None
+        self._window_checked = False
 
     def _plan_for(self, n_visual: int) -> Plan:
         if n_visual not in self._plans:
@@ -224,6 +229,7 @@ class Run:
                 raise missing_cache_error(kwargs)
         if not empty and gen is not None and cache is gen.cache and input_ids.shape[1] == 1:
             gen.phase, gen.step = "decode", gen.step + 1
+            self._call_mask = kwargs.get("attention_mask")
             gen.logits = {}
             self._timers["decode"].start()
             return self._stock_decode_positions(cache, args, kwargs)
@@ -260,12 +266,15 @@ class Run:
         text = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)[~is_visual]
         self.gen = Generation(visual_index=visual, text_index=text.view(input_ids.shape[0], -1), valid=valid,
                               num_layers=self.dims.layers, max_new_tokens=self._max_new_tokens,
-                              grids_source=functools.partial(self.adapter.visual_grids, visual, inputs))
+                              grids_source=functools.partial(self.adapter.visual_grids, visual, inputs),
+                              blocks=self.adapter.attention_blocks(input_ids, inputs))
         self._view = GenerationView(self.gen)
         self.ledger = Ledger(self.dims, self.gen.pads, input_ids.shape[1], visual.shape[1], visual.shape[2])
         self._timers = {"prefill": Timer(input_ids.device), "decode": Timer(input_ids.device)}
         self._generate_ms = None
         self._counted = None
+        self._taken = None
+        self._window_checked = False
         self._rewrite.reset()
 
     def _after_call(self, module, args, kwargs, output):
@@ -286,10 +295,16 @@ class Run:
 
     def _on_lm(self, module, args, kwargs):
         gen = self.gen
-        if gen is None or gen.phase == "prefill":
+        if gen is None:
             return None
-        mask = kwargs.get("attention_mask")
-        gen.valid = (mask.bool() if mask is not None and mask.dim() == 2 else
+        if gen.phase == "prefill":
+            self._taken = self.adapter.take_language_model_inputs(kwargs)
+            return (args, kwargs) if self._taken is not None else None
+        # the 2-D padding mask of this step: the model call's (generate passes it), else the language model's
+        # when it is 2-D (not a prepared 4-D mask or a dict of them, as Gemma 3's), else nothing is padded
+        mask = next((m for m in (self._call_mask, kwargs.get("attention_mask")) if torch.is_tensor(m) and m.dim() == 2),
+                    None)
+        gen.valid = (mask.bool() if mask is not None else
                      torch.ones(gen.batch_size, gen.prompt_length + gen.step, dtype=torch.bool, device=gen.valid.device))
         self._rewrite.new_step()
         if not gen.stock:
@@ -315,26 +330,42 @@ class Run:
         gen = self.gen
         if layer == 0:
             gen.cache = find_cache(args, kwargs)
-            gen.position_embeddings = kwargs.get("position_embeddings")
-            gen.position_ids = kwargs.get("position_ids")
             if self.method.needs_saliency:
                 gen.saliency = self._collect_saliency()
         hidden = hidden_states_of(args, kwargs)
+        if self._taken is not None:  # inputs of the language model that follow the sequence (DeepStack)
+            hidden = self.adapter.layer_input(layer, hidden, gen.layout.index, gen.layout.group, self._taken)
         gen.hidden = hidden
         self._act(self.method.on_prefill_layer(self._view, self.plan))
         if not gen.stock:
+            self._check_window(layer)
             self._rewrite.prefill(gen, kwargs)
         gen.layouts[layer] = gen.layout
         gen.stock_at[layer] = gen.stock
         gen.layer_visual[layer] = gen.visual
         self._record_prefill()
         gen.requests[layer] = self.method.score_request(self._view, self.plan)
-        if gen.hidden is not hidden:
+        if gen.hidden is not hidden_states_of(args, kwargs):
             if args:
                 args = (gen.hidden, *args[1:])
             else:
                 kwargs["hidden_states"] = gen.hidden
         return args, kwargs
+
+    def _check_window(self, layer: int) -> None:
+        """Refuse a sequence that is not the stock one where a sliding-window layer's cache would drop
+        entries (the engine keeps each layer's cache contents in its own bookkeeping)."""
+        if self._window is None or self._window_checked:
+            return
+        gen, window = self.gen, self._window
+        total = gen.prompt_length + (gen.max_new_tokens or 0)
+        if total > window:
+            raise ValueError(
+                f"vtprune: this model's sliding-window layers attend within {window} tokens and keep only the last "
+                f"{window - 1} in their KV cache; a prompt of {gen.prompt_length} tokens plus {gen.max_new_tokens or 0} "
+                f"new tokens under pruning (from layer {layer}) would outgrow it, which vtprune does not support: "
+                "shorten the prompt or max_new_tokens, or use method none")
+        self._window_checked = True
 
     def _record_prefill(self) -> None:
         """Count the current prefill layer's tokens in the ledger: per sample (shared prefix, path-1 tail,

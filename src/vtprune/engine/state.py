@@ -45,12 +45,13 @@ class Generation:
         logits: layer -> [B, H, r, k] attention logits scored this step,
         requests: layer -> the score request of this step (:mod:`vtprune.engine.decisions`),
         hidden: [B, n, d] the current prefill layer's input, cache: the model's KV cache,
-        position_embeddings / position_ids: the stock model's, of the prompt (at layer 0).
+        blocks: LongTensor [B, S] of the prompt's bidirectional block ids (the adapter's
+            ``attention_blocks``; -1 outside a block) or None when every token is causal.
     """
 
     def __init__(self, *, visual_index: torch.Tensor, text_index: torch.Tensor, valid: torch.Tensor,
                  num_layers: int, max_new_tokens: int | None,
-                 grids_source: Callable[[], tuple | None] | None = None):
+                 grids_source: Callable[[], tuple | None] | None = None, blocks: torch.Tensor | None = None):
         self.visual_index = visual_index
         self.text_index = text_index
         self.valid = valid
@@ -59,6 +60,7 @@ class Generation:
         self.num_layers = num_layers
         self.max_new_tokens = max_new_tokens
         self.grids_source = grids_source
+        self.blocks = blocks
         self.saliency: torch.Tensor | None = None
         self.pads = (~valid).sum(1).tolist()  # per-sample left padding (one host sync, prefill only)
         self.has_padding = any(self.pads)
@@ -68,8 +70,6 @@ class Generation:
         self.layout = Layout(self.prompt_index())
         self.stock = True
         self.stock_at = [True] * num_layers  # per layer: still the stock sequence at prefill
-        self.position_embeddings: Any = None
-        self.position_ids: torch.Tensor | None = None
         self.visual = visual_index
         self.paths: PackedPaths | None = None
         self.hidden: torch.Tensor | None = None
