@@ -71,6 +71,18 @@ def test_parser_defaults_and_options():
     assert cli.method_options(49, None, []) == {"budget": 49}
 
 
+def test_default_dtype_is_bf16_on_cpus_with_native_bf16():
+    from vtprune.inputs import cpu_has_bf16
+
+    amx = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f amx_tile amx_bf16\n"
+    avx512 = "flags\t\t: fpu avx512f avx512_bf16\n"
+    plain = "flags\t\t: fpu sse2 avx2 avx512f\n"
+    assert cpu_has_bf16(amx) and cpu_has_bf16(avx512) and not cpu_has_bf16(plain) and not cpu_has_bf16("")
+    assert cli.resolve_dtype(None, "cuda") == torch.bfloat16 and cli.resolve_dtype("float16", "cpu") == torch.float16
+    expected = torch.bfloat16 if cpu_has_bf16() else torch.float32
+    assert cli.resolve_dtype(None, "cpu") == expected
+
+
 def test_speedups_and_flatten():
     s = cli.speedups({"end_to_end_ms": 50.0, "prefill_ms": 10.0, "decode_ms_per_token": None},
                      {"end_to_end_ms": 100.0, "prefill_ms": 40.0, "decode_ms_per_token": 5.0})
@@ -163,7 +175,8 @@ def test_generate_json_compare_on_tiny_model(capsys, image, tiny):
     code, out, err = _run(capsys, "generate", "--image", image, "--prompt", "what?", "--method", "fastv",
                           "--budget", "4", "--option", "layer=2", "--max-new-tokens", "3", "--compare", "--json")
     assert code == 0, err
-    assert tiny == [(None, torch.float32, cli.default_device())]
+    device = cli.default_device()
+    assert tiny == [(None, cli.resolve_dtype(None, device), device)]  # the default dtype of this machine
     result = json.loads(out)  # exactly one JSON object on stdout
     assert result["answer"] and result["answer"] == result["answer"].strip()
     assert (result["method"], result["prompt"], result["image"]) == ("fastv", "what?", image)

@@ -18,12 +18,30 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+"""CPU feature flags (as ``/proc/cpuinfo`` names them) of native bf16 matrix / vector instructions."""
+
+
+def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether the CPU reports AMX-BF16 or AVX512-BF16 (:data:`BF16_CPU_FLAGS`) in the ``flags`` lines of
+    ``cpuinfo`` (default: ``/proc/cpuinfo``; False where it cannot be read, e.g. off Linux). On such CPUs a
+    bf16 matmul runs about 3x faster than fp32 (measured on this project's VM: 847 vs 290 GFLOP/s)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = {flag for line in cpuinfo.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[-1].split()}
+    return any(flag in flags for flag in BF16_CPU_FLAGS)
+
+
 def resolve_dtype(name: str | None, device: str):
-    """The torch dtype named ``name``; ``None`` gives float32 on CPU and bfloat16 elsewhere."""
+    """The torch dtype named ``name``; ``None`` gives bfloat16 on GPUs and on CPUs with native bf16
+    (:func:`cpu_has_bf16`), float32 on other CPUs."""
     import torch
 
     if name is None:
-        name = "float32" if str(device).startswith("cpu") else "bfloat16"
+        name = "bfloat16" if not str(device).startswith("cpu") or cpu_has_bf16() else "float32"
     return getattr(torch, name)
 
 

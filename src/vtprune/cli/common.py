@@ -68,7 +68,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, model: bool = True) -> 
                                  "default: the bundled model")
     parser.add_argument("--device", default=None, help='device (default "cuda" if available, else "cpu")')
     parser.add_argument("--dtype", choices=DTYPES, default=None,
-                        help="parameter dtype (default float32 on CPU, bfloat16 on GPU)")
+                        help="parameter dtype (default bfloat16 on GPUs and on CPUs with AMX-BF16 / AVX512-BF16, "
+                             "float32 on other CPUs)")
 
 
 def device_and_dtype(args: argparse.Namespace):
