@@ -147,3 +147,30 @@ def test_cli_eval_writes_tables_and_plots(tmp_path, capsys):
 def test_cli_eval_bad_input_is_a_one_line_error(argv, match, capsys):
     assert cli.main(["eval", *argv]) == 2
     assert match in capsys.readouterr().err
+
+
+def test_wilson_interval_mcnemar_and_paired_difference():
+    from vtprune.eval.stats import mcnemar, paired_difference, wilson
+
+    lo, hi = wilson(8, 10)  # the textbook example: 0.490-0.943
+    assert round(lo, 3) == 0.490 and round(hi, 3) == 0.943
+    assert wilson(0, 20)[0] == 0.0 and 0.0 < wilson(0, 20)[1] < 0.2 and wilson(5, 5)[1] == 1.0
+    assert round(mcnemar(10, 2), 4) == 0.0386 and mcnemar(0, 0) == 1.0 and mcnemar(3, 3) == 1.0
+    a = [True] * 30 + [False] * 10
+    b = [True] * 20 + [False] * 20
+    d = paired_difference(a, b)
+    assert d["difference"] == 0.25 and d["only_a"] == 10 and d["only_b"] == 0
+    assert d["low"] < 0.25 < d["high"] and d["low"] > 0 and d["p_mcnemar"] < 0.01
+    assert paired_difference(a, b) == d  # seeded
+
+
+def test_tables_carry_intervals_and_compare_pairs():
+    rows = [{"data": "d", "id": str(i), "kind": "k", "method": m, "budget": bud, "prediction": "yes",
+             "correct": ok, "equivalent_budget": 4.0, "visual_tokens": 16, "relative_flops": 0.5, "relative_kv": 0.5}
+            for i in range(20) for m, bud, ok in (("none", "all", True), ("fastv", "25%", i % 2 == 0))]
+    summary = tables.summarize(rows)
+    fastv = next(r for r in summary if r["method"] == "fastv" and r["kind"] == "all")
+    assert fastv["accuracy"] == 0.5 and fastv["accuracy_low"] < 0.5 < fastv["accuracy_high"]
+    assert "[" in tables.markdown(summary)
+    c = tables.compare(rows, ("none", "all"), ("fastv", "25%"), "d")
+    assert c["n"] == 20 and c["difference"] == 0.5 and c["only_a"] == 10 and c["p_mcnemar"] < 0.01

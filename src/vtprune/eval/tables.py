@@ -1,7 +1,7 @@
 """Results tables and plots from the runner's records (see :mod:`vtprune.eval.runner`).
 
-A row per (data set, method, budget, question kind), the kind ``all`` included: samples, accuracy,
-agreement with the unpruned model's answer on the same sample, mean equivalent budget (visual tokens
+A row per (data set, method, budget, question kind), the kind ``all`` included: samples, accuracy with its
+95 % Wilson interval (:mod:`vtprune.eval.stats`), agreement with the unpruned model's answer on the same sample, mean equivalent budget (visual tokens
 per image averaged over layers), and FLOPs / KV cache relative to the unpruned model (analytic FLOPs
 from the tokens each layer actually held, prefill + decode; KV entries at the end of generation).
 """
@@ -13,9 +13,10 @@ from collections import defaultdict
 from pathlib import Path
 
 from vtprune.eval.runner import REFERENCE
+from vtprune.eval.stats import paired_difference, wilson
 
-COLUMNS = ("data", "kind", "method", "budget", "n", "accuracy", "agreement", "equivalent_budget",
-           "equivalent_budget_pct", "relative_flops", "relative_kv")
+COLUMNS = ("data", "kind", "method", "budget", "n", "accuracy", "accuracy_low", "accuracy_high", "agreement",
+           "equivalent_budget", "equivalent_budget_pct", "relative_flops", "relative_kv")
 
 
 def summarize(records: list[dict]) -> list[dict]:
@@ -37,9 +38,10 @@ def summarize(records: list[dict]) -> list[dict]:
     for (data, kind, method, budget), rs in groups.items():
         agree = [normalize_answer(r["prediction"]) == reference[(r["data"], r["id"])] for r in rs
                  if (r["data"], r["id"]) in reference]
+        low, high = wilson(sum(bool(r["correct"]) for r in rs), len(rs))
         rows.append({
             "data": data, "kind": kind, "method": method, "budget": budget, "n": len(rs),
-            "accuracy": _mean(r["correct"] for r in rs),
+            "accuracy": _mean(r["correct"] for r in rs), "accuracy_low": low, "accuracy_high": high,
             "agreement": _mean(agree) if len(agree) == len(rs) else None,
             "equivalent_budget": _mean(r["equivalent_budget"] for r in rs),
             "equivalent_budget_pct": 100.0 * _mean(r["equivalent_budget"] / (r["visual_tokens"] or 1) for r in rs),
@@ -69,22 +71,44 @@ def write_csv(rows: list[dict], path: str | Path) -> Path:
 
 
 def markdown(rows: list[dict], kinds: bool = True) -> str:
-    """One Markdown table per data set: accuracy (%), agreement with unpruned (%), equivalent budget
-    (tokens, % of N_v), relative FLOPs and KV (%); per question kind when ``kinds``."""
+    """One Markdown table per data set: accuracy (%) with its 95 % Wilson interval, agreement with unpruned
+    (%), equivalent budget (tokens, % of N_v), relative FLOPs and KV (%); per question kind when ``kinds``."""
     out = []
     for data in sorted({r["data"] for r in rows}):
         out.append(f"### {data}\n")
-        out.append("| kind | method | budget | n | accuracy % | agree % | equiv. budget | FLOPs % | KV % |")
+        out.append("| kind | method | budget | n | accuracy % [95 % CI] | agree % | equiv. budget | FLOPs % | KV % |")
         out.append("|---|---|---|---:|---:|---:|---:|---:|---:|")
         for r in rows:
             if r["data"] != data or (not kinds and r["kind"] != "all"):
                 continue
             agree = "" if r["agreement"] is None else f"{100 * r['agreement']:.1f}"
-            out.append(f"| {r['kind']} | {r['method']} | {r['budget']} | {r['n']} | {100 * r['accuracy']:.1f} | "
+            out.append(f"| {r['kind']} | {r['method']} | {r['budget']} | {r['n']} | {100 * r['accuracy']:.1f} "
+                       f"[{100 * r['accuracy_low']:.1f}, {100 * r['accuracy_high']:.1f}] | "
                        f"{agree} | {r['equivalent_budget']:.1f} ({r['equivalent_budget_pct']:.1f} %) | "
                        f"{100 * r['relative_flops']:.1f} | {100 * r['relative_kv']:.1f} |")
         out.append("")
     return "\n".join(out)
+
+
+def compare(records: list[dict], a: tuple[str, str], b: tuple[str, str], data: str, kinds: set[str] | None = None,
+            seed: int = 0) -> dict:
+    """Condition ``a`` minus condition ``b`` (each ``(method label, budget label)``) on the questions of
+    ``data`` (of ``kinds`` when given) that both answered: :func:`vtprune.eval.stats.paired_difference`
+    (accuracies, difference with a 95 % bootstrap interval, McNemar's exact p-value).
+
+    Raises:
+        ValueError: no question answered under both conditions.
+    """
+    def answers(cond):
+        return {r["id"]: bool(r["correct"]) for r in records
+                if r["data"] == data and (r["method"], r["budget"]) == cond and (kinds is None or r["kind"] in kinds)}
+
+    ra, rb = answers(a), answers(b)
+    common = sorted(set(ra) & set(rb))
+    if not common:
+        raise ValueError(f"no question of {data!r} answered under both {a} and {b}")
+    return {"a": a, "b": b, "data": data, "kinds": sorted(kinds) if kinds else None,
+            **paired_difference([ra[i] for i in common], [rb[i] for i in common], seed=seed)}
 
 
 def plot(rows: list[dict], out_dir: str | Path) -> list[Path]:
