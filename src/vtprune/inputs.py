@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
+
+if TYPE_CHECKING:
+    import torch
 
 
 def default_device() -> str:
@@ -73,6 +77,7 @@ def load_model(model_id: str | None, dtype, device: str):
         return load_default(dtype=dtype, device=device)
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    assert model_id is not None  # None names the bundled model
     path = Path(model_id).expanduser()
     if path.exists():
         model_id = str(path)
@@ -80,7 +85,8 @@ def load_model(model_id: str | None, dtype, device: str):
         raise FileNotFoundError(f"model directory not found: {model_id}")
     model = AutoModelForImageTextToText.from_pretrained(model_id, dtype=dtype)
     processor = AutoProcessor.from_pretrained(model_id)
-    return model.to(device).eval(), processor
+    # cast: transformers types PreTrainedModel.to through functools.wraps(nn.Module.to), which mypy cannot bind
+    return cast("torch.nn.Module", model).to(device).eval(), processor
 
 
 def load_image(path: str | os.PathLike):

@@ -8,8 +8,8 @@ hard-coded offsets), and a per-patch saliency for methods that want one.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import nn
@@ -68,7 +68,9 @@ class Adapter:
     family: str = "base"
 
     def __init__(self, model: nn.Module):
-        self.model = model
+        # Any: the family-specific submodules and config fields an adapter reads (model.model.language_model,
+        # config.vision_config, ...) are not on nn.Module's type, whose __getattr__ says Tensor | Module
+        self.model: Any = model
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
@@ -82,7 +84,7 @@ class Adapter:
 
     @property
     def decoder_layers(self) -> list[nn.Module]:
-        return list(self.language_model.layers)
+        return list(cast(Iterable[nn.Module], self.language_model.layers))  # a ModuleList, typed Tensor | Module by torch
 
     @property
     def text_config(self):

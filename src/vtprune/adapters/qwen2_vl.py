@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from typing import cast
 
 import torch
 from transformers.vision_utils import get_vision_window_index
@@ -111,7 +112,8 @@ class Qwen2VLAdapter(Adapter):
         :func:`~vtprune.adapters.base.images_per_sample`."""
         if inputs.get("image_grid_thw") is None or any(inputs.get(k) is not None for k in VIDEO_KEYS):
             return None
-        return images_per_sample(input_ids, self.image_token_id, self.tokens_per_image_of(inputs))
+        # not None: image_grid_thw is given
+        return images_per_sample(input_ids, self.image_token_id, cast(list[int], self.tokens_per_image_of(inputs)))
 
     def select_samples(self, inputs: dict, group: SampleGroup) -> dict:
         """``inputs`` restricted to ``group``: per-sample tensors by sample, ``image_grid_thw`` by the
@@ -128,6 +130,7 @@ class Qwen2VLAdapter(Adapter):
         call differ in shape, an image has several frames, or neither is given."""
         inputs = inputs or {}
         grid, m = inputs.get("image_grid_thw"), self.merge_size
+        shapes: set[tuple[int, ...]]
         if grid is not None:
             shapes = {(int(t), int(h) // m, int(w) // m) for t, h, w in grid.tolist()}
         else:

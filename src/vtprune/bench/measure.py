@@ -10,6 +10,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
@@ -47,7 +48,8 @@ class StepClock(StoppingCriteria):
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.BoolTensor:
         synchronize(self.device)
         self.times.append(time.perf_counter())
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        # cast: torch types a bool tensor as Tensor; transformers' signature says BoolTensor
+        return cast(torch.BoolTensor, torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device))
 
 
 def timed_generate(model, inputs: dict, generation_config, device: torch.device | str):
@@ -222,7 +224,7 @@ def count_flops(fn: Callable) -> int:
     return int(counter.get_total_flops())
 
 
-def param_bytes(*modules: torch.nn.Module) -> int:
+def param_bytes(*modules: torch.nn.Module | None) -> int:
     """Bytes of the distinct parameters and buffers of ``modules`` (shared tensors counted once)."""
     seen, total = set(), 0
     for module in modules:

@@ -51,6 +51,7 @@ import platform
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 
@@ -103,7 +104,7 @@ class Case:
 
     name: str
     method: str | None
-    options: tuple[tuple[str, object], ...] = ()
+    options: tuple[tuple[str, Any], ...] = ()
 
 
 def _method_names() -> list[str]:
@@ -243,9 +244,11 @@ def scoring_cost(model, case: Case, inputs: dict, gc, device) -> dict:
         (host ms inside the engine's hooks over the generation, scoring included), "wrapper_ms" (host ms in
         vtprune's ``generate`` wrapper outside the model's own ``generate``)}``.
     """
-    with apply(model, case.method, profile=True, **dict(case.options)) as run:
+    # cast: run_bench scores the cases of a method only
+    with apply(model, cast(str, case.method), profile=True, **dict(case.options)) as run:
         model.generate(**inputs, generation_config=gc)
     profile = run.profile
+    assert profile is not None  # profile=True
     pre = [ms for q, ms in profile.scoring if q > 1]
     dec = [ms for q, ms in profile.scoring if q == 1]
     steps = gc.max_new_tokens - 1
@@ -327,7 +330,7 @@ def _overhead(cases: dict[str, dict]) -> dict | None:
     stock, none = cases.get(STOCK), cases.get("none")
     if stock is None or none is None:
         return None
-    out = {"target_end_to_end_ratio": OVERHEAD_TARGET}
+    out: dict[str, Any] = {"target_end_to_end_ratio": OVERHEAD_TARGET}
     for key, name in (("end_to_end_ms", "end_to_end"), ("ttft_ms", "ttft"), ("decode_ms_per_token", "decode_per_token")):
         out[name + "_ratio"] = _ratio(none["median"][key], stock["median"][key])
         paired = [_ratio(a, b) for a, b in zip(none["repeats"][key], stock["repeats"][key], strict=True)]
@@ -377,6 +380,7 @@ def run_bench(model, spec: BenchSpec, label: str = "model", meta: dict | None = 
     started = datetime.datetime.now(datetime.UTC)
     load_start = _loadavg()
 
+    case: Case | dict  # the loops below bind a Case, then a case's summary
     log(f"checking logits and counting the constant work ({len(cases)} cases)")
     _check_logits(model, inputs)
     work = model_work(model, inputs)

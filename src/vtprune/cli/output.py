@@ -44,7 +44,7 @@ def print_human(result: dict) -> None:
         from rich.console import Console
         from rich.table import Table
     except ImportError:
-        Console = None
+        Console = None  # type: ignore[assignment, misc]  # rich is optional: None marks it missing
     if Console is None:
         for title, r in sections:
             print(f"== {title}\nanswer: {r['answer']}")

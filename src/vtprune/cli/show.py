@@ -4,6 +4,7 @@ multi-path method) (:mod:`vtprune.eval.show`)."""
 from __future__ import annotations
 
 import argparse
+from typing import cast
 
 from vtprune.api import apply
 from vtprune.cli.common import (
@@ -59,6 +60,6 @@ def cmd_show(args: argparse.Namespace) -> int:
     with user_errors(ImportError):
         path = show.draw(show.model_image(inputs["pixel_values"], processor), grid, kept, args.out, title,
                          subject=kept[-1] if paths else None,
-                         discard_layer=plan.merge_layer if paths else None)
+                         discard_layer=cast(PathsPlan, plan).merge_layer if paths else None)
     print(f"{answer}\nwrote {path}")
     return 0

@@ -12,6 +12,7 @@ pre-hook that returns nothing leaves the call as it came.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 
@@ -27,7 +28,7 @@ class Hooks:
         self.profile = profile
         self._handles: list = []
         self._listened: list[nn.Module] = []
-        self._attention: tuple[nn.Module, str] | None = None
+        self._attention: tuple[Any, str] | None = None  # (the language model's config, its attention)
 
     def _timed(self, fn: Callable) -> Callable:
         return self.profile.timed_hook(fn) if self.profile is not None else fn

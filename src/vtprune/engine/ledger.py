@@ -56,7 +56,7 @@ class Timer:
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.spans: list[tuple] = []
-        self._open = None
+        self._open: torch.cuda.Event | float | None = None  # the open span's start
 
     def start(self) -> None:
         if self.cuda:

@@ -13,6 +13,7 @@ Source: the packed two-path layout is this project's (reconstructed; METHODS.md,
 from __future__ import annotations
 
 import dataclasses
+from typing import cast
 
 import torch
 
@@ -112,7 +113,9 @@ def question_visual_lse(state: Generation, layer: int) -> tuple[torch.Tensor, to
     if logits is None:
         raise RuntimeError(f"no question rows were scored at layer {layer}")
     q = paths.question_count  # logits: [B, H, 2Q, k], rows of path 1, then of path 2
-    group = state.layouts[layer].group.to(logits.device)
+    layout = cast(Layout, state.layouts[layer])  # a scored prefill layer: its layout is recorded
+    assert layout.group is not None  # packed: the paths run
+    group = layout.group.to(logits.device)
     visual = paths.slot_visual.to(logits.device)
     out = []
     for i, g in enumerate((1, 2)):
@@ -125,6 +128,7 @@ def fuse(state: Generation, weight_first: torch.Tensor, into: tuple[int, ...] = 
     """Set the question hidden states of the paths ``into`` to ``w * h_1 + (1 - w) * h_2``
     (``weight_first``: FloatTensor [B, Q] in [0, 1]), computed in fp32."""
     paths, h = state.paths_state(), state.hidden
+    assert h is not None  # prefill: the current layer's input
     d = h.shape[-1]
     idx = {g: paths.question_slots[g].to(h.device)[:, :, None].expand(-1, -1, d) for g in (1, 2)}
     w = weight_first.to(h.device, torch.float32)[:, :, None]
@@ -142,6 +146,7 @@ def merge(state: Generation, keep_path: int, question_from: int) -> None:
     keep the same entries; everything else of the other path is dropped from the hidden states and the
     caches."""
     paths, group = state.paths_state(), state.layout.group
+    assert group is not None  # packed: the paths run
     is_q = torch.zeros_like(group, dtype=torch.bool)
     is_q.scatter_(1, paths.question_slots[question_from], paths.question_valid)
     keep = (group == 0) | ((group == keep_path) & paths.slot_visual) | is_q

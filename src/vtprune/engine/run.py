@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 
@@ -29,7 +30,7 @@ from vtprune.engine.calls import find_cache, hidden_states_of, input_ids_of, mis
 from vtprune.engine.groups import generate_in_groups
 from vtprune.engine.hooks import Hooks
 from vtprune.engine.interface import MethodLike, Plan
-from vtprune.engine.layout import PAD
+from vtprune.engine.layout import PAD, Layout
 from vtprune.engine.ledger import Dims, Ledger, Timer
 from vtprune.engine.profile import HostProfile
 from vtprune.engine.report import Report
@@ -61,7 +62,9 @@ class Run:
     def __init__(self, model: torch.nn.Module, method: MethodLike, *,
                  on_report: Callable[[Report], None] | None = None,
                  on_error: Callable[[BaseException], None] | None = None, profile: bool = False):
-        self.model = model
+        # Any: the run reads dtype, device, generation_config and (re)sets generate, which nn.Module's type
+        # does not have (its __getattr__ says Tensor | Module)
+        self.model: Any = model
         self.adapter = adapter_for(model)  # TypeError for unsupported classes
         self.method = method
         self.dims = Dims.from_config(self.adapter.text_config)
@@ -116,7 +119,7 @@ class Run:
             hooks.pre(lm, self._on_lm)
             for i, layer in enumerate(self.adapter.decoder_layers):
                 hooks.pre(layer, functools.partial(self._on_layer, i))
-                hooks.listen(layer.self_attn, self._on_attention)
+                hooks.listen(cast(torch.nn.Module, layer.self_attn), self._on_attention)
             if self.method.needs_saliency:
                 hooks.keep(self.adapter.attach_saliency(self._saliency.append))
             hooks.switch_attention(self.adapter.text_config, impl)
@@ -175,6 +178,7 @@ class Run:
             return out
 
         merged = generate_in_groups(one_group, self.adapter, groups, kwargs, self._pad_token_id(kwargs))
+        assert ids is not None  # a tensor: groups come only from tensor input_ids
         self._group_report = Report.merge([(g.samples, r) for g, r in zip(groups, reports, strict=True)], ids.shape[0])
         return merged
 
@@ -245,10 +249,13 @@ class Run:
         """A decode call without ``position_ids`` makes the model derive them from the length of layer
         0's cache, which pruning may have shortened; give it the stock positions instead (``generate``
         always passes them: original prompt positions + t)."""
+        assert self.gen is not None  # a decode step of the current generation
         past = self.gen.prompt_length + self.gen.step - 1  # the stock cache length before this step
         if kwargs.get("position_ids") is not None or cache.get_seq_length() == past:
             return None
-        positions = self.adapter.decode_position_ids(past, input_ids_of(args, kwargs))
+        input_ids = input_ids_of(args, kwargs)
+        assert input_ids is not None  # _on_call checked it
+        positions = self.adapter.decode_position_ids(past, input_ids)
         if positions is None:
             raise ValueError("vtprune: a decode call without position_ids after layer 0's KV cache was pruned would "
                              "continue at shifted positions; decode with model.generate() or pass position_ids")
@@ -275,6 +282,7 @@ class Run:
         self._counted = None
         self._taken = None
         self._window_checked = False
+        assert self._rewrite is not None  # set by attach(), before any hook runs
         self._rewrite.reset()
 
     def _after_call(self, module, args, kwargs, output):
@@ -285,11 +293,13 @@ class Run:
             self._timers["prefill"].stop()
             for layer in range(gen.num_layers):
                 if gen.layouts[layer] is not None and not gen.stock_at[layer]:
-                    gen.cache_index[layer] = gen.layouts[layer].index
-                    gen.cache_visual[layer] = gen.layer_visual[layer]
+                    # casts: mypy does not narrow list items; layer_visual[layer] is set with layouts[layer]
+                    gen.cache_index[layer] = cast(Layout, gen.layouts[layer]).index
+                    gen.cache_visual[layer] = cast(torch.Tensor, gen.layer_visual[layer])
             gen.hidden = None
         else:
             self._timers["decode"].stop()
+            assert self.ledger is not None  # set with gen
             self.ledger.decode_step([v.shape[-1] * gen.n_images for v in gen.cache_visual])
         return None
 
@@ -306,6 +316,7 @@ class Run:
                     None)
         gen.valid = (mask.bool() if mask is not None else
                      torch.ones(gen.batch_size, gen.prompt_length + gen.step, dtype=torch.bool, device=gen.valid.device))
+        assert self._rewrite is not None  # set by attach()
         self._rewrite.new_step()
         if not gen.stock:
             kwargs["attention_mask"] = None  # every layer gets its own mask from _on_layer
@@ -323,11 +334,13 @@ class Run:
         return self._decode_layer(layer, args, kwargs)
 
     def _act(self, actions) -> None:
+        assert self.gen is not None  # called from the layer hooks, inside a generation
         for action in actions or ():
             action.apply(self.gen)
 
     def _prefill_layer(self, layer, args, kwargs):
         gen = self.gen
+        assert gen is not None and self._rewrite is not None  # _on_layer checked gen; attach() set _rewrite
         if layer == 0:
             gen.cache = find_cache(args, kwargs)
             if self.method.needs_saliency:
@@ -358,6 +371,7 @@ class Run:
         if self._window is None or self._window_checked:
             return
         gen, window = self.gen, self._window
+        assert gen is not None  # called from a prefill layer
         total = gen.prompt_length + (gen.max_new_tokens or 0)
         if total > window:
             raise ValueError(
@@ -371,6 +385,7 @@ class Run:
         """Count the current prefill layer's tokens in the ledger: per sample (shared prefix, path-1 tail,
         path-2 tail) real tokens, and the visual tokens present (counted once per layout)."""
         gen = self.gen
+        assert gen is not None and self.ledger is not None  # a prefill layer of the current generation
         lay = gen.layout
         if self._counted is None or self._counted[0] is not lay:
             if lay.group is None:
@@ -386,6 +401,7 @@ class Run:
 
     def _decode_layer(self, layer, args, kwargs):
         gen = self.gen
+        assert gen is not None and self._rewrite is not None  # _on_layer checked gen; attach() set _rewrite
         self._act(self.method.on_decode_layer(self._view, self.plan))
         gen.requests[layer] = self.method.score_request(self._view, self.plan)
         if gen.stock:
@@ -406,6 +422,7 @@ class Run:
 
     def _collect_saliency(self) -> torch.Tensor:
         gen = self.gen
+        assert gen is not None  # called at prefill layer 0
         if not self._saliency:
             raise RuntimeError("the method needs a visual saliency but the vision tower did not run under vtprune in "
                                "this call (precomputed vision features, e.g. mm_encoder_outputs, carry none): pass "
@@ -443,8 +460,9 @@ class Run:
             raise IndexError(f"sample {sample} / image {image} out of range ({gen.batch_size} samples, "
                              f"{gen.n_images} images each)")
         all_tokens = gen.visual_index[sample, image]
+        # cast: every layer's entry is set by a completed prefill
         return [torch.searchsorted(all_tokens, vis[sample, image].to(all_tokens.device)).tolist()
-                for vis in gen.layer_visual]
+                for vis in cast(list[torch.Tensor], gen.layer_visual)]
 
     def visual_grid(self) -> tuple[int, int] | None:
         """(rows, cols) of each image's visual tokens as one row-major patch grid in the last generation
@@ -471,6 +489,7 @@ class Run:
                 measured += layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
                 elsize = layer.keys.element_size()
         per_token = 2 * dims.kv_heads * dims.head_dim * elsize  # bytes of one token's K and V in one layer
+        assert self.ledger is not None  # set with gen
         samples = self.ledger.summary(per_token, lengths)
         steps = self.ledger.steps
         unpruned = dims.layers * gen.batch_size * (gen.prompt_length + steps) * per_token

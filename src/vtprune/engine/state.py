@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -114,7 +114,7 @@ class Generation:
         """Token indices of ``layer``'s keys at this step, LongTensor [B, n]: the prefill sequence of
         that layer (prefill), or its KV cache after this step's update (decode)."""
         if self.phase == "prefill":
-            return self.layouts[layer].index
+            return cast(Layout, self.layouts[layer]).index  # a scored prefill layer: its layout is recorded
         prompt = self.cache_prompt_index(layer)
         fed = torch.arange(self.prompt_length, self.total_length(), device=prompt.device)
         return torch.cat([prompt, fed.expand(self.batch_size, -1)], dim=1)
@@ -142,6 +142,7 @@ class Generation:
         aligned with :meth:`visual_at`. Raises RuntimeError outside the prefill or while paths run."""
         if self.phase != "prefill" or self.paths is not None:
             raise RuntimeError("visual_hidden is available in the prefill, on a single path")
+        assert self.hidden is not None  # set before each prefill layer's stages
         slots = locate(self.layout.index, self.visual.flatten(1))
         return gather_tokens(self.hidden, slots).view(*self.visual.shape, self.hidden.shape[-1])
 
@@ -180,6 +181,7 @@ class Generation:
 
     def _replace_visual_hidden(self, hidden: torch.Tensor) -> None:
         """Set the hidden states of the current visual tokens ([B, I, n, d], aligned with ``visual``)."""
+        assert self.hidden is not None  # prefill only
         if hidden.shape[:3] != self.visual.shape or hidden.shape[-1] != self.hidden.shape[-1]:
             raise ValueError(f"replacement hidden states of shape {tuple(hidden.shape)} do not match the "
                              f"{tuple(self.visual.shape)} kept visual tokens of width {self.hidden.shape[-1]}")
@@ -205,6 +207,7 @@ class Generation:
     def set_layout(self, layout: Layout, src: torch.Tensor) -> None:
         """Make ``layout`` the sequence from this layer on; slot i takes the hidden state of slot
         ``src[:, i]`` of the previous sequence."""
+        assert self.hidden is not None  # prefill only: the current layer's input
         self.hidden = gather_tokens(self.hidden, src)
         self.layout = layout
         self.stock = False

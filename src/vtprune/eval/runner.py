@@ -12,6 +12,7 @@ import dataclasses
 import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from vtprune.api import apply
 
@@ -26,7 +27,7 @@ class Condition:
 
     method: str
     budget: str
-    options: tuple[tuple[str, object], ...] = ()
+    options: tuple[tuple[str, Any], ...] = ()
 
     @property
     def name(self) -> str:
@@ -155,11 +156,13 @@ def _chunks(todo: list, size: int):
     key = None
     for data, cond, sample in todo:
         if chunk and (len(chunk) == size or (data, cond) != key):
+            assert key is not None  # set with the chunk's first item
             yield key[0], key[1], chunk
             chunk = []
         key = (data, cond)
         chunk.append(sample)
     if chunk:
+        assert key is not None  # set with the chunk's first item
         yield key[0], key[1], chunk
 
 

@@ -15,7 +15,7 @@ class refuses it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmms_eval.models.chat.llava_hf import LlavaHf as StockLlavaHfChat
 from lmms_eval.models.simple.llava_hf import LlavaHf as StockLlavaHfSimple
@@ -59,6 +59,8 @@ class _LlavaHfVTPrune(VTPruneMixin):
 
     vtprune_model_id = MODEL_ID
     _is_chat = False
+    if TYPE_CHECKING:
+        _image_processor: Any  # the processor, an attribute of the stock lmms-eval class this is combined with
 
     def prepare_stock_args(self, stock: dict[str, Any]) -> dict[str, Any]:
         stock = super().prepare_stock_args(stock)

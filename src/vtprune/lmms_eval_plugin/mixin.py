@@ -30,10 +30,13 @@ import inspect
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vtprune.api import apply, check
 from vtprune.lmms_eval_plugin.options import check_method, split_model_args, summarize
+
+if TYPE_CHECKING:
+    from torch import nn
 
 METRIC_PREFIX = "vtprune_"
 
@@ -59,6 +62,9 @@ class VTPruneMixin:
     """
 
     vtprune_model_id = "vtprune"
+
+    if TYPE_CHECKING:
+        model: nn.Module  # the loaded HF model, an attribute of the stock lmms-eval class this is combined with
 
     def __init__(self, method: str = "none", vtprune_report: str | None = None, **kwargs) -> None:
         stock_params = self._stock_parameters()
@@ -114,7 +120,8 @@ class VTPruneMixin:
         results: list = [None] * len(requests)
         for task, indices in by_task.items():
             with self.vtprune_attached(task) as errors:
-                out = super().generate_until([requests[i] for i in indices])
+                # the stock lmms-eval class after this mixin in the MRO has it
+                out = super().generate_until([requests[i] for i in indices])  # type: ignore[misc]
             if errors:
                 raise RuntimeError(f"{self.vtprune_model_id}: generation failed under vtprune method "
                                    f"{self.vtprune_method!r} ({len(errors)} request(s) of task {task!r}); "
@@ -135,7 +142,7 @@ class VTPruneMixin:
             raise NotImplementedError(f"{self.vtprune_model_id}: loglikelihood tasks are not supported with method "
                                       f"{self.vtprune_method!r} (pruned forwards return logits for kept tokens "
                                       "only); use a generate_until task or method=none")
-        return super().loglikelihood(requests)
+        return super().loglikelihood(requests)  # type: ignore[misc]  # the stock class's, after this mixin
 
     @contextlib.contextmanager
     def vtprune_attached(self, task: str | None = None) -> Iterator[list[BaseException]]:
@@ -170,7 +177,7 @@ class VTPruneMixin:
             return
         from lmms_eval.models.model_utils.gen_metrics import log_metrics
 
-        metrics = {METRIC_PREFIX + k: v for k, v in summary.items()}
+        metrics: dict[str, float | str | None] = {METRIC_PREFIX + k: v for k, v in summary.items()}
         # logged, not averaged (not numbers)
         metrics[METRIC_PREFIX + "method"] = self.vtprune_method
         metrics[METRIC_PREFIX + "task"] = reports[0].get("task")

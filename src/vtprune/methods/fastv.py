@@ -43,7 +43,8 @@ class FastV(RankByAttention, PerImageBudget):
     def check_layers(self, num_layers: int) -> None:
         check_layer(self.name, "layer", self.layer, num_layers)
 
-    def plan(self, num_layers: int, n_visual: int) -> FastVPlan:
+    # FastVPlan is RankByAttention's LayerPlan with a keep count; it is not also PerImageBudget's BudgetPlan
+    def plan(self, num_layers: int, n_visual: int) -> FastVPlan:  # type: ignore[override]
         self.check_layers(num_layers)
         keep = self.keep(n_visual)
         per_layer = tuple(n_visual if layer < self.layer else keep for layer in range(num_layers))

@@ -101,7 +101,7 @@ class ST3(RankByAttention):
         per_layer = tuple(schedule(n_visual, num_layers, ratio, self.start_layer, self.stride))
         return ST3Plan(num_layers, n_visual, per_layer, ratio)
 
-    def decode_target(self, view, plan: ST3Plan, layer: int) -> int | None:
+    def decode_target(self, view, plan: LayerPlan, layer: int) -> int | None:
         """VTA: visual entries per image ``layer`` keeps at the current decode step (with
         ``anneal_every = k``: what it holds, except at eviction steps 1, 1 + k, ..., where it is the
         schedule's count k - 1 steps ahead); None with ``anneal="none"`` or for layer 0.

@@ -166,6 +166,7 @@ class ParallelPaths(PerImageBudget):
     def on_prefill_layer(self, view: GenerationView, plan: PathsPlan) -> Sequence[Action]:
         if not self._active(plan):
             return ()
+        actions: list[Action]
         layer, actions = view.layer, []
         if layer == 0:
             actions.append(SplitPaths(self.first_path(view, plan), plan.question_in))

@@ -59,7 +59,8 @@ class VisionZip(SelectBeforeLLM):
             contextual = self.contextual
         return VisionZipPlan(num_layers, n_visual, keep, contextual)
 
-    def select(self, view, plan: VisionZipPlan) -> KeepVisual:
+    # the plan passed in is the one plan() built, a VisionZipPlan (narrower than SelectBeforeLLM's BudgetPlan)
+    def select(self, view, plan: VisionZipPlan) -> KeepVisual:  # type: ignore[override]
         c = plan.contextual
         dominant = torch.topk(view.saliency.float(), plan.keep - c, dim=-1).indices  # [B, I, d]
         x = view.visual_hidden()  # [B, I, N, D]

@@ -28,8 +28,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import BaseImageProcessor
 
 DEFAULT_MODEL_ID = "vtprune/smol-efficientnet-llava"
 
@@ -169,6 +173,7 @@ def build_image_processor():
 
     Output ``pixel_values``: ``[B, 3, 448, 448]`` float32 in [-1, 1].
     """
+    _ImageProcessor: type[BaseImageProcessor]
     try:
         from transformers import CLIPImageProcessorPil as _ImageProcessor  # no torchvision needed
     except ImportError:  # pragma: no cover - other transformers versions
@@ -233,7 +238,7 @@ def build_config(tokenizer, lm_config):
         vision_config=EfficientNetLiteTowerConfig(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE,
                                                   class_posterior_tokens=True).to_dict(),
         text_config=text_cfg,
-        image_token_id=image_token_id,
+        image_token_id=image_token_id,  # type: ignore[call-arg]  # an alias of image_token_index (attribute_map)
         projector_hidden_act="gelu",
         vision_feature_select_strategy="full",
         vision_feature_layer=-1,
@@ -285,7 +290,8 @@ def assemble(projector_path: str | os.PathLike | None = PROJECTOR_PATH, dtype: t
     model.generation_config.begin_suppress_tokens = newline
     model.generation_config.bos_token_id = None
     model.generation_config.do_sample = False
-    return model.to(dtype).eval(), processor
+    # cast: transformers types PreTrainedModel.to through functools.wraps(nn.Module.to), which mypy cannot bind
+    return cast(torch.nn.Module, model).to(dtype).eval(), processor
 
 
 def is_saved_checkpoint(directory: Path) -> bool:
@@ -348,7 +354,7 @@ def load_default(dtype: torch.dtype = torch.float32, device: str | torch.device 
             processor = LlavaProcessor.from_pretrained(cdir)
             processor.chat_template = CHAT_TEMPLATE
             processor.tokenizer.padding_side = "left"
-            return model.to(device).eval(), processor
+            return cast(torch.nn.Module, model).to(device).eval(), processor  # cast: as in assemble()
         except Exception:  # corrupt / incompatible cache: rebuild below
             shutil.rmtree(cdir, ignore_errors=True)
     model, processor = assemble(PROJECTOR_PATH, dtype=torch.float32)

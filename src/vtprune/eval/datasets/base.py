@@ -172,7 +172,7 @@ def object_question(label: str) -> str:
 def interleave(groups: Iterable[Sequence[Sample]]) -> list[Sample]:
     """Round-robin merge: item 0 of each group, then item 1 of each, ... (shorter groups drop out)."""
     groups = [list(g) for g in groups]
-    out = []
+    out: list[Sample] = []
     for i in range(max((len(g) for g in groups), default=0)):
         out.extend(g[i] for g in groups if i < len(g))
     return out

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Any
 
 from vtprune.eval.datasets.base import (
     POPE_FILES,
@@ -98,7 +99,7 @@ def load_imagenet_pope(split: str = "test", limit: int | None = None, root: Path
     out: list[Sample] = []
     for r, rneg in zip(rows, random_neg, strict=True):
         base = {"file": r["file"], "wnid": r["wnid"], "label": r["label"]}
-        negatives = {"random": {"object_wnid": rneg["wnid"], "object_label": rneg["label"]}}
+        negatives: dict[str, dict[str, Any]] = {"random": {"object_wnid": rneg["wnid"], "object_label": rneg["label"]}}
         pop = [(w, lab) for _, w, lab in POPULAR if lab != r["label"] and w != r["wnid"]]
         w, lab = prng.choice(pop)
         negatives["popular"] = {"object_wnid": w, "object_label": lab}

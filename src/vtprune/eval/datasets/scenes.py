@@ -72,6 +72,7 @@ NOISE_SD = 20.0
 
 def square_photo(path: str | Path, side: int) -> Image.Image:
     """The photo at ``path`` centre-cropped to a square and resized (bicubic) to ``side`` x ``side`` RGB."""
+    im: Image.Image  # the opened file, then its RGB conversion
     with Image.open(path) as im:
         im = im.convert("RGB")
         w, h = im.size
@@ -82,7 +83,9 @@ def square_photo(path: str | Path, side: int) -> Image.Image:
 
 def _background(kind: str, color: str | None, rng: random.Random, photo: str | None) -> Image.Image:
     if kind == "photo":
+        assert photo is not None  # build_scene draws one for a photo background
         return square_photo(photo, CANVAS)
+    assert color is not None  # build_scene draws one for the other backgrounds
     base = np.array(COLORS[color], dtype=np.float32)
     canvas = np.broadcast_to(base, (CANVAS, CANVAS, 3)).copy()
     yy, xx = np.mgrid[0:CANVAS, 0:CANVAS]
