@@ -460,3 +460,32 @@ def test_st3_decode_scores_only_before_an_eviction(model, monkeypatch, every):
     evictions = sum(now < before for prev, cur in pairs for before, now in zip(prev, cur, strict=True))
     assert 0 < evictions < 11 * 5  # some steps, not every (step, layer)
     assert calls.count("decode") == evictions
+
+
+def test_method_must_be_a_name_or_an_instance(model):
+    with pytest.raises(TypeError, match="registered name"):
+        vtprune.apply(model, None)
+    assert "generate" not in model.__dict__
+
+
+@dataclasses.dataclass(frozen=True)
+class FailsAtLayer3(NoPruning):
+    """Raises before decoder layer 3 of the prefill."""
+
+    name = "fails-at-layer-3"
+
+    def on_prefill_layer(self, view, plan):
+        if view.layer == 3:
+            raise RuntimeError("boom at layer 3")
+        return ()
+
+
+def test_kept_visual_after_a_failed_prefill_is_a_clear_error(model):
+    run = vtprune.apply(model, FailsAtLayer3())
+    with run, pytest.raises(RuntimeError, match="boom at layer 3"):
+        generate(model, batch(PROMPTS[:1]), max_new_tokens=2)
+    with pytest.raises(RuntimeError, match="did not run through every decoder layer"):
+        run.kept_visual()
+    with vtprune.apply(model, "fastv", budget=4) as ok:
+        generate(model, batch(PROMPTS[:1]), max_new_tokens=2)
+    assert len(ok.kept_visual()) == 6

@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
-from typing import cast
 
 import torch
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
@@ -217,8 +216,10 @@ class LlavaNextAdapter(LlavaAdapter):
         ``pixel_values``). Raises ValueError as :func:`~vtprune.adapters.base.images_per_sample`."""
         if inputs.get("image_sizes") is None or inputs.get("pixel_values") is None:
             return None
-        # None only for an empty pixel_values
-        return images_per_sample(input_ids, self.image_token_id, cast(list[int], self.image_token_counts(inputs)))
+        counts = self.image_token_counts(inputs)
+        if counts is None:  # an empty pixel_values: no images, nothing to group
+            return None
+        return images_per_sample(input_ids, self.image_token_id, counts)
 
     def select_samples(self, inputs: dict, group: SampleGroup) -> dict:
         """``inputs`` (a ``generate`` call's keyword arguments) restricted to ``group``: per-sample tensors

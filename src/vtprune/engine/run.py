@@ -460,9 +460,11 @@ class Run:
             raise IndexError(f"sample {sample} / image {image} out of range ({gen.batch_size} samples, "
                              f"{gen.n_images} images each)")
         all_tokens = gen.visual_index[sample, image]
-        # cast: every layer's entry is set by a completed prefill
-        return [torch.searchsorted(all_tokens, vis[sample, image].to(all_tokens.device)).tolist()
-                for vis in cast(list[torch.Tensor], gen.layer_visual)]
+        kept = [vis for vis in gen.layer_visual if vis is not None]
+        if len(kept) != len(gen.layer_visual):
+            raise RuntimeError("the last generation's prefill did not run through every decoder layer (it failed "
+                               "or was cut short): no kept tokens to report")
+        return [torch.searchsorted(all_tokens, vis[sample, image].to(all_tokens.device)).tolist() for vis in kept]
 
     def visual_grid(self) -> tuple[int, int] | None:
         """(rows, cols) of each image's visual tokens as one row-major patch grid in the last generation

@@ -38,7 +38,10 @@ def make_method(method: str | Method, **options: Any) -> Method:
         if options:
             raise TypeError("pass options either in the method instance or as keywords, not both")
         return method
-    cls = METHODS.get(str(method).strip().lower())
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a registered name ({', '.join(sorted(METHODS))}) or a Method instance, "
+                        f"got {method!r}")
+    cls = METHODS.get(method.strip().lower())
     if cls is None:
         raise ValueError(f"unknown method {str(method).strip().lower()!r}; accepted: {', '.join(sorted(METHODS))}")
     fields = {f.name for f in dataclasses.fields(cls)}
