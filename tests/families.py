@@ -13,6 +13,7 @@ import dataclasses
 from collections.abc import Callable
 
 import conftest
+import internvl_tiny
 import next_tiny
 import qwen_tiny
 import torch
@@ -64,4 +65,5 @@ FAMILIES: dict[str, Family] = {
                        qwen_tiny.N_VISUAL),
     "qwen2_5_vl": Family("qwen2_5_vl", lambda attn: _attn(qwen_tiny.tiny_qwen("qwen2_5_vl"), attn), _qwen_batch,
                          qwen_tiny.N_VISUAL),
+    "internvl": Family("internvl", lambda attn: internvl_tiny.tiny_internvl(attn), internvl_tiny.batch, internvl_tiny.N),
 }
