@@ -15,6 +15,7 @@ from family_checks import (
     check_mixed_batch_runs_as_groups,
     check_original_positions,
     check_parvts_subjects,
+    eager_tower_attentions,
     layer0_input,
 )
 from internvl_tiny import (
@@ -168,14 +169,7 @@ def test_a_batch_of_mixed_tile_counts_runs_as_groups_and_equals_one_by_one(model
 def hand_merged_cls_attention(model, pixel_values) -> torch.Tensor:
     """[CLS] attention of every tile from the tower run eagerly (output_attentions, last block = feature
     layer -1), summed over heads, [CLS] column dropped, then summed over each 2 x 2 patch block."""
-    tower = model.model.vision_tower
-    impl = tower.config._attn_implementation
-    tower.config._attn_implementation = "eager"
-    try:
-        with torch.no_grad():
-            attn = tower(pixel_values, output_attentions=True).attentions[-1]
-    finally:
-        tower.config._attn_implementation = impl
+    attn = eager_tower_attentions(model, pixel_values)[-1]
     cls = attn[:, :, 0, 1:].sum(1).view(-1, 4, 2, 4, 2)  # [tiles, token row, patch row, token col, patch col]
     return cls.sum((2, 4)).flatten(1)  # [tiles, 16]
 

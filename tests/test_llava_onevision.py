@@ -15,6 +15,7 @@ from family_checks import (
     check_mixed_batch_runs_as_groups,
     check_original_positions,
     check_parvts_subjects,
+    eager_tower_attentions,
     generate,
     layer0_input,
 )
@@ -160,15 +161,7 @@ def test_multi_image_samples_batched_equal_one_by_one(model, method, opts):
 def received_attention(model, pixel_values) -> torch.Tensor:
     """The attention each patch of every tile receives in SigLIP's last layer (feature layer -1), from the
     tower run eagerly (output_attentions): mean over heads and queries, FloatTensor [tiles, 16]."""
-    tower = model.model.vision_tower
-    impl = tower.config._attn_implementation
-    tower.config._attn_implementation = "eager"
-    try:
-        with torch.no_grad():
-            attn = tower(pixel_values, output_attentions=True).attentions[-1]
-    finally:
-        tower.config._attn_implementation = impl
-    return attn.mean(1).mean(1)
+    return eager_tower_attentions(model, pixel_values)[-1].mean(1).mean(1)
 
 
 # size -> (tiles, tile grid (rows, cols), unpadded rows, unpadded cols), read off the docstring of onevision_tiny
