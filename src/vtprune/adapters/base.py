@@ -108,7 +108,8 @@ class Adapter:
         """The patch grids that make up each image's visual tokens (the same for every image of the call),
         or None when the adapter cannot tell or the images of the call differ. Default: the single grid
         of :meth:`visual_grid`. Families whose tokens hold several grids (LLaVA-NeXT: base tile and
-        high-resolution grid) override this. Arguments as :meth:`visual_grid`."""
+        high-resolution grid; InternVL: one per tile) override this. Tokens that lie in no grid are not
+        patches (LLaVA-OneVision's newline closing a single-tile image). Arguments as :meth:`visual_grid`."""
         grid = self.visual_grid(visual, inputs)
         return None if grid is None else (PatchGrid(*grid),)
 

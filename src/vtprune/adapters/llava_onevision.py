@@ -121,6 +121,8 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                 if tiled else 1
             base = self.tile_side**2
             numbers = torch.arange(n_tiles * base, dtype=torch.float64).view(n_tiles, base, 1)
+            # the inner model's method: LlavaOnevisionForConditionalGeneration.pack_image_features passes it
+            # a keyword (vision_feature_select_strategy) it does not take
             packed, full = (self.model.model.pack_image_features(
                 [numbers], [size], image_newline=torch.tensor([float(NEWLINE)], dtype=torch.float64),
                 vision_aspect_ratio=aspect)[0][0][:, 0] for aspect in (cfg.vision_aspect_ratio, NEVER_DOWNSAMPLE))
