@@ -19,11 +19,21 @@ def tiny_clip_config() -> CLIPVisionConfig:
                             image_size=32, patch_size=8, projection_dim=32)
 
 
+TINY_LM = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+               max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+"""The sizes of every tiny language model: GQA (4 query heads, 2 KV heads), vocabulary 256 (pad 0, bos 1, eos 2)."""
+
+
 def tiny_llama_config(layers: int = 6) -> LlamaConfig:
-    """A Llama LM with GQA (4 query heads, 2 KV heads), vocabulary 256 (pad 0, bos 1, eos 2)."""
-    return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=256, max_position_embeddings=512,
-                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    """A Llama LM of :data:`TINY_LM` sizes."""
+    return LlamaConfig(num_hidden_layers=layers, **TINY_LM)
+
+
+def tiny_qwen2_config(layers: int = 6):
+    """A Qwen2 LM (the language model of InternVL3 and LLaVA-OneVision) of :data:`TINY_LM` sizes."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(num_hidden_layers=layers, **TINY_LM)
 
 
 def ready(model, attn: str = "sdpa"):
@@ -122,3 +132,16 @@ def word_tokenizer(special: dict[str, int] | None = None, chat_template: str | N
     kwargs.setdefault("extra_special_tokens", {"image_token": "<image>"} if "<image>" in special else {})
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
                                    unk_token="<unk>", padding_side="left", chat_template=chat_template, **kwargs)
+
+
+def processor_without_video(cls, **parts):
+    """``cls(video_processor=None, **parts)``: a real multimodal processor built without its video processor.
+    transformers 5 checks the class of each part, and resolving a video processor class needs torchvision,
+    which this CPU-only venv lacks (PyPI's torchvision wheels are CUDA builds); images never use it."""
+    from transformers.processing_utils import ProcessorMixin
+
+    check = ProcessorMixin.check_argument_for_proper_class
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ProcessorMixin, "check_argument_for_proper_class",
+                   lambda self, name, arg: None if name == "video_processor" else check(self, name, arg))
+        return cls(video_processor=None, **parts)

@@ -13,7 +13,9 @@ import dataclasses
 from collections.abc import Callable
 
 import conftest
+import internvl_tiny
 import next_tiny
+import onevision_tiny
 import qwen_tiny
 import torch
 
@@ -64,4 +66,7 @@ FAMILIES: dict[str, Family] = {
                        qwen_tiny.N_VISUAL),
     "qwen2_5_vl": Family("qwen2_5_vl", lambda attn: _attn(qwen_tiny.tiny_qwen("qwen2_5_vl"), attn), _qwen_batch,
                          qwen_tiny.N_VISUAL),
+    "internvl": Family("internvl", lambda attn: internvl_tiny.tiny_internvl(attn), internvl_tiny.batch, internvl_tiny.N),
+    "llava_onevision": Family("llava_onevision", lambda attn: onevision_tiny.tiny_onevision(attn), onevision_tiny.batch,
+                              onevision_tiny.N),
 }

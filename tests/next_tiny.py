@@ -12,10 +12,9 @@ grid pinpoints are (32, 64), (64, 32), (64, 64). Token counts per image size, de
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from conftest import IMAGE_TOKEN, ready, tiny_clip_config, tiny_llama_config, word_tokenizer
-from PIL import Image
+from processor_inputs import ProcessorInputs
 from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
@@ -44,31 +43,8 @@ def tiny_processor() -> LlavaNextProcessor:
 
 
 PROCESSOR = tiny_processor()
-
-
-def image(size, seed) -> Image.Image:
-    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (*size, 3), dtype=np.uint8))
-
-
-def prompt(prefix: int, question: int, seed: int, images: int = 1) -> str:
-    words = np.random.RandomState(100 + seed).randint(4, 240, prefix + question)
-    text = [f"w{w}" for w in words]
-    return " ".join(text[:prefix] + ["<image>"] * images + text[prefix:])
-
-
-def inputs(prompts: list[str], sizes: list[list[tuple[int, int]]], seed: int = 0) -> dict:
-    """Processor output for prompts (left-padded) with images ``sizes[b]`` in sample b."""
-    imgs = [image(s, seed + 10 * b + i) for b, row in enumerate(sizes) for i, s in enumerate(row)]
-    return dict(PROCESSOR(images=imgs, text=prompts, return_tensors="pt", padding=True))
-
-
-PROMPTS = [prompt(2, 4, 1), prompt(5, 9, 2), prompt(3, 2, 3)]
-
-
-def batch(idx=(0, 1, 2), size=SIZE) -> dict:
-    """Samples ``idx`` of PROMPTS, each with its own image (same content whatever the batch)."""
-    imgs = [image(size, i) for i in idx]
-    return dict(PROCESSOR(images=imgs, text=[PROMPTS[i] for i in idx], return_tensors="pt", padding=True))
+_INPUTS = ProcessorInputs(PROCESSOR, "<image>", SIZE)
+prompt, inputs, batch, PROMPTS = _INPUTS.prompt, _INPUTS.inputs, _INPUTS.batch, _INPUTS.prompts
 
 
 MIXED = [[SIZE], [(16, 64)], [SIZE], [(64, 48)]]  # 52, 34, 52, 72 visual tokens

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from conftest import IMAGE_TOKEN
+from family_checks import eager_tower_attentions, layer0_input
 from next_tiny import COUNTS, LAYERS, MIXED, NEW, SIZE, N, batch, inputs, prompt, tiny_llava_next
 
 import vtprune
@@ -127,21 +128,9 @@ def test_grids_are_the_base_tile_and_the_unpadded_grid(model, size):
 
 def test_pool_pools_each_grid_and_keeps_one_newline_per_pooled_row(model):
     x = batch((0,))
-
-    def layer0_input():
-        seen = []
-        handle = model.model.language_model.layers[0].register_forward_pre_hook(
-            lambda m, a, kw: seen.append((a[0] if a else kw["hidden_states"]).clone()), with_kwargs=True)
-        try:
-            with torch.no_grad():
-                model(**x)
-        finally:
-            handle.remove()
-        return seen[0]
-
-    stock_h = layer0_input()
+    stock_h = layer0_input(model, x)
     with vtprune.apply(model, "pool", budget=12) as run:
-        pooled_h = layer0_input()  # the spy runs after the engine's own layer-0 hook
+        pooled_h = layer0_input(model, x)  # the spy runs after the engine's own layer-0 hook
     # 52 = base 4x4 + 4x8 grid with a newline per row; least 1 + 2, spare 9 split 16:36 -> base 4, high-res 8
     # base 4x4 -> 2x2; high-res: a * (b + 1) <= 8 -> 2x3 + 2 newlines
     start = int(run.gen.visual_index[0, 0, 0])
@@ -288,14 +277,7 @@ def hand_packed_cls_attention(model, pixel_values, n_tiles, grid, rows, cols) ->
     """[CLS] attention of every tile from the tower run eagerly (output_attentions), packed by hand:
     base tile, then the (grid[0] * 4) x (grid[1] * 4) patch map cropped to ``rows`` x ``cols``, -inf
     after each row."""
-    tower = model.model.vision_tower
-    impl = tower.config._attn_implementation
-    tower.config._attn_implementation = "eager"
-    try:
-        with torch.no_grad():
-            attn = tower(pixel_values[:n_tiles], output_attentions=True).attentions
-    finally:
-        tower.config._attn_implementation = impl
+    attn = eager_tower_attentions(model, pixel_values[:n_tiles])
     cls = attn[1][:, :, 0, 1:].sum(1)  # feature layer -2 of 3 = output of encoder layer 1; drop [CLS]
     out = cls[0].tolist()
     for r in rows:

@@ -26,7 +26,13 @@ pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (the `lmms` 
 import test_lmms_eval_plugin as plugin_tests  # noqa: E402
 from conftest import WORD_CHAT_TEMPLATE, word_tokenizer  # noqa: E402
 
-from vtprune.lmms_eval_plugin import MODEL_ID, QWEN2_5_VL_MODEL_ID, QWEN2_VL_MODEL_ID, manifests  # noqa: E402
+from vtprune.lmms_eval_plugin import (  # noqa: E402
+    MODEL_ID,
+    MODEL_IDS,
+    QWEN2_5_VL_MODEL_ID,
+    QWEN2_VL_MODEL_ID,
+    manifests,
+)
 from vtprune.lmms_eval_tasks import POPE_LOCAL_TASK  # noqa: E402
 
 env = plugin_tests.env  # the fixtures: working directory + entry point, task manager of the local task
@@ -226,7 +232,7 @@ def test_qwen_registered(env):
 
     from vtprune.lmms_eval_plugin.mixin import VTPruneMixin
 
-    assert {m.model_id for m in manifests()} == {MODEL_ID, QWEN2_VL_MODEL_ID, QWEN2_5_VL_MODEL_ID}
+    assert {m.model_id for m in manifests()} == set(MODEL_IDS) >= {MODEL_ID, QWEN2_VL_MODEL_ID, QWEN2_5_VL_MODEL_ID}
     for manifest in manifests():
         assert get_model_manifest(manifest.model_id) == manifest
     assert get_model_manifest(QWEN2_VL_MODEL_ID).chat_class_path is None  # lmms-eval has no chat Qwen2-VL

@@ -110,7 +110,8 @@ class Adapter:
         """The patch grids that make up each image's visual tokens (the same for every image of the call),
         or None when the adapter cannot tell or the images of the call differ. Default: the single grid
         of :meth:`visual_grid`. Families whose tokens hold several grids (LLaVA-NeXT: base tile and
-        high-resolution grid) override this. Arguments as :meth:`visual_grid`."""
+        high-resolution grid; InternVL: one per tile) override this. Tokens that lie in no grid are not
+        patches (LLaVA-OneVision's newline closing a single-tile image). Arguments as :meth:`visual_grid`."""
         grid = self.visual_grid(visual, inputs)
         return None if grid is None else (PatchGrid(*grid),)
 
@@ -218,6 +219,21 @@ def select_rows(inputs: dict, samples: list[int], by: dict[str, torch.Tensor]) -
     return out
 
 
+def refuse_video(input_ids: torch.Tensor, inputs: dict, keys: tuple[str, ...], video_token_id: int | None,
+                 instead: str) -> None:
+    """Raise ValueError when a call carries video: any of ``keys`` in ``inputs``, precomputed video features
+    (``mm_encoder_outputs["video"]``), or ``video_token_id`` in ``input_ids``; ``instead`` ends the message
+    (what to pass instead). vtprune schedules image tokens only."""
+    given = [k for k in keys if inputs.get(k) is not None]
+    if (inputs.get("mm_encoder_outputs") or {}).get("video") is not None:
+        given.append("mm_encoder_outputs['video']")
+    if video_token_id is not None and bool((input_ids == video_token_id).any()):
+        given.append(f"video tokens (video_token_id={video_token_id}) in input_ids")
+    if given:
+        raise ValueError("vtprune schedules image tokens only; video inputs are not supported "
+                         f"(got {', '.join(given)}). {instead}")
+
+
 def images_per_sample(input_ids: torch.Tensor, image_token_id: int, counts: list[int]) -> list[list[int]]:
     """The token counts of each sample's images: ``counts`` (every image of the batch, sample-major)
     dealt over the samples' runs of image tokens.
@@ -226,18 +242,14 @@ def images_per_sample(input_ids: torch.Tensor, image_token_id: int, counts: list
         ValueError: a sample without image tokens; image tokens that do not add up to ``counts``, or an
             image that would straddle two runs ("disagree").
     """
-    is_image = (input_ids == image_token_id).cpu()
-    if not bool(is_image.any(1).all()):
-        visual_spans(input_ids, image_token_id)  # raises its "no image tokens" error
-    total = int(is_image.sum())
+    runs_per_sample = token_runs(input_ids, image_token_id)
+    total = sum(r.numel() for runs in runs_per_sample for r in runs)
     if total != sum(counts):
         raise ValueError(f"image tokens disagree with the images: input_ids hold {total} tokens "
                          f"{image_token_id}, the {len(counts)} images need {counts} = {sum(counts)}; "
                          "build the prompt with the model's processor from the same images")
     queue, per_sample = list(counts), []
-    for b, row in enumerate(is_image):
-        pos = row.nonzero().flatten()
-        runs = torch.tensor_split(pos, ((pos[1:] != pos[:-1] + 1).nonzero().flatten() + 1).tolist())
+    for b, runs in enumerate(runs_per_sample):
         mine = []
         for run in runs:
             left = run.numel()
@@ -251,20 +263,29 @@ def images_per_sample(input_ids: torch.Tensor, image_token_id: int, counts: list
     return per_sample
 
 
-def visual_spans(input_ids: torch.Tensor, image_token_id: int, per_image: int | None = None) -> torch.Tensor:
-    """Split the positions of ``image_token_id`` into images: contiguous runs, each cut into chunks of
-    ``per_image`` when a run holds several adjacent images. See :meth:`Adapter.visual_index`."""
-    is_image = (input_ids == image_token_id).cpu()
-    spans = []
-    for b, row in enumerate(is_image):
+def token_runs(input_ids: torch.Tensor, token_id: int) -> list[list[torch.Tensor]]:
+    """The contiguous runs of ``token_id`` in each sample: per sample, LongTensors of positions (CPU).
+
+    Raises:
+        ValueError: a sample without the token (vtprune needs an image in every prompt).
+    """
+    out = []
+    for b, row in enumerate((input_ids == token_id).cpu()):
         pos = row.nonzero().flatten()
         if pos.numel() == 0:
             raise ValueError(
-                f"sample {b} has no image tokens (image_token_id={image_token_id}); vtprune schedules visual "
+                f"sample {b} has no image tokens (image_token_id={token_id}); vtprune schedules visual "
                 "tokens, so every prompt must contain the image placeholder (use the model's processor)"
             )
-        breaks = (pos[1:] != pos[:-1] + 1).nonzero().flatten() + 1
-        runs = list(torch.tensor_split(pos, breaks))
+        out.append(list(torch.tensor_split(pos, ((pos[1:] != pos[:-1] + 1).nonzero().flatten() + 1).tolist())))
+    return out
+
+
+def visual_spans(input_ids: torch.Tensor, image_token_id: int, per_image: int | None = None) -> torch.Tensor:
+    """Split the positions of ``image_token_id`` into images: contiguous runs, each cut into chunks of
+    ``per_image`` when a run holds several adjacent images. See :meth:`Adapter.visual_index`."""
+    spans = []
+    for runs in token_runs(input_ids, image_token_id):
         if per_image:
             runs = [c for r in runs for c in (r.split(per_image) if r.numel() % per_image == 0 else [r])]
         spans.append(runs)

@@ -71,7 +71,7 @@ class LlavaNextAdapter(LlavaAdapter):
 
     def __init__(self, model):
         super().__init__(model)
-        self._maps: dict[tuple[int, int], tuple[torch.Tensor, int]] = {}
+        self._maps: dict[tuple, tuple[torch.Tensor, int]] = {}  # packing maps by image layout
 
     def visual_grid(self, visual: torch.Tensor, inputs: dict | None = None) -> tuple[int, int] | None:
         """None: a base tile plus unpadded high-resolution rows with newline tokens is not one grid
@@ -86,38 +86,41 @@ class LlavaNextAdapter(LlavaAdapter):
         ``image_sizes`` is read from the prefill call or, inside ``generate`` (which consumes it before
         the prefill), from ``inputs["generate_kwargs"]``. None when neither has it, the images' grids
         differ (sizes that give equal token counts but different shapes), the grids do not cover
-        ``visual``'s N_v tokens, or ``vision_feature_select_strategy`` is not ``"default"``.
+        ``visual``'s N_v tokens, or ``vision_feature_select_strategy`` is not :attr:`packed_strategy`.
         """
         inputs = inputs or {}
-        sizes = inputs.get("image_sizes")
-        if sizes is None:
-            sizes = (inputs.get("generate_kwargs") or {}).get("image_sizes")
-        if sizes is None or self.model.config.vision_feature_select_strategy != "default":
+        if self.model.config.vision_feature_select_strategy != self.packed_strategy:
             return None
-        layouts = {self._grids_of(_size_tuple(s)) for s in sizes}
+        packings = self.image_packings(inputs)
+        if packings is None:
+            packings = self.image_packings(inputs.get("generate_kwargs") or {})
+        if packings is None:
+            return None
+        layouts = {(self.grids_of(source), source.numel()) for source, _ in packings}
         if len(layouts) != 1:
             return None
-        grids = layouts.pop()
-        if grids is None or sum(g.tokens for g in grids) != visual.shape[-1]:
-            return None
-        return grids
+        grids, n_visual = layouts.pop()
+        return grids if n_visual == visual.shape[-1] else None
 
-    def _grids_of(self, size: tuple[int, int]) -> tuple[PatchGrid, PatchGrid] | None:
-        """Base and high-resolution grids read off the packing map of an image of ``size`` (None if it
-        is not base tile + rows closed by one newline each)."""
-        source, _ = self.packing(size)
+    @property
+    def tile_side(self) -> int:
+        """Patches per side of one tile (``vision_config.image_size // patch_size``)."""
         vision = self.model.config.vision_config
-        side = vision.image_size // vision.patch_size
+        return vision.image_size // vision.patch_size
+
+    def grids_of(self, source: torch.Tensor) -> tuple[PatchGrid, ...] | None:
+        """Base and high-resolution grids read off a packing map (:meth:`packing`'s ``source``); None if
+        it is not base tile + rows closed by one newline each."""
+        side = self.tile_side
         base = side * side
         if source.numel() <= base or not torch.equal(source[:base], torch.arange(base)):
             return None
         rest = source[base:]
         rows = int((rest == NEWLINE).sum())
-        if rows == 0 or rest.numel() % rows:
+        if rows == 0 or rest.numel() % rows or rest.numel() // rows < 2:
             return None
         hires = PatchGrid(rows, rest.numel() // rows - 1, start=base, stride=rest.numel() // rows)
-        if hires.cols < 1 or not torch.equal((rest == NEWLINE).nonzero().flatten(),
-                                             torch.arange(rows) * hires.stride + hires.cols):
+        if not torch.equal((rest == NEWLINE).nonzero().flatten(), torch.arange(rows) * hires.stride + hires.cols):
             return None
         return PatchGrid(side, side), hires
 
@@ -126,6 +129,16 @@ class LlavaNextAdapter(LlavaAdapter):
         return None
 
     # ------------------------------------------------------------------ packing
+    packed_strategy = "default"
+    """The ``vision_feature_select_strategy`` whose features the model's packing lines up with (LLaVA-NeXT's
+    CLIP towers: ``"default"``, [CLS] dropped)."""
+
+    def image_packings(self, inputs: dict) -> list[tuple[torch.Tensor, int]] | None:
+        """:meth:`packing` of every image of a call (``inputs``: its keyword arguments), in the order of
+        its ``image_sizes``; None when it has no ``image_sizes``. Raises ValueError as :meth:`packing`."""
+        sizes = inputs.get("image_sizes")
+        return None if sizes is None else [self.packing(s) for s in sizes]
+
     def packing(self, image_size) -> tuple[torch.Tensor, int]:
         """Where each visual token of an image comes from, in the model's packing order.
 
@@ -149,18 +162,22 @@ class LlavaNextAdapter(LlavaAdapter):
         size = _size_tuple(image_size)
         if size not in self._maps:
             cfg = self.model.config
-            if cfg.vision_feature_select_strategy != "default":
-                raise ValueError("vtprune supports LLaVA-NeXT with vision_feature_select_strategy='default' (every "
-                                 f"llava-hf checkpoint); this model uses {cfg.vision_feature_select_strategy!r}")
-            vision = cfg.vision_config
-            n_tiles = image_size_to_num_patches(list(size), cfg.image_grid_pinpoints, vision.image_size)
-            per_tile = (vision.image_size // vision.patch_size) ** 2
+            self.check_strategy()
+            n_tiles = image_size_to_num_patches(list(size), cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+            per_tile = self.tile_side**2
             numbers = torch.arange(n_tiles * per_tile, dtype=torch.float64).view(n_tiles, per_tile, 1)
             packed, _ = self.model.model.pack_image_features(
                 [numbers], [size], cfg.vision_feature_select_strategy,
                 image_newline=torch.tensor([float(NEWLINE)], dtype=torch.float64))
             self._maps[size] = (packed[0][:, 0].long(), n_tiles)
         return self._maps[size]
+
+    def check_strategy(self) -> None:
+        """Raise ValueError unless the model's ``vision_feature_select_strategy`` is :attr:`packed_strategy`."""
+        strategy = self.model.config.vision_feature_select_strategy
+        if strategy != self.packed_strategy:
+            raise ValueError(f"vtprune supports {type(self.model).__name__} with vision_feature_select_strategy="
+                             f"{self.packed_strategy!r} (every llava-hf checkpoint); this model uses {strategy!r}")
 
     def image_token_counts(self, inputs: dict | None) -> list[int] | None:
         """Visual tokens of every image of a call, in the order of ``image_sizes`` (sample-major).
@@ -176,13 +193,14 @@ class LlavaNextAdapter(LlavaAdapter):
         encoded = (inputs.get("mm_encoder_outputs") or {}).get("image")
         if encoded is not None:
             return [int(f.shape[0]) for f in encoded.pooler_output]
-        pixels, sizes = inputs.get("pixel_values"), inputs.get("image_sizes")
+        pixels = inputs.get("pixel_values")
         if pixels is None or pixels.shape[0] == 0:
             return None
-        if sizes is None:
-            raise ValueError("LLaVA-NeXT needs image_sizes (one (height, width) per image) with pixel_values; "
-                             "pass the processor's output unchanged")
-        return [self.packing(s)[0].numel() for s in sizes]
+        packings = self.image_packings(inputs)
+        if packings is None:
+            raise ValueError(f"{type(self.model).__name__} needs image_sizes (one (height, width) per image) with "
+                             "pixel_values; pass the processor's output unchanged")
+        return [source.numel() for source, _ in packings]
 
     # ------------------------------------------------------------------ visual positions
     def visual_index(self, input_ids: torch.Tensor, inputs: dict | None = None) -> torch.Tensor:
@@ -239,7 +257,7 @@ class LlavaNextAdapter(LlavaAdapter):
         the handle; the class and other instances are untouched).
         """
         tiles: list[torch.Tensor] = []
-        handles = super().attach_saliency(tiles.append)
+        handles = self.attach_tile_saliency(tiles.append)
         try:
             inner = self.model.model
             original = inner.get_image_features
@@ -249,10 +267,10 @@ class LlavaNextAdapter(LlavaAdapter):
             def get_image_features(*args, **kwargs):
                 tiles.clear()
                 out = original(*args, **kwargs)
-                sizes = signature.bind(*args, **kwargs).arguments["image_sizes"]
+                arguments = signature.bind(*args, **kwargs).arguments
                 per_tile = torch.cat(tiles) if tiles else None
                 tiles.clear()
-                for image in self.pack_saliency(per_tile, sizes):
+                for image in self.pack_call_saliency(per_tile, arguments):
                     sink(image[None])
                 return out
 
@@ -262,6 +280,15 @@ class LlavaNextAdapter(LlavaAdapter):
                 h.remove()
             raise
         return handles
+
+    def attach_tile_saliency(self, sink: Callable[[torch.Tensor], None]) -> list:
+        """Hooks that call ``sink`` with the per-patch saliency of every tile the tower encodes, FloatTensor
+        [n_tiles, P] (LLaVA-NeXT: :meth:`LlavaAdapter.attach_saliency`'s [CLS] attention). Returns the handles."""
+        return super().attach_saliency(sink)
+
+    def pack_call_saliency(self, per_tile: torch.Tensor | None, arguments: dict) -> list[torch.Tensor]:
+        """:meth:`pack_saliency` for one ``get_image_features`` call, given its bound ``arguments``."""
+        return self.pack_saliency(per_tile, arguments["image_sizes"])
 
     def pack_saliency(self, per_tile: torch.Tensor | None, image_sizes) -> list[torch.Tensor]:
         """Map per-tile patch saliency to each image's visual tokens.
@@ -310,8 +337,8 @@ def split_images(input_ids: torch.Tensor, image_token_id: int, counts: list[int]
     sizes = {c for mine in per_sample for c in mine}
     if len(sizes) != 1 or any(len(m) != len(per_sample[0]) for m in per_sample):
         raise ValueError("mismatched images: vtprune needs every image of a prompt to give the same number of visual "
-                         "tokens and every sample the same number of images; LLaVA-NeXT's count follows the image "
-                         f"size; got visual tokens per image per sample {per_sample}")
+                         "tokens and every sample the same number of images; the count follows each image's size "
+                         f"(any-resolution tiles); got visual tokens per image per sample {per_sample}")
     return visual_spans(input_ids, image_token_id, sizes.pop())
 
 

@@ -31,6 +31,7 @@ from vtprune.adapters.base import (
     Adapter,
     SampleGroup,
     images_per_sample,
+    refuse_video,
     register_adapter,
     select_rows,
     visual_spans,
@@ -158,15 +159,8 @@ class Qwen2VLAdapter(Adapter):
         return None
 
     def _refuse_video(self, input_ids: torch.Tensor, inputs: dict) -> None:
-        given = [k for k in VIDEO_KEYS if inputs.get(k) is not None]
-        if (inputs.get("mm_encoder_outputs") or {}).get("video") is not None:
-            given.append("mm_encoder_outputs['video']")
-        video_id = getattr(self.model.config, "video_token_id", None)
-        if video_id is not None and bool((input_ids == video_id).any()):
-            given.append(f"video tokens (video_token_id={video_id}) in input_ids")
-        if given:
-            raise ValueError(f"vtprune schedules image tokens only; video inputs are not supported (got {', '.join(given)}). "
-                             "Pass images (pixel_values + image_grid_thw) instead")
+        refuse_video(input_ids, inputs, VIDEO_KEYS, getattr(self.model.config, "video_token_id", None),
+                     "Pass images (pixel_values + image_grid_thw) instead")
 
     def decode_position_ids(self, past_length: int, input_ids: torch.Tensor) -> torch.Tensor | None:
         """The M-RoPE position ids the stock model gives a decode call that has no ``position_ids``:

@@ -29,13 +29,15 @@ class Pool(SelectBeforeLLM):
     each spans (each first gets the least it can be pooled to), every grid is pooled on its own, and a
     grid with separators keeps one per pooled row (the newline closing the window's centre row, at its
     own position and unchanged), counted in the budget, so the pooled grid keeps LLaVA-NeXT's
-    row-and-newline form.
+    row-and-newline form. Tokens of an image that lie in no grid (LLaVA-OneVision's newline closing an
+    image of a multi-image prompt) are kept unchanged at their positions, also counted in the budget.
 
     Options: budget / keep_ratio (default keep_ratio 0.25). Needs the adapter's patch grids
-    (``Adapter.visual_grids``: LLaVA-1.5, LLaVA-NeXT, Qwen2-VL / 2.5-VL, the bundled model).
+    (``Adapter.visual_grids``: LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL / 2.5-VL, InternVL (one
+    grid per tile), the bundled model).
 
     Raises (at the prefill): ValueError when the visual tokens form no known grids, or the budget is
-    below the least the grids pool to (one token per grid, plus its separator).
+    below the least the grids pool to (one token per grid, plus its separator, plus the tokens in no grid).
 
     Source: the pooling baseline of METHODS.md (Baselines); the window-to-position rule and the
     multi-grid rule (budget split, one newline per pooled row, as LLaVA-NeXT-Video pools its
@@ -47,9 +49,10 @@ class Pool(SelectBeforeLLM):
     def select(self, view, plan) -> KeepVisual:
         grids = patch_grids(view)
         x = view.visual_hidden()  # [B, I, N, d]
-        bsz, imgs, _, d = x.shape
-        keeps, values = [], []
-        for g, share in zip(grids, split_budget(plan.keep, grids), strict=True):
+        bsz, imgs, n, d = x.shape
+        loose = outside_grids(grids, n)
+        keeps, values = [loose], [x[:, :, loose.to(x.device)]]
+        for g, share in zip(grids, split_budget(plan.keep, grids, loose.numel()), strict=True):
             a, b = pooled_grid(share, g.rows, g.cols, min(g.separators, 1))
             rows, cols = torch.meshgrid(torch.arange(g.rows), torch.arange(g.cols), indexing="ij")
             cells = x[:, :, g.token(rows, cols).flatten().to(x.device)]  # [B, I, rows * cols, d]
@@ -74,6 +77,15 @@ def patch_grids(view) -> tuple:
     return view.visual_grids
 
 
+def outside_grids(grids, n_visual: int) -> torch.Tensor:
+    """The image's visual tokens (of ``n_visual``) that lie in none of ``grids`` (patches or separators),
+    LongTensor [n_loose] ascending."""
+    inside = torch.zeros(n_visual, dtype=torch.bool)
+    for g in grids:
+        inside[g.start:g.start + g.tokens] = True
+    return (~inside).nonzero().flatten()
+
+
 def least_pooled(g) -> int:
     """The fewest tokens grid ``g`` pools to: the smallest ``a * (b + 1 if separators else b)`` that
     :func:`pooled_grid` accepts."""
@@ -87,18 +99,20 @@ def aspect_fits(a: int, b: int, h: int, w: int) -> bool:
     return 0.5 <= (a / b) / (h / w) <= 2.0
 
 
-def split_budget(keep: int, grids) -> list[int]:
-    """Split ``keep`` tokens over ``grids``: each gets :func:`least_pooled`, the rest goes in proportion
-    to the tokens each grid spans (largest remainder; ties to the earlier grid).
+def split_budget(keep: int, grids, reserved: int = 0) -> list[int]:
+    """Split ``keep - reserved`` tokens over ``grids`` (``reserved``: the tokens kept outside them): each
+    gets :func:`least_pooled`, the rest goes in proportion to the tokens each grid spans (largest
+    remainder; ties to the earlier grid).
 
     Raises:
-        ValueError: ``keep`` below the sum of the grids' least pooled sizes.
+        ValueError: ``keep - reserved`` below the sum of the grids' least pooled sizes.
     """
     least = [least_pooled(g) for g in grids]
-    if keep < sum(least):
-        raise ValueError(f"pool: a budget of {keep} visual tokens per image is below the {sum(least)} that this "
-                         f"image's {len(grids)} patch grid(s) pool to at least; raise the budget")
-    spare = keep - sum(least)
+    if keep - reserved < sum(least):
+        outside = f" and the {reserved} token(s) outside them" if reserved else ""
+        raise ValueError(f"pool: a budget of {keep} visual tokens per image is below the {sum(least) + reserved} that "
+                         f"this image's {len(grids)} patch grid(s) pool to at least{outside}; raise the budget")
+    spare = keep - reserved - sum(least)
     total = sum(g.tokens for g in grids)
     exact = [Fraction(spare * g.tokens, total) for g in grids]
     shares = [int(e) for e in exact]
