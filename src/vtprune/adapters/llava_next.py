@@ -78,7 +78,7 @@ class LlavaNextAdapter(LlavaAdapter):
         (:meth:`visual_grids` gives the two grids)."""
         return None
 
-    def visual_grids(self, visual: torch.Tensor, inputs: dict | None = None) -> tuple[PatchGrid, PatchGrid] | None:
+    def visual_grids(self, visual: torch.Tensor, inputs: dict | None = None) -> tuple[PatchGrid, ...] | None:
         """The two grids of each image's visual tokens, from its ``image_sizes`` entry through
         :meth:`packing`: the base tile (side x side patches, tokens 0..P-1) and the unpadded
         high-resolution grid (R x C patches from token P on, stride C + 1: one newline closing each row).
