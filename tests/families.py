@@ -64,4 +64,6 @@ FAMILIES: dict[str, Family] = {
                        qwen_tiny.N_VISUAL),
     "qwen2_5_vl": Family("qwen2_5_vl", lambda attn: _attn(qwen_tiny.tiny_qwen("qwen2_5_vl"), attn), _qwen_batch,
                          qwen_tiny.N_VISUAL),
+    "qwen3_vl": Family("qwen3_vl", lambda attn: _attn(qwen_tiny.tiny_qwen("qwen3_vl"), attn), _qwen_batch,
+                       qwen_tiny.N_VISUAL),
 }
