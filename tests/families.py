@@ -13,6 +13,7 @@ import dataclasses
 from collections.abc import Callable
 
 import conftest
+import gemma3_tiny
 import next_tiny
 import qwen_tiny
 import torch
@@ -66,4 +67,5 @@ FAMILIES: dict[str, Family] = {
                          qwen_tiny.N_VISUAL),
     "qwen3_vl": Family("qwen3_vl", lambda attn: _attn(qwen_tiny.tiny_qwen("qwen3_vl"), attn), _qwen_batch,
                        qwen_tiny.N_VISUAL),
+    "gemma3": Family("gemma3", gemma3_tiny.tiny_gemma3, gemma3_tiny.batch, gemma3_tiny.N),
 }
