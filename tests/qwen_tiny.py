@@ -37,7 +37,7 @@ TOKENS = dict(image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_sta
               vision_end_token_id=VISION_END)
 
 
-def tiny_qwen(family: str = "qwen2_vl", layers: int = 6, seed: int = 0):
+def tiny_qwen(family: str = "qwen2_vl", layers: int = 6, seed: int = 0, patch: int = PATCH):
     """A tiny ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration`` or
     ``Qwen3VLForConditionalGeneration`` (SDPA).
 
@@ -45,11 +45,12 @@ def tiny_qwen(family: str = "qwen2_vl", layers: int = 6, seed: int = 0):
     windows of 2 x 2 merged tokens: 4 windows per image), so its saliency block is not the last one.
     Qwen3-VL's tower has 3 blocks, each a DeepStack level (:data:`DEEPSTACK`, as the real model's 3 levels),
     a 4 x 4 learned position grid (interpolated to each image), and its LM interleaved M-RoPE with sections
-    (4, 2, 2) of the 8 rotary frequencies (the real (24, 20, 20) of 64, scaled down).
+    (4, 2, 2) of the 8 rotary frequencies (the real (24, 20, 20) of 64, scaled down). ``patch``: the ViT's
+    patch size in px (default 4, the inputs of this module; the real models' 14 / 16 for photos).
     """
     torch.manual_seed(seed)
     text = dict(TEXT, num_hidden_layers=layers)
-    common = dict(num_heads=4, patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL)
+    common = dict(num_heads=4, patch_size=patch, spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL)
     if family == "qwen2_vl":
         vision = dict(common, depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2)
         model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text, vision_config=vision, **TOKENS))

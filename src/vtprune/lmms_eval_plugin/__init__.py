@@ -1,6 +1,6 @@
 """lmms-eval plugin: run lmms-eval's standard benchmarks on a model whose visual tokens vtprune schedules.
 
-No fork and no vendored copy of lmms-eval: the plugin registers three model ids through lmms-eval's own
+No fork and no vendored copy of lmms-eval: the plugin registers its model ids through lmms-eval's own
 model registry, each subclassing lmms-eval's stock classes for its family (loading, prompting and the
 generate loop are lmms-eval's; vtprune only attaches :func:`vtprune.apply` around the generation, see
 :mod:`vtprune.lmms_eval_plugin.mixin`):
@@ -12,7 +12,11 @@ generate loop are lmms-eval's; vtprune only attaches :func:`vtprune.apply` aroun
 * ``vtprune_qwen2_vl`` (:data:`QWEN2_VL_MODEL_ID`): Qwen2-VL; lmms-eval's ``qwen2_vl`` (a simple class
   only, used with or without ``--force_simple``) (:mod:`vtprune.lmms_eval_plugin.qwen`);
 * ``vtprune_qwen2_5_vl`` (:data:`QWEN2_5_VL_MODEL_ID`): Qwen2.5-VL; lmms-eval's ``qwen2_5_vl`` chat and
-  simple classes (:mod:`vtprune.lmms_eval_plugin.qwen`).
+  simple classes (:mod:`vtprune.lmms_eval_plugin.qwen`);
+* ``vtprune_qwen3_vl`` (:data:`QWEN3_VL_MODEL_ID`): Qwen3-VL; lmms-eval's ``qwen3_vl`` chat and simple
+  classes (:mod:`vtprune.lmms_eval_plugin.qwen3`);
+* ``vtprune_gemma3`` (:data:`GEMMA3_MODEL_ID`): Gemma 3; lmms-eval's ``gemma3`` (a simple class only)
+  (:mod:`vtprune.lmms_eval_plugin.gemma3`).
 
 The Qwen ids need ``qwen-vl-utils`` and torchvision (see :mod:`vtprune.lmms_eval_plugin.qwen`).
 
@@ -26,8 +30,9 @@ returning either. vtprune's entry point is :func:`manifests`, declared in ``pypr
 
 (the older ``LMMS_EVAL_PLUGINS`` environment variable is deprecated in 0.7 and not used). This module stays
 light on purpose: lmms-eval imports it while its own ``lmms_eval.models`` package is still initialising,
-so the model classes live in :mod:`vtprune.lmms_eval_plugin.llava_hf` and
-:mod:`vtprune.lmms_eval_plugin.qwen` and are imported only when a model is requested.
+so the model classes live in :mod:`vtprune.lmms_eval_plugin.llava_hf`, :mod:`vtprune.lmms_eval_plugin.qwen`,
+:mod:`vtprune.lmms_eval_plugin.qwen3` and :mod:`vtprune.lmms_eval_plugin.gemma3` and are imported only when
+a model is requested.
 
 Usage::
 
@@ -38,6 +43,10 @@ Usage::
         --model_args pretrained=llava-hf/llava-v1.6-vicuna-7b-hf,method=parvts,budget=160 --tasks pope
     python -m lmms_eval --model vtprune_qwen2_5_vl \\
         --model_args pretrained=Qwen/Qwen2.5-VL-7B-Instruct,method=parvts,keep_ratio=0.25 --tasks pope
+    python -m lmms_eval --model vtprune_qwen3_vl \\
+        --model_args pretrained=Qwen/Qwen3-VL-8B-Instruct,method=parvts,keep_ratio=0.25 --tasks pope
+    python -m lmms_eval --model vtprune_gemma3 \\
+        --model_args pretrained=google/gemma-3-4b-it,method=parvts,budget=64 --tasks pope
 
 ``method`` (default ``none``), ``budget`` / ``keep_ratio`` and every option of the method are accepted in
 ``--model_args`` beside the stock class's arguments (``llava_hf``: ``pretrained``, ``dtype``, ``device``,
@@ -61,7 +70,13 @@ QWEN2_VL_MODEL_ID = "vtprune_qwen2_vl"
 QWEN2_5_VL_MODEL_ID = "vtprune_qwen2_5_vl"
 """lmms-eval model id of vtprune on Qwen2.5-VL (``--model vtprune_qwen2_5_vl``)."""
 
-MODEL_IDS = (MODEL_ID, QWEN2_VL_MODEL_ID, QWEN2_5_VL_MODEL_ID)
+QWEN3_VL_MODEL_ID = "vtprune_qwen3_vl"
+"""lmms-eval model id of vtprune on Qwen3-VL (``--model vtprune_qwen3_vl``)."""
+
+GEMMA3_MODEL_ID = "vtprune_gemma3"
+"""lmms-eval model id of vtprune on Gemma 3 (``--model vtprune_gemma3``)."""
+
+MODEL_IDS = (MODEL_ID, QWEN2_VL_MODEL_ID, QWEN2_5_VL_MODEL_ID, QWEN3_VL_MODEL_ID, GEMMA3_MODEL_ID)
 """Every model id the plugin registers."""
 
 CHAT_CLASS_PATH = "vtprune.lmms_eval_plugin.llava_hf.VTPruneLlavaHf"
@@ -73,13 +88,16 @@ CLASS_PATHS: dict[str, tuple[str | None, str]] = {
     MODEL_ID: (CHAT_CLASS_PATH, SIMPLE_CLASS_PATH),
     QWEN2_VL_MODEL_ID: (None, _QWEN + "VTPruneQwen2VL"),
     QWEN2_5_VL_MODEL_ID: (_QWEN + "VTPruneQwen2_5_VL", _QWEN + "VTPruneQwen2_5_VLSimple"),
+    QWEN3_VL_MODEL_ID: ("vtprune.lmms_eval_plugin.qwen3.VTPruneQwen3VL", "vtprune.lmms_eval_plugin.qwen3.VTPruneQwen3VLSimple"),
+    GEMMA3_MODEL_ID: (None, "vtprune.lmms_eval_plugin.gemma3.VTPruneGemma3"),
 }
 
 
 def manifests() -> list:
     """The ``lmms_eval.models`` entry-point payload: one ``ModelManifest`` per id of :data:`MODEL_IDS`, each
     with a chat class (lmms-eval's default) where lmms-eval has one for the family and a simple class
-    (``--force_simple``; the only one of ``vtprune_qwen2_vl``, which lmms-eval then uses either way).
+    (``--force_simple``; the only one of ``vtprune_qwen2_vl`` and ``vtprune_gemma3``, which lmms-eval then
+    uses either way).
 
     Raises:
         ImportError: lmms-eval is not installed (it only calls this function when it is).
@@ -90,4 +108,5 @@ def manifests() -> list:
             for model_id, (chat, simple) in CLASS_PATHS.items()]
 
 
-__all__ = ["MODEL_ID", "MODEL_IDS", "QWEN2_5_VL_MODEL_ID", "QWEN2_VL_MODEL_ID", "manifests"]
+__all__ = ["GEMMA3_MODEL_ID", "MODEL_ID", "MODEL_IDS", "QWEN2_5_VL_MODEL_ID", "QWEN2_VL_MODEL_ID", "QWEN3_VL_MODEL_ID",
+           "manifests"]
