@@ -163,7 +163,7 @@ def dispatched(family: str):
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen3_vl", "gemma3"])
 def test_vtprune_composes_with_accelerate_device_map_hooks(family, method):
     m = dispatched(family)
     assert any(hasattr(mod, "_hf_hook") for mod in m.modules())  # accelerate's hooks are attached
