@@ -13,6 +13,7 @@ import dataclasses
 from collections.abc import Callable
 
 import conftest
+import gemma3_tiny
 import internvl_tiny
 import next_tiny
 import onevision_tiny
@@ -66,6 +67,9 @@ FAMILIES: dict[str, Family] = {
                        qwen_tiny.N_VISUAL),
     "qwen2_5_vl": Family("qwen2_5_vl", lambda attn: _attn(qwen_tiny.tiny_qwen("qwen2_5_vl"), attn), _qwen_batch,
                          qwen_tiny.N_VISUAL),
+    "qwen3_vl": Family("qwen3_vl", lambda attn: _attn(qwen_tiny.tiny_qwen("qwen3_vl"), attn), _qwen_batch,
+                       qwen_tiny.N_VISUAL),
+    "gemma3": Family("gemma3", gemma3_tiny.tiny_gemma3, gemma3_tiny.batch, gemma3_tiny.N),
     "internvl": Family("internvl", lambda attn: internvl_tiny.tiny_internvl(attn), internvl_tiny.batch, internvl_tiny.N),
     "llava_onevision": Family("llava_onevision", lambda attn: onevision_tiny.tiny_onevision(attn), onevision_tiny.batch,
                               onevision_tiny.N),

@@ -1,7 +1,8 @@
-"""Tiny random-weight Qwen2-VL / Qwen2.5-VL models built from the real config classes, and their inputs.
+"""Tiny random-weight Qwen2-VL / Qwen2.5-VL / Qwen3-VL models built from the real config classes, and their
+inputs.
 
 Images are random 32 x 32 px RGB pictures made into pixel values by the real image processor
-(``Qwen2VLImageProcessor``, which both families use) with 4 px patches: 8 x 8 patches (t = 1), merged
+(``Qwen2VLImageProcessor``, which all three families use) with 4 px patches: 8 x 8 patches (t = 1), merged
 2 x 2 into N_VISUAL = 16 LLM tokens; one row of 3 x 2 x 4 x 4 values per patch.
 """
 
@@ -17,6 +18,8 @@ from transformers import (
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessor,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
 )
 
 IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 250, 251, 252, 253
@@ -24,7 +27,8 @@ PATCH, MERGE, TEMPORAL = 4, 2, 2
 GRID = (1, 8, 8)  # (t, h, w) in patches
 N_PATCHES = GRID[0] * GRID[1] * GRID[2]
 N_VISUAL = N_PATCHES // MERGE**2  # 16
-FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+DEEPSTACK = (0, 1, 2)  # Qwen3-VL: the tower blocks whose features are added after LM layers 0, 1, 2
 
 TEXT = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
             max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
@@ -33,15 +37,20 @@ TOKENS = dict(image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_sta
               vision_end_token_id=VISION_END)
 
 
-def tiny_qwen(family: str = "qwen2_vl", layers: int = 6, seed: int = 0):
-    """A tiny ``Qwen2VLForConditionalGeneration`` or ``Qwen2_5_VLForConditionalGeneration`` (SDPA).
+def tiny_qwen(family: str = "qwen2_vl", layers: int = 6, seed: int = 0, patch: int = PATCH):
+    """A tiny ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration`` or
+    ``Qwen3VLForConditionalGeneration`` (SDPA).
 
     Qwen2.5-VL's tower has 3 blocks, only block 1 attending over the whole image (the others over
     windows of 2 x 2 merged tokens: 4 windows per image), so its saliency block is not the last one.
+    Qwen3-VL's tower has 3 blocks, each a DeepStack level (:data:`DEEPSTACK`, as the real model's 3 levels),
+    a 4 x 4 learned position grid (interpolated to each image), and its LM interleaved M-RoPE with sections
+    (4, 2, 2) of the 8 rotary frequencies (the real (24, 20, 20) of 64, scaled down). ``patch``: the ViT's
+    patch size in px (default 4, the inputs of this module; the real models' 14 / 16 for photos).
     """
     torch.manual_seed(seed)
     text = dict(TEXT, num_hidden_layers=layers)
-    common = dict(num_heads=4, patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL)
+    common = dict(num_heads=4, patch_size=patch, spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL)
     if family == "qwen2_vl":
         vision = dict(common, depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2)
         model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text, vision_config=vision, **TOKENS))
@@ -49,6 +58,12 @@ def tiny_qwen(family: str = "qwen2_vl", layers: int = 6, seed: int = 0):
         vision = dict(common, depth=3, hidden_size=32, intermediate_size=64, out_hidden_size=64,
                       window_size=2 * MERGE * PATCH, fullatt_block_indexes=[1])
         model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision, **TOKENS))
+    elif family == "qwen3_vl":
+        text = dict(text, head_dim=16, rope_parameters={"rope_type": "default", "mrope_section": [4, 2, 2],
+                                                        "mrope_interleaved": True, "rope_theta": 10000.0})
+        vision = dict(common, depth=3, hidden_size=32, intermediate_size=64, out_hidden_size=64,
+                      num_position_embeddings=16, deepstack_visual_indexes=list(DEEPSTACK))
+        model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(text_config=text, vision_config=vision, **TOKENS))
     else:
         raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
     model.eval()

@@ -157,13 +157,14 @@ def dispatched(family: str):
     layers = [f"{lm}.layers.{i}" for i in range(len(m.model.language_model.layers))]
     rest = [f"{lm}.{n}" for n, _ in m.model.language_model.named_children() if n != "layers"]
     rest += [f"model.{n}" for n, _ in m.model.named_children() if n != "language_model"] + ["lm_head"]
+    rest += [f"model.{n}" for n, _ in m.model.named_parameters(recurse=False)]  # e.g. NeXT's image_newline
     dispatch_model(m, device_map=dict.fromkeys(layers + rest, "cpu"), force_hooks=True)
     assert all(hasattr(layer, "_hf_hook") for layer in m.model.language_model.layers)
     return m
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_vtprune_composes_with_accelerate_device_map_hooks(family, method):
     m = dispatched(family)
     assert any(hasattr(mod, "_hf_hook") for mod in m.modules())  # accelerate's hooks are attached

@@ -26,13 +26,7 @@ pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (the `lmms` 
 import test_lmms_eval_plugin as plugin_tests  # noqa: E402
 from conftest import WORD_CHAT_TEMPLATE, word_tokenizer  # noqa: E402
 
-from vtprune.lmms_eval_plugin import (  # noqa: E402
-    MODEL_ID,
-    MODEL_IDS,
-    QWEN2_5_VL_MODEL_ID,
-    QWEN2_VL_MODEL_ID,
-    manifests,
-)
+from vtprune.lmms_eval_plugin import MODEL_ID, MODEL_IDS, QWEN2_5_VL_MODEL_ID, QWEN2_VL_MODEL_ID, manifests  # noqa: E402
 from vtprune.lmms_eval_tasks import POPE_LOCAL_TASK  # noqa: E402
 
 env = plugin_tests.env  # the fixtures: working directory + entry point, task manager of the local task
@@ -153,13 +147,16 @@ def qwen_checkpoint(path, family: str):
 
 class _ProcessorWithoutVideo:
     """Stand-in for ``transformers.AutoProcessor`` in lmms-eval's Qwen modules where torchvision is missing:
-    transformers 5 cannot build a Qwen2-VL processor without it (its video processor needs torchvision).
-    Builds the real ``Qwen2VLProcessor`` from the checkpoint's image processor, tokenizer and chat template
-    with no video processor (images only)."""
+    transformers 5 cannot build a Qwen2-VL (or Qwen3-VL: ``processor_class``) processor without it (its video
+    processor needs torchvision). Builds the real processor from the checkpoint's image processor, tokenizer
+    and chat template with no video processor (images only)."""
 
-    @staticmethod
-    def from_pretrained(path, min_pixels=None, max_pixels=None, **kwargs):
-        from transformers import AutoTokenizer, Qwen2VLProcessor
+    processor_class = "Qwen2VLProcessor"
+
+    @classmethod
+    def from_pretrained(cls, path, min_pixels=None, max_pixels=None, **kwargs):
+        import transformers
+        from transformers import AutoTokenizer
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
         from transformers.processing_utils import ProcessorMixin
 
@@ -170,8 +167,9 @@ class _ProcessorWithoutVideo:
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(ProcessorMixin, "check_argument_for_proper_class",
                        lambda self, name, arg: None if name == "video_processor" else check(self, name, arg))
-            return Qwen2VLProcessor(image_processor=images, tokenizer=AutoTokenizer.from_pretrained(path),
-                                    video_processor=None, chat_template=(Path(path) / "chat_template.jinja").read_text())
+            return getattr(transformers, cls.processor_class)(
+                image_processor=images, tokenizer=AutoTokenizer.from_pretrained(path), video_processor=None,
+                chat_template=(Path(path) / "chat_template.jinja").read_text())
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,6 @@
-"""Qwen2-VL and Qwen2.5-VL through the engine (tiny random-weight models of the real classes)."""
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL through the engine (tiny random-weight models of the real classes): what
+the three Qwen-ViT families share (positions, counts, saliency, spans, mixed sizes). Qwen3-VL's own
+(DeepStack, interleaved M-RoPE, 4-row position ids): test_qwen3_vl.py."""
 
 from __future__ import annotations
 
@@ -297,7 +299,8 @@ def test_a_batch_of_mixed_image_sizes_runs_as_groups_and_equals_one_by_one(model
 
 def test_adapter_and_detach(model):
     adapter = adapter_for(model)
-    assert adapter.family == "qwen2_vl" and adapter.image_token_id == IMAGE_TOKEN
+    assert adapter.family == ("qwen3_vl" if "Qwen3" in type(model).__name__ else "qwen2_vl")
+    assert adapter.image_token_id == IMAGE_TOKEN
     assert adapter.decoder_layers == list(model.model.language_model.layers)
     inputs = batch(PROMPTS[:1])
     stock = generate(model, inputs)

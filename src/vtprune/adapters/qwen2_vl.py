@@ -62,7 +62,7 @@ class Qwen2VLAdapter(Adapter):
     attention a patch receives from all patches is the [CLS]-free counterpart.
     """
 
-    model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+    model_classes: tuple[str, ...] = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
     family = "qwen2_vl"
 
     @property

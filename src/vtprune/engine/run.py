@@ -90,7 +90,6 @@ class Run:
         self._call_mask = None  # the attention mask of the decode call in progress
         windows = [w for w in (self.adapter.sliding_window(i) for i in range(self.dims.layers)) if w]
         self._window: int | None = min(windows) if windows else None
-        self._window_checked = False
 
     def _plan_for(self, n_visual: int) -> Plan:
         if n_visual not in self._plans:
@@ -281,7 +280,6 @@ class Run:
         self._generate_ms = None
         self._counted = None
         self._taken = None
-        self._window_checked = False
         assert self._rewrite is not None  # set by attach(), before any hook runs
         self._rewrite.reset()
 
@@ -366,20 +364,22 @@ class Run:
         return args, kwargs
 
     def _check_window(self, layer: int) -> None:
-        """Refuse a sequence that is not the stock one where a sliding-window layer's cache would drop
-        entries (the engine keeps each layer's cache contents in its own bookkeeping)."""
-        if self._window is None or self._window_checked:
+        """Refuse a sequence or cache that is not the stock one where a sliding-window layer's cache would
+        drop entries (the engine keeps each layer's cache contents in its own bookkeeping): every prefill
+        layer's sequence (packed paths are longer than the prompt) plus the new tokens (``max_new_tokens``,
+        or outside ``generate`` those fed so far) must fit in the window. Checked at every layer whose
+        sequence or cache is not the stock one, prefill and decode (a method may evict only while decoding)."""
+        if self._window is None:
             return
         gen, window = self.gen, self._window
-        assert gen is not None  # called from a prefill layer
-        total = gen.prompt_length + (gen.max_new_tokens or 0)
-        if total > window:
+        assert gen is not None  # called from a pruned layer
+        longest, new = max(gen.prompt_length, gen.layout.length), gen.max_new_tokens or gen.step
+        if longest + new > window:
             raise ValueError(
                 f"vtprune: this model's sliding-window layers attend within {window} tokens and keep only the last "
-                f"{window - 1} in their KV cache; a prompt of {gen.prompt_length} tokens plus {gen.max_new_tokens or 0} "
-                f"new tokens under pruning (from layer {layer}) would outgrow it, which vtprune does not support: "
-                "shorten the prompt or max_new_tokens, or use method none")
-        self._window_checked = True
+                f"{window - 1} in their KV cache; a sequence of {longest} tokens (prompt {gen.prompt_length}) plus "
+                f"{new} new tokens under pruning (from layer {layer}, {gen.phase}) would outgrow it, which vtprune "
+                "does not support: shorten the prompt or max_new_tokens, or use method none")
 
     def _record_prefill(self) -> None:
         """Count the current prefill layer's tokens in the ledger: per sample (shared prefix, path-1 tail,
@@ -406,6 +406,7 @@ class Run:
         gen.requests[layer] = self.method.score_request(self._view, self.plan)
         if gen.stock:
             return None
+        self._check_window(layer)
         self._rewrite.decode(gen, layer, kwargs)
         return args, kwargs
 
