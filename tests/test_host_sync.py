@@ -1,16 +1,8 @@
-"""No host-device synchronisation from vtprune in the decode loop (speed issue).
-
-A host sync is anything that makes the host wait for the device: reading a value (``.item()``,
-``int(t)``, ``if t:``), an op whose output size depends on the data (``nonzero``, boolean-mask indexing,
-``unique``, ``repeat_interleave`` with tensor repeats), a copy to the host, or a copy from host memory to
-the device (PyTorch waits for it unless ``non_blocking``). The tests run on CPU, where nothing waits, so
-:class:`SyncDetector` records what would sync on a GPU, with the Python stack of each, and :func:`owner`
-attributes an event to vtprune when vtprune's code made the call. transformers' own syncs (the stopping
-criteria of ``generate``, once per step; its SDPA mask check with padding) are not ours.
-
-Only the decode phase must be free of them. Prefill syncs are allowed: they happen once per generation
-(finding the visual tokens and the padding, ParVTS's packing, the ledger's per-layer counts), not once
-per generated token; the tests print their prefill counts (``pytest -s``).
+"""No host-device synchronisation from vtprune in the decode loop (speed issue), checked with the detector of
+``sync_detector.py`` (what counts as a sync, and whose it is). Only the decode phase must be free of them;
+prefill syncs happen once per generation and are printed (``pytest -s``). The conformance matrix checks
+the padded batch of every family; here: the detector itself, the unpadded case, option variants, hand-written
+decode loops and mixed-size groups.
 """
 
 from __future__ import annotations
