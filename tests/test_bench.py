@@ -151,7 +151,7 @@ def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     argv = ["bench", "--arch", "tiny", "--methods", "none,fastv,st3,parvts", "--budgets", "4",
             "--prompt-tokens", "12", "--new-tokens", "3", "--batch", "2", "--repeats", "2", "--warmup", "1",
-            "--matmul-size", "128", "--copy-mb", "4", "--out", str(out)]
+            "--matmul-size", "128", "--copy-mb", "4", "--dtype", "float32", "--out", str(out)]
     code = cli.main(argv)
     assert code == 0
     files = {p.suffix: p for p in out.iterdir()}
