@@ -2,9 +2,9 @@
 
 * :func:`names_object`: whether an answer to "What is in the image?" names an ImageNet class: its label
   or one of its WordNet 3.0 lemmas (synonyms, e.g. "tabby cat" for "tabby") occurs in the normalised
-  answer as whole words (:func:`vtprune.eval.scoring.normalize_answer`).
+  answer as whole words (:func:`vtprune.eval.answers.normalize_answer`).
 * :func:`caption_for`: the caption the bundled model is taught for "Describe the image." on a scene
-  (:mod:`vtprune.eval.scenes`), from the scene's ``meta``: "A tabby on a blue striped background, with a
+  (:mod:`vtprune.eval.datasets.scenes`), from the scene's ``meta``: "A tabby on a blue striped background, with a
   small red circle and a small green square at the edges."
 * :func:`score_caption`: a caption's three fields against the scene's ``meta`` (the generator's truth):
   ``subject`` (the subject's label or a synonym is named), ``background`` (the colour of a coloured
@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from vtprune.eval.scoring import normalize_answer
+from vtprune.eval.answers import normalize_answer
 
 TEXTURE_WORDS = {"flat": "", "stripes": " striped", "checkerboard": " checkered", "noise": " speckled"}
 CAPTION_FIELDS = ("subject", "background", "shapes")
