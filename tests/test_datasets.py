@@ -364,3 +364,36 @@ def test_sample_load_image_in_memory_and_from_disk(tmp_path):
     for img in (im, str(tmp_path / "a.png")):
         out = Sample("a", img, "q", "a", "k").load_image()
         assert out.mode == "RGB" and out.size == (5, 4) and out.getpixel((0, 0)) == (7, 7, 7)
+
+
+def test_imagenet_naming_asks_the_held_out_photos_and_scores_names():
+    from vtprune.eval.answers import score
+
+    samples = load_dataset("imagenet-naming", "test", limit=5)
+    held_out = ds.imagenet_split(ds.default_data_root(), "test")
+    assert [s.meta["file"] for s in samples] == [r["file"] for r in held_out[:5]]
+    assert len(load_dataset("imagenet-naming", "test")) == 200
+    s = samples[0]
+    assert s.question == "What is in the image?" and s.kind == "naming" and s.answer == s.meta["label"]
+    assert score(f"It is a {s.meta['label']}.", s) == (True, None)
+    assert score("a spaceship", s)[0] is False
+
+
+def test_scene_captions_reference_scores_every_field_and_a_wrong_one_does_not():
+    from vtprune.eval.answers import score
+
+    samples = load_dataset("scene-captions", "test", limit=4)
+    assert [s.id for s in samples] == [f"scene-captions/test/{i}" for i in range(4)]
+    for s in samples:
+        correct, fields = score(s.answer, s)
+        assert correct and fields == {"subject": True, "background": True, "shapes": True}, s.answer
+    wrong = score("A spaceship on a purple background, with no shapes at the edges.", samples[0])
+    assert wrong[0] is False and not wrong[1]["subject"]
+
+
+def test_scene_what_questions_accept_a_synonym_of_the_subject():
+    from vtprune.eval.answers import score
+
+    what = [s for s in load_dataset("scenes", "test", limit=60) if s.meta["qtype"] == "what"]
+    assert what and all(s.meta["scorer"] == "names" for s in what)
+    assert score(f"a {what[0].meta['label']}", what[0])[0]

@@ -174,3 +174,15 @@ def test_tables_carry_intervals_and_compare_pairs():
     assert "[" in tables.markdown(summary)
     c = tables.compare(rows, ("none", "all"), ("fastv", "25%"), "d")
     assert c["n"] == 20 and c["difference"] == 0.5 and c["only_a"] == 10 and c["p_mcnemar"] < 0.01
+
+
+def test_caption_fields_are_kinds_of_their_own_in_the_tables():
+    base = {"data": "scene-captions", "kind": "caption", "method": "none", "budget": "all", "prediction": "x",
+            "equivalent_budget": 196.0, "visual_tokens": 196, "relative_flops": 1.0, "relative_kv": 1.0}
+    records = [dict(base, id="0", correct=False, fields={"subject": True, "background": False, "shapes": True}),
+               dict(base, id="1", correct=True, fields={"subject": True, "background": True, "shapes": True})]
+    rows = {r["kind"]: r for r in tables.summarize(records)}
+    assert rows["caption"]["accuracy"] == 0.5 and rows["caption"]["n"] == 2
+    assert rows["caption:subject"]["accuracy"] == 1.0 and rows["caption:background"]["accuracy"] == 0.5
+    assert rows["caption:fields"]["n"] == 6 and rows["caption:fields"]["accuracy"] == 5 / 6
+    assert rows["all"]["n"] == 2  # a record counts once in "all"

@@ -43,7 +43,8 @@ def add_parser(sub) -> None:
     add_model_arguments(e)
     e.add_argument("--limit", type=int, default=None, help="first N samples of each data set")
     e.add_argument("--batch", type=int, default=8, help="samples per generate call (default 8)")
-    e.add_argument("--max-new-tokens", type=int, default=8, help="greedy tokens per answer (default 8)")
+    e.add_argument("--max-new-tokens", type=int, default=None,
+                   help="greedy tokens per answer (default: each data set's own: 8 for short answers, 40 for captions)")
     e.add_argument("--seed", type=int, default=0, help="seed of the data sets' random choices (default 0)")
     e.add_argument("--out", default=None, help="output folder (default eval-results/<data>-<model>/)")
     e.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")

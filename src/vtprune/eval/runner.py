@@ -74,8 +74,11 @@ def read_records(path: str | Path) -> list[dict]:
     return out
 
 
+DEFAULT_NEW_TOKENS = 8  # greedy tokens per short answer, where a data set names no length of its own
+
+
 def run_eval(model, processor, samples_by_data: dict[str, list], conds: list[Condition], results: str | Path,
-             batch_size: int = 8, max_new_tokens: int = 8, progress: bool = True,
+             batch_size: int = 8, max_new_tokens: int | None = None, progress: bool = True,
              log: Callable[[str], None] = print) -> list[dict]:
     """Answer every sample under every condition and append one record per answer to ``results``.
 
@@ -86,7 +89,8 @@ def run_eval(model, processor, samples_by_data: dict[str, list], conds: list[Con
         results: the JSONL file; records already there are skipped (resume).
         batch_size: samples per ``generate`` call (left-padded; a LLaVA-NeXT / Qwen batch of mixed
             image sizes runs as groups of alike samples, :mod:`vtprune.engine.groups`).
-        max_new_tokens: greedy tokens per answer; the answer is the first line of the decoded text.
+        max_new_tokens: greedy tokens per answer (default: each data set's own, ``DatasetEntry.max_new_tokens``:
+            8 for short answers, more for captions); the answer is the first line of the decoded text.
 
     Returns:
         Every record in ``results`` after the run (old and new).
@@ -95,7 +99,8 @@ def run_eval(model, processor, samples_by_data: dict[str, list], conds: list[Con
         ValueError / TypeError: a method option out of range for this model (before any generation of
             that condition), images of different token counts in one prompt.
     """
-    from vtprune.eval.answers import is_correct
+    from vtprune.eval.answers import score
+    from vtprune.eval.datasets import DATASETS
     from vtprune.inputs import build_batch
 
     results = Path(results)
@@ -110,16 +115,19 @@ def run_eval(model, processor, samples_by_data: dict[str, list], conds: list[Con
         for data, cond, chunk in _chunks(todo, batch_size):
             images = [s.load_image() for s in chunk]
             inputs = build_batch(processor, images, [s.question for s in chunk], device=model.device, dtype=model.dtype)
+            new = max_new_tokens if max_new_tokens is not None else (
+                DATASETS[data].max_new_tokens if data in DATASETS else DEFAULT_NEW_TOKENS)
             with apply(model, cond.name, **dict(cond.options)) as run:
-                generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+                generated = model.generate(**inputs, max_new_tokens=new, do_sample=False)
             texts = processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
             report = run.report()
             for i, (sample, text) in enumerate(zip(chunk, texts, strict=True)):
                 prediction = text.strip().split("\n")[0].strip()
+                correct, fields = score(prediction, sample)
                 record = {"data": data, "id": str(sample.id), "kind": sample.kind, "method": cond.method,
                           "budget": cond.budget, "options": report["options"], "question": sample.question,
-                          "answer": sample.answer, "prediction": prediction,
-                          "correct": bool(is_correct(prediction, sample)), **_accounting(report["samples"][i])}
+                          "answer": sample.answer, "prediction": prediction, "correct": correct,
+                          **({"fields": fields} if fields is not None else {}), **_accounting(report["samples"][i])}
                 out.write(json.dumps(record) + "\n")
             out.flush()
             bar.update(len(chunk))

@@ -34,6 +34,9 @@ def summarize(records: list[dict]) -> list[dict]:
     for r in records:
         for kind in ("all", r["kind"]):
             groups[(r["data"], kind, r["method"], r["budget"])].append(r)
+        for field, ok in (r.get("fields") or {}).items():  # a caption's fields, each as a kind of its own
+            for kind in (f"{r['kind']}:{field}", f"{r['kind']}:fields"):
+                groups[(r["data"], kind, r["method"], r["budget"])].append(dict(r, correct=ok, field=field))
     rows = []
     for (data, kind, method, budget), rs in groups.items():
         agree = [normalize_answer(r["prediction"]) == reference[(r["data"], r["id"])] for r in rs

@@ -14,6 +14,10 @@ image folders, nothing from a hub. :func:`load_dataset` builds one:
 ``scenes``         Synthetic subject / background scenes made from real photos
                    (:mod:`~vtprune.eval.datasets.scenes`); splits ``test`` (200 scenes on the held-out
                    subjects: 1508 questions with seed 0) and ``train`` (800 scenes, 6074 questions).
+``imagenet-naming`` "What is in the image?" on the held-out ImageNet photos (200), an open answer that
+                   must name the object (label or WordNet synonym) (:mod:`~vtprune.eval.datasets.imagenet_naming`).
+``scene-captions`` "Describe the image." on the scenes (200 test scenes), scored per field: subject,
+                   background, shapes (:mod:`~vtprune.eval.datasets.scene_captions`).
 =================  =====================================================================================
 
 Order and ``limit``: every set has one canonical, seeded order that interleaves its kinds (POPE: row i of
@@ -22,7 +26,14 @@ questions), so a prefix (``limit``) keeps the kinds and yes/no answers roughly b
 shares (samples, the data root, the ImageNet split, JSONL) is in :mod:`~vtprune.eval.datasets.base`.
 """
 
-from vtprune.eval.datasets import easy_vqa, imagenet_pope, pope_coco, scenes  # noqa: F401  (registers them)
+from vtprune.eval.datasets import (  # noqa: F401  (registers them)
+    easy_vqa,
+    imagenet_naming,
+    imagenet_pope,
+    pope_coco,
+    scene_captions,
+    scenes,
+)
 from vtprune.eval.datasets.base import (
     POPE_FILES,
     Sample,

@@ -15,18 +15,20 @@ Builder = Callable[[str, "int | None", Path, int], list[Sample]]
 @dataclasses.dataclass(frozen=True)
 class DatasetEntry:
     """A registered set: its builder ``(split, limit, root, seed) -> samples`` (may stop early at
-    ``limit``) and the splits it has."""
+    ``limit``), the splits it has, and the greedy tokens its answers need (``max_new_tokens``)."""
 
     build: Builder
     splits: tuple[str, ...]
+    max_new_tokens: int = 8
 
 
 DATASETS: dict[str, DatasetEntry] = {}
 """Name -> :class:`DatasetEntry`, in registration order."""
 
 
-def register_dataset(name: str, splits: tuple[str, ...] = ("test",)) -> Callable[[Builder], Builder]:
-    """Decorator: register ``builder(split, limit, root, seed) -> list[Sample]`` as data set ``name``.
+def register_dataset(name: str, splits: tuple[str, ...] = ("test",), max_new_tokens: int = 8) -> Callable[[Builder], Builder]:
+    """Decorator: register ``builder(split, limit, root, seed) -> list[Sample]`` as data set ``name``, whose
+    answers need ``max_new_tokens`` greedy tokens (8: a word or yes / no).
 
     Raises:
         ValueError: ``name`` is registered already by another builder.
@@ -34,7 +36,7 @@ def register_dataset(name: str, splits: tuple[str, ...] = ("test",)) -> Callable
     def add(builder: Builder) -> Builder:
         if name in DATASETS and DATASETS[name].build is not builder:
             raise ValueError(f"data set {name!r} is registered already")
-        DATASETS[name] = DatasetEntry(builder, tuple(splits))
+        DATASETS[name] = DatasetEntry(builder, tuple(splits), max_new_tokens)
         return builder
     return add
 
