@@ -1,0 +1,130 @@
+#!/usr/bin/env python
+"""The seeds' claims, read off a ``vtprune eval`` results file: paired tests on the same questions.
+
+1. ParVTS keeps what saliency-only selection loses: ``parvts`` against ``parvts:fusion=fixed:alpha=1``
+   (the non-subject path disabled) and ``visionzip:contextual=0`` (dominant tokens only) at the same budget,
+   on the scenes' background and periphery questions (and all scene questions): accuracy difference with
+   its 95 % bootstrap interval and McNemar's exact p-value.
+2. ParVTS @ 12.5 % and ST³ with its defaults as % of the unpruned accuracy, against FastV / random / pool
+   at (nearly) equal equivalent budget (the ``@matched`` conditions of the run, if any, else every budget).
+3. ST³'s annealing on long answers: scene-caption field accuracy with VTA off (``anneal=none``) and on
+   (``anneal_every`` 1 / 4 / 8), each against the unpruned captions and against VTA off.
+
+Usage: ``python scripts/accuracy_claims.py OUT`` (the folder of ``vtprune eval --out OUT``); writes
+``OUT/claims.md`` and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from vtprune.eval.runner import REFERENCE, read_records
+from vtprune.eval.stats import wilson
+from vtprune.eval.tables import compare, summarize
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def diff_row(c: dict) -> str:
+    return (f"| {c['a'][0]}@{c['a'][1]} | {c['b'][0]}@{c['b'][1]} | {', '.join(c['kinds']) if c['kinds'] else 'all'} | "
+            f"{c['n']} | {pct(c['accuracy_a'])} | {pct(c['accuracy_b'])} | {100 * c['difference']:+.1f} "
+            f"[{100 * c['low']:+.1f}, {100 * c['high']:+.1f}] | {c['only_a']} / {c['only_b']} | {c['p_mcnemar']:.3g} |")
+
+
+DIFF_HEADER = ["| A | B | kinds | n | acc A % | acc B % | A - B (pp) [95 % CI] | only A / only B right | McNemar p |",
+               "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+
+
+def _paired(records: list[dict], a: tuple[str, str], b: tuple[str, str], data: str) -> str:
+    c = compare(records, a, b, data)
+    return (f"{100 * c['difference']:+.1f} pp [{100 * c['low']:+.1f}, {100 * c['high']:+.1f}], "
+            f"McNemar p {c['p_mcnemar']:.3g} | ")
+
+
+def conditions(records: list[dict], data: str) -> set[tuple[str, str]]:
+    return {(r["method"], r["budget"]) for r in records if r["data"] == data}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("out", help="the folder of a vtprune eval run (holds results.jsonl)")
+    p.add_argument("--budget", default="12.5%", help="the budget of claims 1 and 2 (default 12.5%%)")
+    args = p.parse_args()
+    out = Path(args.out)
+    records = read_records(out / "results.jsonl")
+    if not records:
+        raise SystemExit(f"no records in {out / 'results.jsonl'}")
+    lines = [f"# The seeds' claims on `{out}` ({len(records)} answers)", ""]
+
+    # 1. ParVTS vs saliency-only selection at the same budget, on the scenes
+    lines += ["## 1. ParVTS against saliency-only selection at the same budget (scenes)", ""] + DIFF_HEADER
+    have = conditions(records, "scenes")
+    for other in ("parvts:fusion=fixed:alpha=1", "visionzip:contextual=0"):
+        for budget in (args.budget, "25%", "6.25%"):
+            if ("parvts", budget) in have and (other, budget) in have:
+                for kinds in ({"background"}, {"periphery"}, None):
+                    lines.append(diff_row(compare(records, ("parvts", budget), (other, budget), "scenes", kinds)))
+    lines.append("")
+
+    # 2. ParVTS @ budget and ST3 defaults as % of unpruned, against FastV / random / pool at the closest
+    #    equivalent budget the run has (run them at matched budgets, e.g. fastv@31 for ParVTS @ 12.5 %)
+    rows = [r for r in summarize(records) if r["kind"] == "all"]
+    lines += ["## 2. Accuracy as % of unpruned at (nearly) equal equivalent budget", "",
+              "| data | anchor | method | budget | equiv. budget (% of N_v) | n | accuracy % [95 % CI] | % of unpruned |",
+              "|---|---|---|---|---:|---:|---:|---:|"]
+    for data in sorted({r["data"] for r in rows}):
+        mine = [r for r in rows if r["data"] == data]
+        ref = next((r for r in mine if (r["method"], r["budget"]) == REFERENCE), None)
+        if ref is None or not ref["accuracy"]:
+            continue
+        for anchor in (("parvts", args.budget), ("st3", "default")):
+            a = next((r for r in mine if (r["method"], r["budget"]) == anchor), None)
+            if a is None:
+                continue
+            picks = [a]
+            for method in ("fastv", "random", "pool"):
+                cands = [r for r in mine if r["method"] == method]
+                if cands:
+                    picks.append(min(cands, key=lambda r: abs(r["equivalent_budget_pct"] - a["equivalent_budget_pct"])))
+            for r in picks:
+                lines.append(f"| {data} | {anchor[0]}@{anchor[1]} | {r['method']} | {r['budget']} | "
+                             f"{r['equivalent_budget_pct']:.1f} | {r['n']} | {pct(r['accuracy'])} "
+                             f"[{pct(r['accuracy_low'])}, {pct(r['accuracy_high'])}] | "
+                             f"{100 * r['accuracy'] / ref['accuracy']:.1f} |")
+            for r in picks[1:]:
+                lines.append(f"|  |  | paired: {a['method']}@{a['budget']} - {r['method']}@{r['budget']} | | | | "
+                             + _paired(records, (a["method"], a["budget"]), (r["method"], r["budget"]), data) + " |")
+    lines.append("")
+
+    # 3. ST3's annealing on long answers
+    caps = [r for r in records if r["data"] == "scene-captions"]
+    if caps:
+        lines += ["## 3. ST³'s visual-token annealing on scene captions (field accuracy)", "",
+                  "| condition | captions | fields right % [95 % CI] | subject % | background % | shapes % | KV % of unpruned |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for cond in sorted({(r["method"], r["budget"]) for r in caps}, key=lambda c: (c != REFERENCE, c)):
+            rs = [r for r in caps if (r["method"], r["budget"]) == cond]
+            fields = [ok for r in rs for ok in r.get("fields", {}).values()]
+            lo, hi = wilson(sum(fields), len(fields))
+            per = {f: sum(r["fields"][f] for r in rs) / len(rs) for f in ("subject", "background", "shapes")}
+            kv = sum(r["relative_kv"] for r in rs) / len(rs)
+            lines.append(f"| {cond[0]}@{cond[1]} | {len(rs)} | {pct(sum(fields) / len(fields))} [{pct(lo)}, {pct(hi)}] | "
+                         f"{pct(per['subject'])} | {pct(per['background'])} | {pct(per['shapes'])} | {pct(kv)} |")
+        lines += ["", "Paired, on the same scenes (a caption right = every field right):", ""] + DIFF_HEADER
+        st3 = sorted({c for c in {(r["method"], r["budget"]) for r in caps} if c[0].startswith("st3")})
+        off = next((c for c in st3 if "anneal=none" in c[0]), None)
+        for cond in st3:
+            lines.append(diff_row(compare(records, cond, REFERENCE, "scene-captions")))
+            if off is not None and cond != off:
+                lines.append(diff_row(compare(records, cond, off, "scene-captions")))
+        lines.append("")
+    text = "\n".join(line for line in lines if line is not None) + "\n"
+    (out / "claims.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
