@@ -81,7 +81,7 @@ def test_held_out_split_is_the_bundled_projectors():
 
 
 def test_unknown_set_split_and_limit_are_clear_errors(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown data set 'coco'; available: easy-vqa, imagenet-pope, pope-coco, scenes"):
+    with pytest.raises(ValueError, match=r"unknown data set 'coco'; available: easy-vqa, imagenet-naming, imagenet-pope, pope-coco, scene-captions, scenes"):
         load_dataset("coco", root=tmp_path)
     with pytest.raises(ValueError, match=r"'pope-coco' has no split 'train'; available: test"):
         load_dataset("pope-coco", split="train", root=tmp_path)

@@ -60,7 +60,7 @@ def test_summarize_accuracy_agreement_and_kinds():
     first = tables.summarize(recs)[0]
     assert (first["kind"], first["method"]) == ("all", "none")
     md = tables.markdown(tables.summarize(recs))
-    assert "| all | pool | 25% | 2 | 100.0 | 50.0 | 49.0 (25.0 %) | 50.0 | 50.0 |" in md
+    assert "| all | pool | 25% | 2 | 100.0 [34.2, 100.0] | 50.0 | 49.0 (25.0 %) | 50.0 | 50.0 |" in md
 
 
 def test_read_records_ignores_a_truncated_last_line(tmp_path):
