@@ -96,6 +96,17 @@ class NounHierarchy:
         """First lemma of the synset, underscores as spaces (e.g. ``"toy dog"``). KeyError if unknown."""
         return self._parse(wnid)[0]
 
+    def lemmas(self, wnid: str) -> tuple[str, ...]:
+        """Every lemma of the synset in file order, underscores as spaces, WordNet's adjective markers
+        such as ``(a)`` dropped (e.g. ``("tabby", "tabby cat")`` for ``n02123045``): the synonyms a named
+        object may be answered with. KeyError if unknown."""
+        line = self._lines.get(_offset(wnid))
+        if line is None:
+            raise KeyError(f"{wnid!r} is not a WordNet 3.0 noun synset id")
+        f = line.split(b"|")[0].split()
+        words = f[4 : 4 + 2 * int(f[3], 16) : 2]
+        return tuple(w.decode().split("(")[0].replace("_", " ") for w in words)
+
     def hypernyms(self, wnid: str) -> tuple[str, ...]:
         """Direct hypernym ids (``@`` and ``@i`` pointers), in file order. KeyError if unknown."""
         return self._parse(wnid)[1]
