@@ -41,7 +41,7 @@ needs_easy_vqa = pytest.mark.skipif(importlib.util.find_spec("easy_vqa") is None
 
 
 def _old_split(files, seed=0, frac=0.8):
-    """scripts/train_projector.py's split before it moved into the library (kept here verbatim)."""
+    """The projector script's split before it moved into the library (kept here verbatim)."""
     order = sorted(range(len(files)), key=lambda i: files[i])
     random.Random(seed).shuffle(order)
     n = int(round(frac * len(files)))
@@ -61,20 +61,20 @@ def test_split_equals_the_scripts_previous_split():
         split_imagenet(files, 0, frac=1.5)
 
 
-def test_train_projector_imports_the_split_from_the_library():
-    tree = ast.parse((REPO / "scripts" / "train_projector.py").read_text())
+def test_the_recipe_imports_the_split_from_the_library():
+    tree = ast.parse((REPO / "scripts" / "train_default_model.py").read_text())
     assert not [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "split_imagenet"]
     imports = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "vtprune.eval.datasets"]
-    assert any(a.name == "split_imagenet" for n in imports for a in n.names)
+    assert any(a.name in ("split_imagenet", "imagenet_split") for n in imports for a in n.names)
 
 
 @needs_data
-def test_held_out_split_is_the_bundled_projectors():
+def test_held_out_split_is_the_bundled_models():
     rows = ds.imagenet_rows(DATA)
     files = [r["file"] for r in rows]
     tr, ho = _old_split(files, 0)
     assert split_imagenet(files, 0) == (tr, ho) and (len(tr), len(ho)) == (800, 200)
-    record = json.loads((REPO / "src" / "vtprune" / "models" / "projector" / "record.json").read_text())
+    record = json.loads((REPO / "src" / "vtprune" / "models" / "weights" / "record.json").read_text())
     assert [files[i] for i in ho] == record["data"]["imagenet_split"]["heldout_files"]
     assert [r["file"] for r in ds.imagenet_split(DATA, "test")] == [files[i] for i in ho]
     assert [r["file"] for r in ds.imagenet_split(DATA, "train")] == [files[i] for i in tr]

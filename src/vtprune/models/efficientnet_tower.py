@@ -28,6 +28,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 __all__ = [
     "EfficientNetLiteTowerConfig",
     "EfficientNetLiteTower",
+    "assemble_tokens",
     "class_activation_saliency",
     "class_posterior",
     "efficientnet_lite0_weights_path",
@@ -88,9 +89,20 @@ class EfficientNetLiteTowerConfig(PreTrainedConfig):
         posterior_temperature: softmax temperature of that posterior (logit units).
         posterior_local_weight: weight of the token's own class logits against the image's
             (global-average-pooled) logits in that posterior.
+        finer_feature_block: index into ``backbone._blocks`` whose output (a finer, earlier feature
+            map) is average-pooled to the token grid and appended to each token (-1: off). Block 10
+            is the last of stage 5: 112 channels at stride 16 (28 x 28 at 448 px), pooled 2 x 2.
+        finer_feature_size: channels of that block's output (112 for block 10 of Lite0).
+        patch_color_grid: ``g > 0`` appends each token's colour thumbnail: the mean of the input
+            ``pixel_values`` (mean = std = 0.5 normalised, so in [-1, 1]) over a ``g x g`` grid of
+            ``patch_size / g`` px cells, ``3 * g * g`` channels ordered (colour channel, row, column);
+            0: off.
+
+    Channel order of a token: features, then posterior, then finer features, then colour thumbnail.
 
     Raises:
-        ValueError: if ``hidden_size`` disagrees with the other options.
+        ValueError: if ``hidden_size`` disagrees with the other options, or ``patch_color_grid`` does
+            not divide ``patch_size``.
     """
 
     model_type = "efficientnet_lite_tower"
@@ -107,14 +119,24 @@ class EfficientNetLiteTowerConfig(PreTrainedConfig):
         class_posterior_tokens: bool = False,
         posterior_temperature: float = 0.1,
         posterior_local_weight: float = 0.5,
+        finer_feature_block: int = -1,
+        finer_feature_size: int = 112,
+        patch_color_grid: int = 0,
         **kwargs,
     ):
-        width = feature_size + (num_classes if class_posterior_tokens else 0)
+        if patch_color_grid < 0 or (patch_color_grid and patch_size % patch_color_grid):
+            raise ValueError(f"patch_color_grid must be 0 or divide patch_size={patch_size}, got {patch_color_grid}")
+        width = (feature_size + (num_classes if class_posterior_tokens else 0)
+                 + (finer_feature_size if finer_feature_block >= 0 else 0) + 3 * patch_color_grid**2)
         if hidden_size is not None and hidden_size != width:
-            raise ValueError(f"hidden_size={hidden_size} but feature_size={feature_size} and "
-                             f"class_posterior_tokens={class_posterior_tokens} give token width {width}")
+            raise ValueError(f"hidden_size={hidden_size} but feature_size={feature_size}, "
+                             f"class_posterior_tokens={class_posterior_tokens}, finer_feature_block="
+                             f"{finer_feature_block} and patch_color_grid={patch_color_grid} give token width {width}")
         if posterior_temperature <= 0:
             raise ValueError(f"posterior_temperature must be > 0, got {posterior_temperature}")
+        self.finer_feature_block = finer_feature_block
+        self.finer_feature_size = finer_feature_size
+        self.patch_color_grid = patch_color_grid
         self.model_name = model_name
         self.image_size = image_size
         self.hidden_size = width
@@ -136,7 +158,9 @@ class EfficientNetLiteTower(PreTrainedModel):
 
     * ``last_hidden_state``: ``[B, 196, 1280]`` final feature map tokens (row-major, 14x14); with
       ``config.class_posterior_tokens`` each token is followed by its class posterior
-      (:func:`class_posterior`): ``[B, 196, 1280 + 1000]``;
+      (:func:`class_posterior`): ``[B, 196, 1280 + 1000]``; then, if configured, the finer feature
+      map pooled to the grid (``finer_feature_block``, 112 channels) and the token's colour thumbnail
+      (``patch_color_grid`` g: 3 g^2 channels), see :func:`extra_token_channels`;
     * ``hidden_states``: ``(stem_and_blocks_out_tokens, last_hidden_state)``; entry ``-1`` is what
       Llava (``vision_feature_layer=-1``, strategy ``"full"``) projects;
     * ``pooler_output``: ``[B, 1280]`` mean of the feature-map tokens (the CNN's global average pooling).
@@ -203,28 +227,88 @@ class EfficientNetLiteTower(PreTrainedModel):
         Returns:
             ``BaseModelOutputWithPooling`` (see class docstring); token width ``config.hidden_size``.
         """
-        bb = self.backbone
-        x = pixel_values.to(dtype=bb._conv_stem.weight.dtype)
-        x = bb._swish(bb._bn0(bb._conv_stem(x)))
-        for block in bb._blocks:
-            x = block(x, drop_connect_rate=None)
-        blocks_out = x
-        x = bb._swish(bb._bn1(bb._conv_head(x)))
-        tokens = x.flatten(2).transpose(1, 2)  # [B, H*W, 1280], row-major
+        feats, blocks_out, finer, color = self.feature_maps(pixel_values)
+        tokens = feats.flatten(2).transpose(1, 2)  # [B, H*W, 1280], row-major
         block_tokens = blocks_out.flatten(2).transpose(1, 2)
         pooled = tokens.mean(dim=1)
-        if self.config.class_posterior_tokens:
-            post = class_posterior(self, tokens)
-            tokens = torch.cat([tokens, post.to(tokens.dtype)], dim=-1)
+        tokens = assemble_tokens(self, tokens, finer, color)
         return BaseModelOutputWithPooling(
             last_hidden_state=tokens,
             pooler_output=pooled,
             hidden_states=(block_tokens, tokens),
         )
 
+    def feature_maps(self, pixel_values: torch.Tensor):
+        """The tower's maps before they become tokens.
+
+        Args:
+            pixel_values: ``[B, 3, H, W]`` in [-1, 1] (448 px: a 14 x 14 grid).
+
+        Returns:
+            ``(features [B, 1280, h, w], blocks_out [B, 320, h, w], finer [B, 112, h, w] or None,
+            color [B, 3 g^2, h, w] or None)`` with ``h = H / 32``: the final feature map, the last
+            block's output (before the head conv), the finer block's output average-pooled to the
+            grid (``config.finer_feature_block``) and the per-token colour thumbnail
+            (``config.patch_color_grid``); dtype of the tower's weights.
+        """
+        bb = self.backbone
+        cfg = self.config
+        x = pixel_values.to(dtype=bb._conv_stem.weight.dtype)
+        h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        color = None
+        if cfg.patch_color_grid:
+            g = cfg.patch_color_grid
+            cells = torch.nn.functional.avg_pool2d(x, self.patch_size // g)  # [B, 3, h g, w g]
+            b = cells.shape[0]
+            color = cells.view(b, 3, h, g, w, g).permute(0, 1, 3, 5, 2, 4).reshape(b, 3 * g * g, h, w)
+        x = bb._swish(bb._bn0(bb._conv_stem(x)))
+        finer = None
+        for i, block in enumerate(bb._blocks):
+            x = block(x, drop_connect_rate=None)
+            if i == cfg.finer_feature_block:
+                finer = torch.nn.functional.adaptive_avg_pool2d(x, (h, w))
+        blocks_out = x
+        x = bb._swish(bb._bn1(bb._conv_head(x)))
+        return x, blocks_out, finer, color
+
     def class_activation_saliency(self, features: torch.Tensor) -> torch.Tensor:
         """Per-token CAM saliency of the top-1 ImageNet class; see :func:`class_activation_saliency`."""
         return class_activation_saliency(self, features)
+
+
+def assemble_tokens(tower: EfficientNetLiteTower, features: torch.Tensor, finer: torch.Tensor | None = None,
+                    color: torch.Tensor | None = None) -> torch.Tensor:
+    """The tower's output tokens from its maps, in the configured channel order.
+
+    Args:
+        tower: supplies the config and the classifier head (for the posterior).
+        features: ``[B, N, 1280]`` final feature-map tokens.
+        finer, color: ``[B, N, C]`` tokens or ``[B, C, h, w]`` maps (``h * w = N``) of the finer features
+            and the colour thumbnail; required when the config enables them, ignored otherwise.
+
+    Returns:
+        ``[B, N, config.hidden_size]`` in ``features``' dtype: features, posterior
+        (:func:`class_posterior`), finer features, colour thumbnail.
+
+    Raises:
+        ValueError: a configured part is missing.
+
+    Used by the forward and, on precomputed maps, by the training recipe (``scripts/train_default_model.py``),
+    so both build tokens identically.
+    """
+    cfg = tower.config
+    parts = [features]
+    if cfg.class_posterior_tokens:
+        parts.append(class_posterior(tower, features).to(features.dtype))
+    for name, part, on in (("finer", finer, cfg.finer_feature_block >= 0), ("color", color, cfg.patch_color_grid > 0)):
+        if not on:
+            continue
+        if part is None:
+            raise ValueError(f"the tower config enables the {name} channels but none were given")
+        if part.dim() == 4:
+            part = part.flatten(2).transpose(1, 2)
+        parts.append(part.to(device=features.device, dtype=features.dtype))
+    return torch.cat(parts, dim=-1) if len(parts) > 1 else features
 
 
 def class_posterior(tower: EfficientNetLiteTower, features: torch.Tensor) -> torch.Tensor:
@@ -238,7 +322,7 @@ def class_posterior(tower: EfficientNetLiteTower, features: torch.Tensor) -> tor
     Reconstructed (our design for the bundled model): the frozen 135M language model cannot be taught
     ImageNet's 1000 names from 800 photos through the projector alone (held-out classes stayed at
     chance), whereas the classifier head already names all 1000 classes; the projector maps this
-    posterior to word embeddings (see ``scripts/train_projector.py``).
+    posterior to word embeddings (see ``scripts/train_default_model.py``).
 
     Args:
         tower: the tower whose classifier head ``backbone._fc`` and config options are used.
@@ -271,8 +355,8 @@ def class_activation_saliency(tower: EfficientNetLiteTower, features: torch.Tens
     Args:
         tower: the :class:`EfficientNetLiteTower` (its classifier head is used).
         features: ``[B, N, 1280]`` token features from the tower's forward (``hidden_states[-1]``,
-            N = 196 at 448 px; with ``class_posterior_tokens`` the appended posterior channels are
-            ignored); any float dtype/device.
+            N = 196 at 448 px), or the full tower tokens ``[B, N, config.hidden_size]`` whose channels
+            after the first 1280 (posterior, finer features, colour) are ignored; any float dtype/device.
 
     Returns:
         ``[B, N]`` float32 saliency on ``features.device`` (higher = more evidence for the top-1 class).
@@ -281,9 +365,10 @@ def class_activation_saliency(tower: EfficientNetLiteTower, features: torch.Tens
         ValueError: if ``features`` is not 3-D with last dim equal to the head's input width.
     """
     fc = tower.backbone._fc
-    if features.dim() != 3 or features.shape[-1] not in (fc.in_features, fc.in_features + fc.out_features):
-        raise ValueError(f"features must be [B, N, {fc.in_features}] (or [B, N, {fc.in_features + fc.out_features}] "
-                         f"with class posteriors), got {tuple(features.shape)}")
+    widths = (fc.in_features, getattr(tower.config, "hidden_size", fc.in_features))
+    if features.dim() != 3 or features.shape[-1] not in widths:
+        raise ValueError(f"features must be [B, N, {fc.in_features}] (or [B, N, {widths[1]}], the tower's whole "
+                         f"tokens), got {tuple(features.shape)}")
     features = features[..., : fc.in_features]
     w = fc.weight.to(device=features.device, dtype=torch.float32)
     b = fc.bias.to(device=features.device, dtype=torch.float32)

@@ -86,7 +86,7 @@ def split_imagenet(files: Sequence[str], seed: int = 0, frac: float = 0.8) -> tu
     Indices into ``files`` sorted by file name are shuffled with ``random.Random(seed)``; the first
     ``round(frac * len(files))`` are the training images, the rest are held out. The result depends only
     on the set of names, not on their order in ``files``. With the 1000 sample photos and seed 0: 800
-    train and 200 held-out images (the held-out list is in ``vtprune/models/projector/record.json``).
+    train and 200 held-out images (the held-out list is in ``vtprune/models/weights/record.json``).
 
     Returns:
         (train indices, held-out indices), each in shuffled order.
@@ -94,7 +94,8 @@ def split_imagenet(files: Sequence[str], seed: int = 0, frac: float = 0.8) -> tu
     Raises:
         ValueError: ``frac`` outside [0, 1].
 
-    Source: ``scripts/train_projector.py`` (moved here unchanged so that evaluation uses the same split).
+    Source: the bundled model's first (projector-only) recipe, moved here unchanged so that training
+    (``scripts/train_default_model.py``) and evaluation use the same split.
     """
     if not 0.0 <= frac <= 1.0:
         raise ValueError(f"frac must be in [0, 1], got {frac!r}")

@@ -6,10 +6,9 @@ image?" -> no), so each setting is balanced (test split: 200 images -> 400 quest
 in all). The negative label is never the image's own label text (ImageNet has two "crane" and two
 "maillot" classes). Settings (``kind`` = ``yes/no:<setting>``):
 
-* ``random``: a random other image's label from the same split, drawn exactly as the bundled projector's
-  held-out evaluation draws it (``scripts/train_projector.py``: ``random.Random(seed + 1)``, one
-  ``choice`` per image in split order), so with seed 0 these 400 questions are the ones behind the
-  accuracy in ``vtprune/models/projector/RECORD.md``.
+* ``random``: a random other image's label from the same split (``random.Random(seed + 1)``, one
+  ``choice`` per image in split order, as the bundled model's first, projector-only recipe drew its
+  held-out questions: ``experiments/previous-projector-only/RECORD.md``).
 * ``popular``: POPE's popular negatives are the most frequent COCO objects. Our photos have one class
   each, so "popular" is defined from POPE's own data: the 20 COCO categories most often present in
   POPE's COCO images (the yes questions of ``coco_pope_popular.json``; "person" excluded, ImageNet has
