@@ -71,6 +71,14 @@ def test_parser_defaults_and_options():
     assert cli.method_options(49, None, []) == {"budget": 49}
 
 
+@pytest.mark.parametrize("command", ["generate", "bench", "eval", "calibrate", "show"])
+def test_every_subcommand_help_renders(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.build_parser().parse_args([command, "--help"])
+    assert e.value.code == 0
+    assert "--" in capsys.readouterr().out
+
+
 def test_default_dtype_is_bf16_on_cpus_with_native_bf16():
     from vtprune.inputs import cpu_has_bf16
 

@@ -39,7 +39,7 @@ def add_parser(sub) -> None:
                         "st3@default); the unpruned model always runs")
     e.add_argument("--budgets", type=budget_list, default=list(DEFAULT_EVAL_BUDGETS),
                    help="comma-separated budgets: visual tokens per image (64), a percentage of them (12.5%%) or "
-                        f"'default' (default {','.join(DEFAULT_EVAL_BUDGETS)})")
+                        f"'default' (default {','.join(DEFAULT_EVAL_BUDGETS).replace('%', '%%')})")
     add_model_arguments(e)
     e.add_argument("--limit", type=int, default=None, help="first N samples of each data set")
     e.add_argument("--batch", type=int, default=8, help="samples per generate call (default 8)")
