@@ -17,6 +17,7 @@ from vtprune.cli.common import (
     quiet,
     user_errors,
 )
+from vtprune.eval.datasets.registry import DATASETS
 from vtprune.inputs import is_default_model
 
 DEFAULT_EVAL_METHODS = ("parvts", "st3", "fastv", "vtw", "pdrop", "visionzip", "random", "pool")
@@ -30,8 +31,7 @@ def add_parser(sub) -> None:
                                    "method x budget; append one JSON line per answer to OUT/results.jsonl (a rerun "
                                    "skips what is done) and write results.csv, results.md and two plots.")
     e.add_argument("--data", type=parse_list(str), default=None,
-                   help="comma-separated data sets (see vtprune.eval.DATASETS: imagenet-pope, scenes, easy-vqa, "
-                        "pope-coco); required unless --tables-only")
+                   help=f"comma-separated data sets ({', '.join(sorted(DATASETS))}); required unless --tables-only")
     e.add_argument("--split", default="test", help="data split (default test)")
     e.add_argument("--methods", type=method_list, default=list(DEFAULT_EVAL_METHODS),
                    help=f"comma-separated method specs (default {','.join(DEFAULT_EVAL_METHODS)}), each optionally "
