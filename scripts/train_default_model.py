@@ -236,8 +236,8 @@ class Tasks:
 
     def __init__(self, store: Store, mix: dict[str, float], rng: random.Random, caption_frac: float = 0.2,
                  single_turn: bool = False):
-        from vtprune.eval.datasets import object_question
-        from vtprune.eval.imagenet_pope import POPULAR
+        from vtprune.eval.datasets.base import object_question
+        from vtprune.eval.datasets.imagenet_pope import POPULAR
         from vtprune.eval.wordnet import load_hierarchy
 
         self.rng, self.mix, self.caption_frac, self.single_turn = rng, mix, caption_frac, single_turn

@@ -36,3 +36,27 @@ def test_every_method_registers_itself_and_shows_its_stage():
         assert cls.__dataclass_params__.frozen, f"{name}'s options are not frozen"
         if name != "none":
             assert issubclass(cls, stages), f"{name} derives from no stage base"
+
+
+def test_every_vtprune_import_in_the_scripts_resolves():
+    """The scripts import the library lazily inside functions; a module that moves must take them along."""
+    import ast
+    import importlib
+
+    scripts = Path(vtprune.__file__).resolve().parents[2] / "scripts"
+    broken = []
+    for path in sorted(scripts.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("vtprune"):
+                try:
+                    module = importlib.import_module(node.module)
+                except ImportError as e:
+                    broken.append(f"{path.name}:{node.lineno}: {node.module} ({e})")
+                    continue
+                for alias in node.names:
+                    if not hasattr(module, alias.name):
+                        try:
+                            importlib.import_module(f"{node.module}.{alias.name}")
+                        except ImportError:
+                            broken.append(f"{path.name}:{node.lineno}: {node.module}.{alias.name}")
+    assert not broken, "scripts import what the library no longer has:\n" + "\n".join(broken)
