@@ -31,7 +31,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -53,7 +53,7 @@ ADAPTER_DIR = WEIGHTS_DIR / "lora"  # stage 2: the LM's LoRA adapter (peft: adap
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # the tower's token channels (EfficientNetLiteTowerConfig): final features 1280, ImageNet class posterior
 # 1000, stage-5 features pooled to the grid 112, 4 x 4 colour thumbnail 48 -> 2440 per token
-TOWER_OPTIONS = {"class_posterior_tokens": True, "finer_feature_block": 10, "finer_feature_size": 112,
+TOWER_OPTIONS: dict[str, Any] = {"class_posterior_tokens": True, "finer_feature_block": 10, "finer_feature_size": 112,
                  "patch_color_grid": 4}
 _CACHE_FORMAT = "4"  # 2: class-posterior tokens, few-shot template; 3: no empty first token; 4: LoRA, ChatML
 
