@@ -11,7 +11,8 @@
    (``anneal_every`` 1 / 4 / 8), each against the unpruned captions and against VTA off.
 
 Usage: ``python scripts/accuracy_claims.py OUT`` (the folder of ``vtprune eval --out OUT``); writes
-``OUT/claims.md`` and prints it.
+``OUT/claims.md`` (and prints it) and ``OUT/grid.md``: method x budget tables per data set and question kind,
+each cell "accuracy % [95 % CI] / agreement with unpruned % / equivalent budget %".
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from vtprune.eval.runner import REFERENCE, read_records
 from vtprune.eval.stats import wilson
-from vtprune.eval.tables import compare, summarize
+from vtprune.eval.tables import compare, grid, summarize
 
 
 def pct(x: float) -> str:
@@ -124,6 +125,15 @@ def main() -> None:
     text = "\n".join(line for line in lines if line is not None) + "\n"
     (out / "claims.md").write_text(text)
     print(text)
+
+    # the README's grids: method x budget per data set, and per question kind
+    summary = summarize(records)
+    parts = []
+    for data in sorted({r["data"] for r in summary}):
+        for kind in ["all", *sorted({r["kind"] for r in summary if r["data"] == data} - {"all"})]:
+            parts.append(grid(summary, data, kind))
+    (out / "grid.md").write_text("\n".join(p for p in parts if p))
+    print(f"wrote {out / 'claims.md'} and {out / 'grid.md'}")
 
 
 if __name__ == "__main__":

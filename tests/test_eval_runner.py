@@ -63,6 +63,21 @@ def test_summarize_accuracy_agreement_and_kinds():
     assert "| all | pool | 25% | 2 | 100.0 [34.2, 100.0] | 50.0 | 49.0 (25.0 %) | 50.0 | 50.0 |" in md
 
 
+def test_grid_is_method_by_budget_with_intervals_and_other_budgets():
+    recs = [
+        _record("d", "1", "subject", "none", "all", "Yes", True),
+        _record("d", "2", "subject", "none", "all", "No", True),
+        _record("d", "1", "subject", "pool", "25%", "Yes", True, eq=49, flops=0.4),
+        _record("d", "2", "subject", "pool", "25%", "Yes", False, eq=49, flops=0.4),
+        _record("d", "1", "subject", "pool", "default", "Yes", True, eq=98, flops=0.6),
+    ]
+    text = tables.grid(tables.summarize(recs), "d")
+    assert text.startswith("d, all (unpruned 100.0 % [34.2, 100.0], n = 2):")
+    assert "| method | 50% | 25% | 12.5% | 6.25% | other |" in text
+    assert "| pool |  | 50.0 [9, 91] / 50 / 25 |  |  | default: 100.0 [21, 100] / 100 / 50 |" in text
+    assert tables.grid(tables.summarize(recs), "other-set") == ""
+
+
 def test_read_records_ignores_a_truncated_last_line(tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_text(json.dumps({"a": 1}) + "\n" + '{"a": ')

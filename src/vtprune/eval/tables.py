@@ -93,6 +93,32 @@ def markdown(rows: list[dict], kinds: bool = True) -> str:
     return "\n".join(out)
 
 
+def grid(rows: list[dict], data: str, kind: str = "all", budgets: tuple[str, ...] = ("50%", "25%", "12.5%", "6.25%")) -> str:
+    """A method x budget Markdown table of one data set and question kind (rows of :func:`summarize`):
+    each cell "accuracy % [95 % CI] / agreement % / equivalent budget %"; budgets outside ``budgets``
+    (``default``, matched token counts) in an "other" column as ``budget: cell``; the unpruned accuracy
+    in the caption line. Empty when ``data`` has no such rows."""
+    mine = [r for r in rows if r["data"] == data and r["kind"] == kind]
+    ref = next((r for r in mine if (r["method"], r["budget"]) == REFERENCE), None)
+    methods = list(dict.fromkeys(r["method"] for r in mine if (r["method"], r["budget"]) != REFERENCE))
+    if not methods:
+        return ""
+
+    def cell(r: dict) -> str:
+        agree = "-" if r["agreement"] is None else f"{100 * r['agreement']:.0f}"
+        return (f"{100 * r['accuracy']:.1f} [{100 * r['accuracy_low']:.0f}, {100 * r['accuracy_high']:.0f}] / {agree} / "
+                f"{r['equivalent_budget_pct']:.0f}")
+
+    head = f"{data}, {kind}" + (f" (unpruned {100 * ref['accuracy']:.1f} % [{100 * ref['accuracy_low']:.1f}, "
+                                f"{100 * ref['accuracy_high']:.1f}], n = {ref['n']})" if ref else "")
+    out = [head + ":", "", "| method | " + " | ".join(budgets) + " | other |", "|---" * (len(budgets) + 2) + "|"]
+    for m in methods:
+        by = {r["budget"]: r for r in mine if r["method"] == m}
+        other = "; ".join(f"{b}: {cell(r)}" for b, r in by.items() if b not in budgets)
+        out.append(f"| {m} | " + " | ".join(cell(by[b]) if b in by else "" for b in budgets) + f" | {other} |")
+    return "\n".join(out) + "\n"
+
+
 def compare(records: list[dict], a: tuple[str, str], b: tuple[str, str], data: str, kinds: set[str] | None = None,
             seed: int = 0) -> dict:
     """Condition ``a`` minus condition ``b`` (each ``(method label, budget label)``) on the questions of
