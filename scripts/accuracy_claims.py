@@ -128,10 +128,11 @@ def main() -> None:
 
     # the README's grids: method x budget per data set, and per question kind
     summary = summarize(records)
+    budgets = tuple(b for b in ("50%", "25%", "12.5%", "6.25%") if any(r["budget"] == b for r in summary))
     parts = []
     for data in sorted({r["data"] for r in summary}):
         for kind in ["all", *sorted({r["kind"] for r in summary if r["data"] == data} - {"all"})]:
-            parts.append(grid(summary, data, kind))
+            parts.append(grid(summary, data, kind, budgets))
     (out / "grid.md").write_text("\n".join(p for p in parts if p))
     print(f"wrote {out / 'claims.md'} and {out / 'grid.md'}")
 

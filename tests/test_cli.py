@@ -79,6 +79,15 @@ def test_every_subcommand_help_renders(command, capsys):
     assert "--" in capsys.readouterr().out
 
 
+def test_python_dash_m_runs_the_cli():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "vtprune.cli", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "generate" in done.stdout and "bench" in done.stdout
+
+
 def test_default_dtype_is_bf16_on_cpus_with_native_bf16():
     from vtprune.inputs import cpu_has_bf16
 
