@@ -63,7 +63,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from vtprune.eval.datasets import default_data_root, imagenet_split  # noqa: E402
+from vtprune.eval.datasets import default_data_root, imagenet_rows, imagenet_split  # noqa: E402
 from vtprune.models import default as D  # noqa: E402
 
 DEFAULT_CACHE = Path(os.environ.get("VTPRUNE_RECIPE_CACHE") or D.cache_root() / "recipe-v1")
@@ -96,19 +96,10 @@ def _view(image, view: int, rng: random.Random):
     return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else image
 
 
-def scene_caption(meta: dict) -> str:
-    """The one-sentence caption taught for "Describe the image." on a scene: the subject, the
-    background and every small shape at the edges, e.g. "A tabby on a blue striped background, with a
-    small red circle and a small green square at the edges." (reconstructed, a template of ours; the
-    scorer is ``vtprune.eval.open_answers``)."""
-    from vtprune.eval.open_answers import caption_for
-
-    return caption_for(meta)
-
-
 def feature_sets(data: Path) -> list[tuple[str, callable]]:
     """(name, builder) of every feature set, checks first; a builder returns (images, meta rows)."""
     from vtprune.eval.datasets.scenes import iter_scenes
+    from vtprune.eval.open_answers import caption_for
 
     def imagenet(split, view):
         def build():
@@ -129,7 +120,7 @@ def feature_sets(data: Path) -> list[tuple[str, callable]]:
             images, metas = [], []
             for _s, image, meta, questions in iter_scenes(split, root=data, seed=seed):
                 images.append(image)
-                metas.append({**meta, "questions": questions, "caption": scene_caption(meta)})
+                metas.append({**meta, "questions": questions, "caption": caption_for(meta)})
             return images, metas
         return build
 
@@ -662,7 +653,7 @@ def cmd_train(args):
     mix = dict(zip(("in-yes/no", "in-what", "scenes", "easyvqa"), map(float, args.mix.split(",")), strict=True))
     tasks = Tasks(store, mix, rng, args.caption_frac, args.single_turn)
     tr = Trainer(args, store, lora=args.stage == 2)
-    class_names = [r["label"] for r in sorted(_class_rows(args.data), key=lambda r: r["wnid"])]
+    class_names = [r["label"] for r in sorted(imagenet_rows(Path(args.data)), key=lambda r: r["wnid"])]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "checkpoint.pt"
@@ -751,12 +742,6 @@ def cmd_train(args):
         save(end)
     (out / "history.json").write_text(json.dumps(history, indent=0))
     print(f"done: {end} steps, {history['seconds']:.0f}s training", flush=True)
-
-
-def _class_rows(data):
-    from vtprune.eval.datasets.base import imagenet_rows
-
-    return imagenet_rows(Path(data))
 
 
 def cmd_export(args):
