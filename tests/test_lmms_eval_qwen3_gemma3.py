@@ -93,17 +93,25 @@ def qwen3_dir(tmp_path_factory):
     return path
 
 
-def test_stock_qwen3_vl_loads_the_checkpoint(qwen3_env, qwen3_dir):
+def _load_stock(model_id, path, model_cls, processor_cls, adapter_cls):
+    """The plugin's model for ``model_id`` on the checkpoint at ``path``, checked to be the stock classes
+    with vtprune's adapter (FastV, budget 4)."""
     from lmms_eval.models import get_model
-    from transformers import Qwen3VLForConditionalGeneration, Qwen3VLProcessor
 
     from vtprune.adapters import adapter_for
+
+    lm = get_model(model_id).create_from_arg_string(f"pretrained={path},method=fastv,budget=4", {"device": "cpu"})
+    assert type(lm.model) is model_cls and type(lm.processor) is processor_cls
+    assert isinstance(adapter_for(lm.model), adapter_cls)
+    return lm
+
+
+def test_stock_qwen3_vl_loads_the_checkpoint(qwen3_env, qwen3_dir):
+    from transformers import Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+
     from vtprune.adapters.qwen3_vl import Qwen3VLAdapter
 
-    lm = get_model(QWEN3_VL_MODEL_ID).create_from_arg_string(f"pretrained={qwen3_dir},method=fastv,budget=4",
-                                                             {"device": "cpu"})
-    assert type(lm.model) is Qwen3VLForConditionalGeneration and type(lm.processor) is Qwen3VLProcessor
-    assert isinstance(adapter_for(lm.model), Qwen3VLAdapter)
+    lm = _load_stock(QWEN3_VL_MODEL_ID, qwen3_dir, Qwen3VLForConditionalGeneration, Qwen3VLProcessor, Qwen3VLAdapter)
     assert lm.device_map == "cpu"  # the stock default "auto" (which moves inputs to cuda) replaced by the device
 
 
@@ -146,16 +154,11 @@ def gemma3_dir(tmp_path_factory):
 
 
 def test_stock_gemma3_loads_the_checkpoint(env, gemma3_dir):
-    from lmms_eval.models import get_model
     from transformers import Gemma3ForConditionalGeneration, Gemma3Processor
 
-    from vtprune.adapters import adapter_for
     from vtprune.adapters.gemma3 import Gemma3Adapter
 
-    lm = get_model(GEMMA3_MODEL_ID).create_from_arg_string(f"pretrained={gemma3_dir},method=fastv,budget=4",
-                                                           {"device": "cpu"})
-    assert type(lm.model) is Gemma3ForConditionalGeneration and type(lm.processor) is Gemma3Processor
-    assert isinstance(adapter_for(lm.model), Gemma3Adapter)
+    lm = _load_stock(GEMMA3_MODEL_ID, gemma3_dir, Gemma3ForConditionalGeneration, Gemma3Processor, Gemma3Adapter)
     assert lm.vtprune_method == "fastv" and lm.vtprune_options == {"budget": 4}
 
 
