@@ -67,9 +67,13 @@ def row_logits(
     b, h, q_len, d = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]
     idx = rows.to(query.device)[:, None, :, None].expand(-1, h, -1, d)
-    q = torch.gather(query, 2, idx).float()
-    k = key.float().repeat_interleave(h // kv_heads, dim=1)
-    logits = torch.matmul(q, k.transpose(-1, -2)) * scaling
+    r = rows.shape[1]
+    # GQA: query head j reads key head j // (h / kv_heads); group the query heads by their key head so that
+    # one matmul per key head scores them all, instead of copying every key h / kv_heads times
+    q = torch.gather(query, 2, idx).float().reshape(b, kv_heads, (h // kv_heads) * r, d)
+    logits = (torch.matmul(q, key.float().transpose(-1, -2)) * scaling).view(b, h, r, k_len)
+    if mask is None and q_len == 1:  # a decode step's one query sees every key (no padding)
+        return logits
     if mask is None or mask.dim() == 2:
         # causal with queries at the end of the keys: row i sees keys [0, k_len - q_len + i]
         last_visible = rows.to(query.device) + (k_len - q_len)

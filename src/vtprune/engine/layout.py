@@ -15,6 +15,7 @@ attends to slot ``k`` iff ``index[k] <= index[q]``, ``k`` is not padding, and ``
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,33 @@ class Layout:
         return self.index.shape[1]
 
 
+def take(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
+    """The entries of ``x`` at positions ``index[b]`` along ``dim``, per batch row b, every other dim
+    whole: the values ``torch.gather`` gives with ``index`` expanded over the other dims, by one
+    ``index_select`` instead (the CPU gather kernel reads an int64 index per element: on a [1, 16, 520, 64]
+    bf16 KV cache, keeping 390 entries took 656 µs with gather and 50 µs with index_select, 2026-12-02).
+
+    Args:
+        x: [B or 1, ..., N, ...] with the N axis at ``dim`` >= 1 (a batch dim of 1 is broadcast).
+        index: LongTensor [B, m] of positions in [0, N).
+
+    Returns:
+        [B, ..., m, ...], a new tensor in ``x``'s dtype and device.
+    """
+    batch, m = index.shape
+    idx = index.to(x.device)
+    if batch == 1 and x.shape[0] == 1:
+        return x.index_select(dim, idx[0])
+    lead, n, tail = x.shape[1:dim], x.shape[dim], x.shape[dim + 1:]
+    pre = math.prod(lead)
+    base = torch.arange(pre, device=x.device) * n  # [pre]: the first row of each (batch, lead) block
+    if x.shape[0] != 1:
+        base = base + torch.arange(batch, device=x.device)[:, None] * (pre * n)  # [B, pre]
+    flat = (base.expand(batch, pre)[..., None] + idx[:, None, :]).reshape(-1)
+    rows = x.reshape(x.shape[0] * pre * n, math.prod(tail))
+    return rows.index_select(0, flat).view(batch, *lead, m, *tail)
+
+
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Gather along the token dimension.
 
@@ -51,14 +79,10 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     Returns:
         [B, n, ...], the rows of ``x`` at ``index`` (``x`` is broadcast over a batch dim of 1).
     """
-    batch = index.shape[0]
-    if x.shape[0] != batch:
-        x = x.expand(batch, *x.shape[1:])
-    idx = index.to(x.device)
     if x.dim() == 2:
-        return torch.gather(x, 1, idx)
-    idx = idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
-    return torch.gather(x, 1, idx)
+        idx = index.to(x.device)
+        return torch.gather(x.expand(index.shape[0], -1) if x.shape[0] != index.shape[0] else x, 1, idx)
+    return take(x, index, 1)
 
 
 def gather_position_embeddings(pe, index: torch.Tensor):
@@ -144,7 +168,5 @@ def select_kv(layer_cache, slots: torch.Tensor) -> None:
     ``layer_cache`` is a transformers cache layer with ``keys`` / ``values`` of shape
     [B, kv_heads, n, head_dim] (``DynamicLayer``).
     """
-    keys, values = layer_cache.keys, layer_cache.values
-    idx = slots.to(keys.device)[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[3])
-    layer_cache.keys = torch.gather(keys, 2, idx)
-    layer_cache.values = torch.gather(values, 2, idx)
+    layer_cache.keys = take(layer_cache.keys, slots, 2)
+    layer_cache.values = take(layer_cache.values, slots, 2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 from vtprune.methods.base import (
@@ -131,8 +132,10 @@ def schedule(n_visual: int, num_layers: int, ratio: float, start_layer: int, str
     return out
 
 
+@functools.lru_cache(maxsize=4096)
 def annealed(g: int, step: int, steps: int, floor_ratio: float, kind: str = "cosine") -> int:
-    """VTA: visual entries a layer with PVTP count ``g`` keeps at decode step ``step`` of ``steps``."""
+    """VTA: visual entries a layer with PVTP count ``g`` keeps at decode step ``step`` of ``steps``
+    (memoized: asked twice per layer and decode step, and the exact ceiling is a Fraction product)."""
     g_min = ceil_fraction(floor_ratio, g)
     frac = min(step, steps) / steps
     decay = 0.5 * (1.0 + math.cos(math.pi * frac)) if kind == "cosine" else 1.0 - frac if kind == "linear" else 1.0
