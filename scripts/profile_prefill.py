@@ -16,6 +16,18 @@ Usage::
 
 Prints Markdown (and writes it to ``--out``). Timings are wall clock on this machine; the profile adds
 overhead of its own, so compare the shares, not the absolute times, with ``vtprune bench``.
+
+With ``--bench BENCH.json`` (a ``vtprune bench`` result of the same architecture and dtype) the script
+instead predicts every case's TTFT from layer timings: each case runs once under vtprune to read the
+real tokens (and packed paths) in every decoder layer's prefill (``tokens_per_layer_prefill`` /
+``paths_per_layer_prefill`` of its report), one decoder layer is timed alone at each of those sizes
+(a packed two-path layer with an explicit mask, as the engine runs it), and the prediction is stock's
+measured TTFT minus stock's layers plus the case's layers. Measured / predicted near 1 says the gap to
+the roofline is the kernels' rate at that size; well below 1 says time is lost elsewhere (vtprune's
+scoring, gathers, masks)::
+
+    python scripts/profile_prefill.py --arch llava-1.5-7b --dtype bfloat16 \\
+        --bench benchmarks/results/.../bench-b1-p60-n1-bfloat16.json --out OUT.md
 """
 
 from __future__ import annotations
@@ -23,6 +35,7 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime
+import json
 import os
 import platform
 import time
@@ -76,8 +89,9 @@ def profile_case(model, case: str, inputs: dict, gc) -> tuple[float, dict[str, f
     return wall, dict(kinds), scored
 
 
-def layer_rate(model, tokens: int, repeats: int) -> tuple[float, float]:
-    """(ms, GFLOP/s) of one decoder layer's forward over ``tokens`` tokens (causal SDPA, no cache)."""
+def layer_rate(model, tokens: int, repeats: int, masked: bool = False) -> tuple[float, float]:
+    """(ms, GFLOP/s) of one decoder layer's forward over ``tokens`` tokens (causal SDPA, no cache; with
+    ``masked`` an explicit [1, 1, n, n] boolean mask, as a layer of packed paths gets)."""
     layer = model.model.language_model.layers[0]
     cfg = model.config.text_config
     d, m, heads = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads
@@ -87,15 +101,69 @@ def layer_rate(model, tokens: int, repeats: int) -> tuple[float, float]:
     pos = torch.arange(tokens)[None]
     pe = model.model.language_model.rotary_emb(x, pos)
     flops = 2 * tokens * d * (2 * d + 2 * kv * hd) + 2 * tokens * tokens * d + 6 * tokens * d * m
+    mask = torch.ones(tokens, tokens, dtype=torch.bool).tril()[None, None] if masked else None
     times = []
     with torch.no_grad():
-        layer(x, attention_mask=None, position_embeddings=pe, position_ids=pos)
+        layer(x, attention_mask=mask, position_embeddings=pe, position_ids=pos)
         for _ in range(repeats):
             t0 = time.perf_counter()
-            layer(x, attention_mask=None, position_embeddings=pe, position_ids=pos)
+            layer(x, attention_mask=mask, position_embeddings=pe, position_ids=pos)
             times.append(time.perf_counter() - t0)
     best = min(times)
     return best * 1000.0, flops / best / 1e9
+
+
+def runs_of(counts: list) -> str:
+    """``[636, 636, 124]`` -> ``"636 x2, 124"``."""
+    out: list[list] = []
+    for c in counts:
+        if out and out[-1][0] == c:
+            out[-1][1] += 1
+        else:
+            out.append([c, 1])
+    return ", ".join(f"{c} x{n}" if n > 1 else f"{c}" for c, n in out)
+
+
+def predict_from_layers(model, bench: dict, inputs: dict, gc, repeats: int) -> list[str]:
+    """Markdown rows: every case of ``bench`` (a ``vtprune bench`` result) with its measured TTFT beside the
+    TTFT its layers' sizes predict (module docstring)."""
+    cases = {c["name"]: c for c in bench["cases"]}
+    stock = cases["stock"]
+    layer_ms: dict[tuple[int, bool], float] = {}
+
+    def layers_ms(tokens: list[int], paths: list[int]) -> float:
+        for key in {(n, p > 1) for n, p in zip(tokens, paths, strict=True)} - layer_ms.keys():
+            layer_ms[key] = layer_rate(model, key[0], repeats, masked=key[1])[0]
+        return sum(layer_ms[(n, p > 1)] for n, p in zip(tokens, paths, strict=True))
+
+    n_layers = model.config.text_config.num_hidden_layers
+    prompt = inputs["input_ids"].shape[1]
+    rest = stock["median"]["ttft_ms"] - layers_ms([prompt] * n_layers, [1] * n_layers)
+    rows = ["| case | tokens per layer (prefill) | TTFT ms measured | predicted from layer times | measured / predicted speedup "
+            "| speedup measured | predicted | roofline-ideal | measured / roofline |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, case in cases.items():
+        if name == "stock":
+            continue
+        spec = parse_spec(name)
+        with api.apply(model, spec.name, **spec.options) as run:
+            model.generate(**inputs, generation_config=gc)
+        sample = run.report()["samples"][0]
+        tokens, paths = sample["tokens_per_layer_prefill"], sample["paths_per_layer_prefill"]
+        predicted = rest + layers_ms(tokens, paths)
+        measured = case["median"]["ttft_ms"]
+        roofline = case.get("speedup", {}).get("roofline_ideal", {}).get("prefill")
+        base = stock["median"]["ttft_ms"]
+        shown = runs_of([f"{n} (2 paths)" if p > 1 else n for n, p in zip(tokens, paths, strict=True)])
+        rows.append(f"| {name} | {shown} | {measured:.0f} | {predicted:.0f} | {predicted / measured:.2f} | "
+                    f"{base / measured:.2f}x | {base / predicted:.2f}x | "
+                    + (f"{roofline:.2f}x | {base / measured / roofline:.2f} |" if roofline else "- | - |"))
+    rows += ["", f"Stock's TTFT outside its decoder layers (vision tower, embedding, LM head, sampling): {rest:.0f} ms, "
+             "taken as every case's.", "", "Decoder layer alone, ms (best of the repeats):", "",
+             "| tokens | causal kernel | explicit mask (packed paths) |", "|---|---|---|"]
+    for n in sorted({n for n, _ in layer_ms}, reverse=True):
+        rows.append(f"| {n} | " + " | ".join(f"{layer_ms[(n, m)]:.1f}" if (n, m) in layer_ms else "-"
+                                              for m in (False, True)) + " |")
+    return rows
 
 
 def main() -> None:
@@ -106,6 +174,7 @@ def main() -> None:
     p.add_argument("--layer-tokens", default="636,336,256,192,124")
     p.add_argument("--prompt-tokens", type=int, default=60)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--bench", default=None, help="a vtprune bench JSON: predict its cases' TTFT from layer timings")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     dtype = getattr(torch, args.dtype)
@@ -118,6 +187,12 @@ def main() -> None:
              f"{os.cpu_count()} logical cores, torch {torch.__version__}, square-matmul peak {rate / 1e9:.0f} GFLOP/s",
              f"`python scripts/profile_prefill.py --arch {args.arch} --dtype {args.dtype} --cases {args.cases} "
              f"--layer-tokens {args.layer_tokens}`", ""]
+    if args.bench:
+        bench = json.loads(Path(args.bench).read_text())
+        lines[3] = f"`python scripts/profile_prefill.py --arch {args.arch} --dtype {args.dtype} --bench {args.bench}`"
+        lines += [f"Prediction of `{args.bench}` ({bench['meta'].get('date', '?')}) from layer timings:", "",
+                  *predict_from_layers(model, bench, inputs, gc, args.repeats)]
+        return emit(lines, args.out)
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     results = {c: profile_case(model, c, inputs, gc) for c in cases}
     kinds = sorted({k for _, ks, _ in results.values() for k in ks}, key=lambda k: -results[cases[0]][1].get(k, 0))
@@ -130,11 +205,15 @@ def main() -> None:
     for n in (int(t) for t in args.layer_tokens.split(",")):
         ms, gflops = layer_rate(model, n, args.repeats)
         lines.append(f"| {n} | {ms:.1f} | {gflops:.0f} | {gflops * 1e9 / rate:.2f} |")
+    emit(lines, args.out)
+
+
+def emit(lines: list[str], out: str | None) -> None:
     text = "\n".join(lines) + "\n"
     print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)
 
 
 if __name__ == "__main__":

@@ -117,6 +117,9 @@ def test_fastv_counts_and_kv_lengths(model):
     assert sample["visual_tokens_per_layer_prefill"] == [N_VISUAL] * 3 + [5] * 3
     assert sample["visual_tokens_per_layer_last_decode"] == [N_VISUAL] * 3 + [5] * 3
     assert sample["equivalent_budget"] == pytest.approx((3 * N_VISUAL + 3 * 5) / 6)
+    real = s - run.gen.pads[0]  # the sample's real tokens per layer: all of them, then N_VISUAL - 5 fewer
+    assert sample["tokens_per_layer_prefill"] == [real] * 3 + [real - N_VISUAL + 5] * 3
+    assert sample["paths_per_layer_prefill"] == [1] * 6
     fed = NEW - 1  # the last new token is never fed back
     assert run.report()["kv_cache"]["entries_per_layer"] == [s + fed] * 3 + [s - N_VISUAL + 5 + fed] * 3
     # decode FLOPs of sample 0 (pads p): step t reads s - p + t keys in layers 0-2, 11 fewer after K
@@ -197,7 +200,12 @@ def test_parvts_flops_follow_two_path_formula(model):
     dims = run.dims
     n_a, n_b = n - N_VISUAL + 4, n - 4
     expected = 2 * (dims.fastv(n_a, n_a) + dims.fastv(n_b, n_b)) + 4 * dims.fastv(n_a, n_a)
-    assert run.report()["samples"][0]["flops"]["prefill"]["fastv"] == expected
+    sample = run.report()["samples"][0]
+    assert sample["flops"]["prefill"]["fastv"] == expected
+    # the packed layers hold the shared prefix (BOS + 2), each path's visual tokens and its own copy of the
+    # 6 question tokens: n_a + n_b - 3 = n + 6 tokens; path 1 alone after the discard
+    assert sample["tokens_per_layer_prefill"] == [n + 6] * 2 + [n_a] * 4
+    assert sample["paths_per_layer_prefill"] == [2, 2, 1, 1, 1, 1]
 
 
 def test_multiple_images_each_span_pruned_separately(model):

@@ -94,6 +94,8 @@ class Ledger:
         b = len(pads)
         self.prefill_fastv, self.prefill_exact = [0] * b, [0] * b
         self.prefill_visual: list[list[int]] = [[] for _ in range(b)]  # per sample, per layer
+        self.prefill_tokens: list[list[int]] = [[] for _ in range(b)]  # per sample, per layer: real tokens, all paths
+        self.prefill_paths: list[list[int]] = [[] for _ in range(b)]  # per sample, per layer: 1, or 2 packed paths
         self.decode_history: list[list[int]] = []  # per decode step, visual tokens per layer (all images)
 
     @property
@@ -114,6 +116,8 @@ class Ledger:
             self.prefill_exact[b] += self.dims.exact(p + a + c, pairs)
             self.prefill_fastv[b] += self.dims.fastv(p + a, p + a) + (self.dims.fastv(p + c, p + c) if c else 0)
             self.prefill_visual[b].append(visual[b])
+            self.prefill_tokens[b].append(p + a + c)
+            self.prefill_paths[b].append(2 if c else 1)
 
     def decode_step(self, visual: list[int]) -> None:
         """Record one decode step: visual tokens (all images) in each layer's cache during it."""
@@ -150,6 +154,8 @@ class Ledger:
                 "prompt_tokens": n0,
                 "visual_tokens_per_layer_prefill": vis,
                 "visual_tokens_per_layer_last_decode": list(self.decode_visual) or list(vis),
+                "tokens_per_layer_prefill": list(self.prefill_tokens[b]),
+                "paths_per_layer_prefill": list(self.prefill_paths[b]),
                 "equivalent_budget": sum(vis) / len(vis) / self.n_images if vis else float(self.n_visual),
                 "final_budget": vis[-1] / self.n_images if vis else self.n_visual,
                 "flops": {

@@ -22,7 +22,10 @@ class Report(Mapping):
         plan: the options resolved against the model (``Plan.to_dict()``; the last group's for a merged
             batch), e.g. kept counts per layer, a solved ratio or layer.
         samples: per sample: ``visual_tokens_in``, ``prompt_tokens``, ``visual_tokens_per_layer_prefill``,
-            ``visual_tokens_per_layer_last_decode``, ``equivalent_budget`` (mean over layers of the visual
+            ``visual_tokens_per_layer_last_decode``, ``tokens_per_layer_prefill`` (the sample's real tokens
+            in each layer's prefill sequence, text and visual, every packed path counted),
+            ``paths_per_layer_prefill`` (1, or 2 where two paths run packed in one sequence),
+            ``equivalent_budget`` (mean over layers of the visual
             tokens present, per image), ``final_budget``, ``flops`` (``prefill`` / ``decode``, pruned and
             unpruned, both conventions; ``total_fastv_ratio``), ``kv_cache`` (bytes vs unpruned).
         kv_cache: ``bytes`` measured on the batch's cache tensors, ``bytes_unpruned``, ``ratio``,
