@@ -149,7 +149,8 @@ def test_peak_memory_reports_a_kind_or_a_reason():
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    argv = ["bench", "--arch", "tiny", "--methods", "none,fastv,st3,parvts", "--budgets", "4",
+    # ST3 evicting at every decode step (its default, every 8 steps, would not evict in a 3-token answer)
+    argv = ["bench", "--arch", "tiny", "--methods", "none,fastv,st3:anneal_every=1,parvts", "--budgets", "4",
             "--prompt-tokens", "12", "--new-tokens", "3", "--batch", "2", "--repeats", "2", "--warmup", "1",
             "--matmul-size", "128", "--copy-mb", "4", "--dtype", "float32", "--out", str(out)]
     code = cli.main(argv)
@@ -165,7 +166,7 @@ def test_bench_writes_json_markdown_and_plot(tiny_run, capsys):
     if importlib.util.find_spec("matplotlib") is not None:
         assert files[".png"].stat().st_size > 0
     md = files[".md"].read_text()
-    for text in ("# vtprune bench: tiny", "| stock |", "| none |", "| fastv@4 |", "| st3@4 |", "| parvts@4 |",
+    for text in ("# vtprune bench: tiny", "| stock |", "| none |", "| fastv@4 |", "| st3:anneal_every=1@4 |", "| parvts@4 |",
                  "Speedup vs stock: TTFT", "Speedup vs stock: decode per token", "Speedup vs stock: end-to-end",
                  "machinery overhead", "Scoring cost"):
         assert text in md
@@ -179,7 +180,7 @@ def test_bench_writes_json_markdown_and_plot(tiny_run, capsys):
 def test_bench_cases_hold_raw_repeats_medians_and_ideals(tiny_run):
     result, _ = tiny_run
     cases = {c["name"]: c for c in result["cases"]}
-    assert list(cases) == ["stock", "none", "fastv@4", "st3@4", "parvts@4"]
+    assert list(cases) == ["stock", "none", "fastv@4", "st3:anneal_every=1@4", "parvts@4"]
     for c in cases.values():
         assert len(c["repeats"]["end_to_end_ms"]) == 2  # raw values of every timed round
         m = c["median"]
@@ -197,7 +198,7 @@ def test_bench_cases_hold_raw_repeats_medians_and_ideals(tiny_run):
     for key in ("flops_ideal", "roofline_ideal"):
         for phase in PHASES:
             assert fastv["speedup"][key][phase] > 1.0
-    assert cases["st3@4"]["speedup"]["flops_ideal"]["end_to_end"] > 1.0
+    assert cases["st3:anneal_every=1@4"]["speedup"]["flops_ideal"]["end_to_end"] > 1.0
     work = fastv["work"]
     # summed over the batch of 2 identical rows
     assert work["pruned"]["prefill"]["decoder_flops"] == 2 * fastv["flops_per_sample"]["prefill"]["exact"]
@@ -213,10 +214,13 @@ def test_bench_overhead_and_scoring(tiny_run):
     sc = result["scoring"]
     assert sc["none"]["calls_prefill"] == sc["none"]["calls_decode"] == 0
     assert sc["fastv@4"]["calls_prefill"] == 1 and sc["fastv@4"]["calls_decode"] == 0
-    assert sc["st3@4"]["calls_decode"] > 0 and sc["st3@4"]["ms_per_call_decode"] > 0
+    assert sc["st3:anneal_every=1@4"]["calls_decode"] > 0 and sc["st3:anneal_every=1@4"]["ms_per_call_decode"] > 0
     assert sc["parvts@4"]["calls_prefill"] >= 1
     layers, new_tokens = 6, result["spec"]["new_tokens"]  # the tiny arch
-    for name, s in sc.items():  # every forward: model pre + forward hook, LM pre-hook, per layer pre-hook + listener
-        assert s["hook_calls"] == new_tokens * (3 + 2 * layers), name
+    # every forward: model pre + forward hook, LM pre-hook; the prefill and each decode step on which the
+    # method acts also a pre-hook and a listener per layer (ST3 with anneal_every 1: every decode step)
+    for name, s in sc.items():
+        acting = new_tokens - 1 if name.startswith("st3") else 0
+        assert s["hook_calls"] == 3 * new_tokens + 2 * layers * (1 + acting), name
         assert 0 < s["hook_ms"] and 0 < s["wrapper_ms"] and s["host_share_of_stock_end_to_end"] > 0
         assert s["hook_ms"] >= s["total_ms"]  # scoring runs inside the attention listener

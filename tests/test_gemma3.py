@@ -221,7 +221,7 @@ def test_decode_only_eviction_past_the_window_is_refused(model):
     the first eviction when the generation would outgrow the window."""
     x = batch((1,))
     over = WINDOW - x["input_ids"].shape[1] + 1
-    with vtprune.apply(model, "st3", ratio=0.0) as run:
+    with vtprune.apply(model, "st3", ratio=0.0, anneal_every=1) as run:
         generate(model, x, new=NEW)
         assert run.ledger.decode_history[-1] != [N] * LAYERS  # it evicts while decoding
         with pytest.raises(ValueError, match=rf"plus {over} new tokens under pruning \(from layer 1, decode\)"):

@@ -111,7 +111,7 @@ def test_fastv_counts_and_kv_lengths(model):
 
 
 def test_st3_counts_step_by_step(model):
-    with vtprune.apply(model, "st3", ratio=0.3, stride=2, start_layer=1, floor_ratio=0.25) as run:
+    with vtprune.apply(model, "st3", ratio=0.3, stride=2, start_layer=1, floor_ratio=0.25, anneal_every=1) as run:
         generate(model, batch())
     g = [48, 34, 34, 24, 24, 17]  # ceil(0.7 * 48) = 34, ceil(0.7 * 34) = 24, ceil(0.7 * 24) = 17
     assert run.report()["samples"][0]["visual_tokens_per_layer_prefill"] == g

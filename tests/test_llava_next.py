@@ -173,7 +173,7 @@ def test_fastv_counts_and_kv_lengths(model):
 
 def test_st3_pvtp_and_vta_counts(model):
     x = batch()
-    with vtprune.apply(model, "st3", ratio=0.3, stride=2, start_layer=1, floor_ratio=0.25) as run:
+    with vtprune.apply(model, "st3", ratio=0.3, stride=2, start_layer=1, floor_ratio=0.25, anneal_every=1) as run:
         generate(model, x)
     g = [52, 37, 37, 26, 26, 19]  # ceil(0.7 * 52) = 37, ceil(0.7 * 37) = 26, ceil(0.7 * 26) = 19
     assert run.report()["samples"][0]["visual_tokens_per_layer_prefill"] == g

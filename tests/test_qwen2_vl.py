@@ -144,7 +144,7 @@ def test_per_layer_visual_counts(model):
     assert sample0["visual_tokens_per_layer_last_decode"] == [N_VISUAL] * 3 + [5] * 3
     assert run.report()["kv_cache"]["entries_per_layer"] == [s + NEW - 1] * 3 + [s - N_VISUAL + 5 + NEW - 1] * 3
 
-    with vtprune.apply(model, "st3", ratio=0.3, stride=2, start_layer=1, floor_ratio=0.25) as run:
+    with vtprune.apply(model, "st3", ratio=0.3, stride=2, start_layer=1, floor_ratio=0.25, anneal_every=1) as run:
         generate(model, inputs)
     g = schedule(N_VISUAL, 6, 0.3, 1, 2)
     assert g == [16, 12, 12, 9, 9, 7]

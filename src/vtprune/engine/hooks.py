@@ -7,6 +7,10 @@ the kernel, :mod:`vtprune.engine.attention`), the adapter's saliency hooks on th
 method needs them, and the language model's attention implementation switched to the scoring entry.
 They compose with other hooks on the same modules (accelerate's ``AlignDevicesHook`` included): a
 pre-hook that returns nothing leaves the call as it came.
+
+The per-layer part (the decoder layers' pre-hooks and the scoring entry) can be taken off and put back
+between model calls (:meth:`Hooks.layers`): a decode step on which the method neither scores nor acts,
+and whose layers need no mask of the engine's, runs the stock decoder layers.
 """
 
 from __future__ import annotations
@@ -29,13 +33,24 @@ class Hooks:
         self._handles: list = []
         self._listened: list[nn.Module] = []
         self._attention: tuple[Any, str] | None = None  # (the language model's config, its attention)
+        self._layer_hooks: list[tuple[nn.Module, Callable]] = []  # per-layer pre-hooks, put on by layers(True)
+        self._layer_handles: list = []
+        self._scoring: str | None = None  # the scoring entry's name while switched
+        self._layers_on = False
 
     def _timed(self, fn: Callable) -> Callable:
         return self.profile.timed_hook(fn) if self.profile is not None else fn
 
-    def pre(self, module: nn.Module, fn: Callable) -> None:
-        """``fn(module, args, kwargs)`` before each forward of ``module`` (may return new (args, kwargs))."""
-        self._handles.append(module.register_forward_pre_hook(self._timed(fn), with_kwargs=True))
+    def pre(self, module: nn.Module, fn: Callable, *, per_layer: bool = False) -> None:
+        """``fn(module, args, kwargs)`` before each forward of ``module`` (may return new (args, kwargs)).
+        ``per_layer``: one of the hooks :meth:`layers` takes off and puts back (attached now)."""
+        if not per_layer:
+            self._handles.append(module.register_forward_pre_hook(self._timed(fn), with_kwargs=True))
+            return
+        hook = self._timed(fn)
+        self._layer_hooks.append((module, hook))
+        self._layer_handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        self._layers_on = True
 
     def post(self, module: nn.Module, fn: Callable) -> None:
         """``fn(module, args, kwargs, output)`` after each forward of ``module``."""
@@ -60,12 +75,32 @@ class Hooks:
         name = attention.register(original)
         config._attn_implementation = name
         self._attention = (config, original)
+        self._scoring = name
+
+    def layers(self, on: bool) -> None:
+        """Put the per-layer hooks and the scoring entry on (True) or take them off (False; the language
+        model runs its own attention implementation, the listeners are not called). Nothing happens
+        when they already are so. Put back, the pre-hooks run after any pre-hook registered on the same
+        layer since."""
+        if on == self._layers_on:
+            return
+        if on:
+            self._layer_handles = [m.register_forward_pre_hook(h, with_kwargs=True) for m, h in self._layer_hooks]
+        else:
+            for handle in self._layer_handles:
+                handle.remove()
+            self._layer_handles = []
+        if self._attention is not None and self._scoring is not None:
+            config, original = self._attention
+            config._attn_implementation = self._scoring if on else original
+        self._layers_on = on
 
     def remove(self) -> None:
         """Remove every hook and listener and restore the attention implementation."""
-        for handle in self._handles:
+        for handle in self._handles + self._layer_handles:
             handle.remove()
         self._handles.clear()
+        self._layer_handles, self._layer_hooks, self._layers_on = [], [], False
         for module in self._listened:
             attention.unlisten(module)
         self._listened.clear()

@@ -7,7 +7,8 @@ A method is an immutable options object with
 * stages, each called with a read-only :class:`~vtprune.engine.view.GenerationView` and the plan:
   ``score_request`` (which attention rows of the current layer to score beside the fused kernel, or
   None), ``on_prefill_layer`` / ``on_decode_layer`` (the :mod:`~vtprune.engine.decisions` actions to
-  apply before the current decoder layer);
+  apply before the current decoder layer); ``acts_at_decode_step`` (whether a decode step may score or
+  act at all: on the steps that do not, the decoder layers run without the engine's per-layer hooks);
 * ``needs_saliency``: whether the adapter must hook the vision tower for a per-patch saliency.
 """
 
@@ -55,5 +56,7 @@ class MethodLike(Protocol):
     def on_prefill_layer(self, view: GenerationView, plan: Any) -> Sequence[Action]: ...
 
     def on_decode_layer(self, view: GenerationView, plan: Any) -> Sequence[Action]: ...
+
+    def acts_at_decode_step(self, view: GenerationView, plan: Any) -> bool: ...
 
     def options(self) -> dict[str, Any]: ...

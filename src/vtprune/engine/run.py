@@ -117,7 +117,7 @@ class Run:
             hooks.post(model, self._after_call)
             hooks.pre(lm, self._on_lm)
             for i, layer in enumerate(self.adapter.decoder_layers):
-                hooks.pre(layer, functools.partial(self._on_layer, i))
+                hooks.pre(layer, functools.partial(self._on_layer, i), per_layer=True)
                 hooks.listen(cast(torch.nn.Module, layer.self_attn), self._on_attention)
             if self.method.needs_saliency:
                 hooks.keep(self.adapter.attach_saliency(self._saliency.append))
@@ -234,15 +234,32 @@ class Run:
             gen.phase, gen.step = "decode", gen.step + 1
             self._call_mask = kwargs.get("attention_mask")
             gen.logits = {}
+            assert self._hooks is not None  # attached: this hook is one of them
+            self._hooks.layers(self._layers_needed(gen))
             self._timers["decode"].start()
             return self._stock_decode_positions(cache, args, kwargs)
         if not empty:
             raise ValueError("vtprune: unsupported call: a cache that vtprune did not fill, or more than one new token "
                              "per decode step (speculative / chunked decoding is not supported)")
+        assert self._hooks is not None  # attached: this hook is one of them
+        self._hooks.layers(True)
         self._start_generation(input_ids, kwargs.get("attention_mask"),
                                {**kwargs, "generate_kwargs": self._generate_kwargs})
         self._timers["prefill"].start()
         return None
+
+    def _layers_needed(self, gen: Generation) -> bool:
+        """Whether this decode step needs the per-layer hooks: the method may score or act at it, or some
+        layer's cache differs from the stock one and its call needs the engine's mask (padding, eager) or
+        check (a sliding window). Otherwise the layers run as stock: with no padding, SDPA and
+        FlashAttention need no mask for one query over any cache length, and the language model gets none
+        (:meth:`_on_lm`)."""
+        if self.method.acts_at_decode_step(self._view, self.plan):
+            return True
+        if gen.stock:
+            return False
+        assert self._rewrite is not None  # set by attach()
+        return gen.has_padding or self._rewrite.impl == "eager" or self._window is not None
 
     def _stock_decode_positions(self, cache, args, kwargs):
         """A decode call without ``position_ids`` makes the model derive them from the length of layer

@@ -70,6 +70,13 @@ class Method:
         """Actions before decoder layer ``view.layer`` of decode step ``view.step``."""
         return ()
 
+    def acts_at_decode_step(self, view: GenerationView, plan: Any) -> bool:
+        """Whether decode step ``view.step`` may score or act at any layer. On a step that does not, the
+        engine runs the decoder layers without its per-layer hooks (the stock call path). Default: True
+        when the subclass overrides :meth:`on_decode_layer`, else False; a method that scores rows while
+        decoding without overriding it must override this."""
+        return type(self).on_decode_layer is not Method.on_decode_layer
+
     def options(self) -> dict[str, Any]:
         """The method's options as a JSON-serialisable dict (exactly its fields)."""
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}

@@ -77,6 +77,10 @@ class RankByAttention(Method):
         eviction). Default None."""
         return None
 
+    def acts_at_decode_step(self, view: GenerationView, plan: LayerPlan) -> bool:
+        """True on every step when a subclass gives :meth:`decode_target` (it may evict at any step)."""
+        return type(self).decode_target is not RankByAttention.decode_target
+
     def _target(self, view: GenerationView, plan: LayerPlan, layer: int) -> int | None:
         return plan.per_layer[layer] if view.phase == "prefill" else self.decode_target(view, plan, layer)
 
