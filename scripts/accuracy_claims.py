@@ -9,6 +9,8 @@
    at (nearly) equal equivalent budget (the ``@matched`` conditions of the run, if any, else every budget).
 3. ST³'s annealing on long answers: scene-caption field accuracy with VTA off (``anneal=none``) and on
    (``anneal_every`` 1 / 4 / 8), each against the unpruned captions and against VTA off.
+4. ST³'s batched evictions on short answers: on every other data set, each ``st3:anneal_every=K`` against
+   ``st3:anneal_every=1`` (the paper's per-step annealing) at the same budget, and against the unpruned model.
 
 Usage: ``python scripts/accuracy_claims.py OUT`` (the folder of ``vtprune eval --out OUT``); writes
 ``OUT/claims.md`` (and prints it) and ``OUT/grid.md``: method x budget tables per data set and question kind,
@@ -121,6 +123,18 @@ def main() -> None:
             lines.append(diff_row(compare(records, cond, REFERENCE, "scene-captions")))
             if off is not None and cond != off:
                 lines.append(diff_row(compare(records, cond, off, "scene-captions")))
+        lines.append("")
+    # 4. ST3's batched evictions (anneal_every = K) against per-step annealing on the other data sets
+    pairs = [(data, (m, b), ("st3:anneal_every=1", b)) for data in sorted({r["data"] for r in records} - {"scene-captions"})
+             for m, b in sorted(conditions(records, data))
+             if m.startswith("st3:anneal_every=") and m != "st3:anneal_every=1"
+             and ("st3:anneal_every=1", b) in conditions(records, data)]
+    if pairs:
+        lines += ["## 4. ST³'s batched evictions against per-step annealing (same questions)", "",
+                  "| data " + DIFF_HEADER[0], "|---" + DIFF_HEADER[1]]
+        for data, a, b in pairs:
+            for other in (b, REFERENCE):
+                lines.append(f"| {data} " + diff_row(compare(records, a, other, data)))
         lines.append("")
     text = "\n".join(line for line in lines if line is not None) + "\n"
     (out / "claims.md").write_text(text)

@@ -40,6 +40,7 @@ import os
 import platform
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -125,40 +126,62 @@ def runs_of(counts: list) -> str:
 
 
 def predict_from_layers(model, bench: dict, inputs: dict, gc, repeats: int) -> list[str]:
-    """Markdown rows: every case of ``bench`` (a ``vtprune bench`` result) with its measured TTFT beside the
-    TTFT its layers' sizes predict (module docstring)."""
-    cases = {c["name"]: c for c in bench["cases"]}
-    stock = cases["stock"]
-    layer_ms: dict[tuple[int, bool], float] = {}
-
-    def layers_ms(tokens: list[int], paths: list[int]) -> float:
-        for key in {(n, p > 1) for n, p in zip(tokens, paths, strict=True)} - layer_ms.keys():
-            layer_ms[key] = layer_rate(model, key[0], repeats, masked=key[1])[0]
-        return sum(layer_ms[(n, p > 1)] for n, p in zip(tokens, paths, strict=True))
-
+    """Markdown rows: every case of ``bench`` (a ``vtprune bench`` result) with its TTFT beside the TTFT its
+    layers' sizes predict (module docstring). Both are measured here, in one stretch, so that the machine's
+    drift between runs does not enter the comparison: the TTFTs round-robin over the cases (median of
+    ``repeats`` rounds), the layer sizes round-robin too (best of ``repeats``)."""
+    names = [c["name"] for c in bench["cases"]]
+    roofline = {c["name"]: c.get("speedup", {}).get("roofline_ideal", {}).get("prefill") for c in bench["cases"]}
     n_layers = model.config.text_config.num_hidden_layers
-    prompt = inputs["input_ids"].shape[1]
-    rest = stock["median"]["ttft_ms"] - layers_ms([prompt] * n_layers, [1] * n_layers)
-    rows = ["| case | tokens per layer (prefill) | TTFT ms measured | predicted from layer times | measured / predicted speedup "
-            "| speedup measured | predicted | roofline-ideal | measured / roofline |", "|---|---|---|---|---|---|---|---|---|"]
-    for name, case in cases.items():
+    sizes: dict[str, list[tuple[int, bool]]] = {"stock": [(inputs["input_ids"].shape[1], False)] * n_layers}
+    runs: dict[str, Any] = {"stock": None}
+    for name in names:
         if name == "stock":
             continue
         spec = parse_spec(name)
-        with api.apply(model, spec.name, **spec.options) as run:
-            model.generate(**inputs, generation_config=gc)
-        sample = run.report()["samples"][0]
-        tokens, paths = sample["tokens_per_layer_prefill"], sample["paths_per_layer_prefill"]
-        predicted = rest + layers_ms(tokens, paths)
-        measured = case["median"]["ttft_ms"]
-        roofline = case.get("speedup", {}).get("roofline_ideal", {}).get("prefill")
-        base = stock["median"]["ttft_ms"]
-        shown = runs_of([f"{n} (2 paths)" if p > 1 else n for n, p in zip(tokens, paths, strict=True)])
-        rows.append(f"| {name} | {shown} | {measured:.0f} | {predicted:.0f} | {predicted / measured:.2f} | "
-                    f"{base / measured:.2f}x | {base / predicted:.2f}x | "
-                    + (f"{roofline:.2f}x | {base / measured / roofline:.2f} |" if roofline else "- | - |"))
-    rows += ["", f"Stock's TTFT outside its decoder layers (vision tower, embedding, LM head, sampling): {rest:.0f} ms, "
-             "taken as every case's.", "", "Decoder layer alone, ms (best of the repeats):", "",
+        runs[name] = api.apply(model, spec.name, **spec.options)
+        try:
+            model.generate(**inputs, generation_config=gc)  # untimed: the layer sizes, and a warm-up
+            sample = runs[name].report()["samples"][0]
+        finally:
+            runs[name].detach()
+        sizes[name] = [(n, p > 1) for n, p in zip(sample["tokens_per_layer_prefill"], sample["paths_per_layer_prefill"],
+                                                  strict=True)]
+    ttft: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            if run is not None:
+                run.attach()
+            try:
+                t0 = time.perf_counter()
+                model.generate(**inputs, generation_config=gc)
+                ttft[name].append((time.perf_counter() - t0) * 1000.0)
+            finally:
+                if run is not None:
+                    run.detach()
+    layer_ms: dict[tuple[int, bool], float] = {}
+    keys = sorted({key for layers in sizes.values() for key in layers}, reverse=True)
+    for _ in range(repeats):
+        for key in keys:
+            ms = layer_rate(model, key[0], 1, masked=key[1])[0]
+            layer_ms[key] = min(ms, layer_ms.get(key, ms))
+    measured = {name: measure.median(ts) for name, ts in ttft.items()}
+    stock = measured["stock"]
+    rest = stock - sum(layer_ms[key] for key in sizes["stock"])
+    rows = ["| case | tokens per layer (prefill) | TTFT ms measured | predicted from layer times | measured / predicted speedup "
+            "| speedup measured | predicted | roofline-ideal (bench) | measured / roofline |", "|---|---|---|---|---|---|---|---|---|"]
+    for name in runs:
+        if name == "stock":
+            continue
+        predicted = rest + sum(layer_ms[key] for key in sizes[name])
+        shown = runs_of([f"{n} (2 paths)" if packed else n for n, packed in sizes[name]])
+        ideal = roofline.get(name)
+        rows.append(f"| {name} | {shown} | {measured[name]:.0f} | {predicted:.0f} | {predicted / measured[name]:.2f} | "
+                    f"{stock / measured[name]:.2f}x | {stock / predicted:.2f}x | "
+                    + (f"{ideal:.2f}x | {stock / measured[name] / ideal:.2f} |" if ideal else "- | - |"))
+    rows += ["", f"Stock's TTFT here: {stock:.0f} ms (median of {repeats} rounds), of which outside its decoder layers "
+             f"(vision tower, embedding, LM head, sampling) {rest:.0f} ms, taken as every case's.", "",
+             "Decoder layer alone, ms (best of the rounds):", "",
              "| tokens | causal kernel | explicit mask (packed paths) |", "|---|---|---|"]
     for n in sorted({n for n, _ in layer_ms}, reverse=True):
         rows.append(f"| {n} | " + " | ".join(f"{layer_ms[(n, m)]:.1f}" if (n, m) in layer_ms else "-"
