@@ -20,11 +20,14 @@ overhead of its own, so compare the shares, not the absolute times, with ``vtpru
 With ``--bench BENCH.json`` (a ``vtprune bench`` result of the same architecture and dtype) the script
 instead predicts every case's TTFT from layer timings: each case runs once under vtprune to read the
 real tokens (and packed paths) in every decoder layer's prefill (``tokens_per_layer_prefill`` /
-``paths_per_layer_prefill`` of its report), one decoder layer is timed alone at each of those sizes
-(a packed two-path layer with an explicit mask, as the engine runs it), and the prediction is stock's
-measured TTFT minus stock's layers plus the case's layers. Measured / predicted near 1 says the gap to
-the roofline is the kernels' rate at that size; well below 1 says time is lost elsewhere (vtprune's
-scoring, gathers, masks)::
+``paths_per_layer_prefill`` of its report), every case's TTFT is timed here (round-robin), one decoder
+layer is timed alone at each of those sizes (a packed two-path layer with an explicit mask, as the engine
+runs it), and the prediction is stock's TTFT minus stock's layers plus the case's. The bench result gives
+the cases and their roofline-ideal speedups. Measured / predicted near 1 would say the gap to the
+roofline is the kernels' rate at that size; well below 1, that time is lost elsewhere (vtprune's scoring,
+gathers, masks). Not yet validated: on the 2-core VM (2026-12-02) two runs disagreed with each other (a
+636-token 7B layer alone at 369 and 178 ms) and layers timed alone came out slower than inside the model,
+so read its output as a lead, not a figure::
 
     python scripts/profile_prefill.py --arch llava-1.5-7b --dtype bfloat16 \\
         --bench benchmarks/results/.../bench-b1-p60-n1-bfloat16.json --out OUT.md
