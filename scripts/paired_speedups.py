@@ -4,7 +4,7 @@
 The bench runs its cases round-robin, so round r of a case and round r of ``stock`` ran side by side; the
 ratio stock / case per round cancels the machine's drift between rounds. For TTFT, decode ms per token
 and end-to-end this prints the median of those ratios with its 95 % distribution-free interval
-(``vtprune.bench.measure.median_interval``, binomial order statistics; from 6 rounds on) and whether the
+(``vtprune.bench.measure.paired_ratios`` / ``median_interval``, binomial order statistics; from 6 rounds on) and whether the
 interval lies wholly above 1 (faster), wholly below (slower) or across it (not resolved).
 
 Usage: ``python scripts/paired_speedups.py BENCH.json [--out OUT.md]``
@@ -23,7 +23,7 @@ PHASES = (("ttft_ms", "TTFT"), ("decode_ms_per_token", "decode per token"), ("en
 
 def paired(case: dict, stock: dict, key: str) -> str:
     """``"1.03 [1.01, 1.05] faster"`` for one case and phase (``-`` when the phase was not timed)."""
-    ratios = [s / c for c, s in zip(case["repeats"][key], stock["repeats"][key], strict=True) if c and s]
+    ratios = measure.paired_ratios(stock["repeats"][key], case["repeats"][key])
     if not ratios:
         return "-"
     median, interval = measure.median(ratios), measure.median_interval(ratios)

@@ -79,6 +79,12 @@ def median(values):
     return statistics.median(vals) if vals else None
 
 
+def paired_ratios(numerators, denominators) -> list[float]:
+    """Round-by-round ratios ``a / b`` of two cases timed in the same rounds (``strict``: one value per
+    round each), leaving out rounds where ``a`` is None or ``b`` is None or 0."""
+    return [a / b for a, b in zip(numerators, denominators, strict=True) if a is not None and b]
+
+
 def median_interval(values, level: float = 0.95):
     """Distribution-free confidence interval of the median of ``values`` (the non-None ones).
 

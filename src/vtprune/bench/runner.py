@@ -333,7 +333,7 @@ def _overhead(cases: dict[str, dict]) -> dict | None:
     out: dict[str, Any] = {"target_end_to_end_ratio": OVERHEAD_TARGET}
     for key, name in (("end_to_end_ms", "end_to_end"), ("ttft_ms", "ttft"), ("decode_ms_per_token", "decode_per_token")):
         out[name + "_ratio"] = _ratio(none["median"][key], stock["median"][key])
-        paired = [_ratio(a, b) for a, b in zip(none["repeats"][key], stock["repeats"][key], strict=True)]
+        paired = measure.paired_ratios(none["repeats"][key], stock["repeats"][key])
         out[name + "_ratio_paired_median"] = measure.median(paired)
         out[name + "_ratio_paired_interval"] = measure.median_interval(paired)
     out["within_target"] = (out["end_to_end_ratio"] is not None and out["end_to_end_ratio"] <= OVERHEAD_TARGET)

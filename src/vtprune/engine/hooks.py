@@ -32,10 +32,9 @@ class Hooks:
         self.profile = profile
         self._handles: list = []
         self._listened: list[nn.Module] = []
-        self._attention: tuple[Any, str] | None = None  # (the language model's config, its attention)
+        self._attention: tuple[Any, str, str] | None = None  # (the LM's config, its attention, the scoring entry)
         self._layer_hooks: list[tuple[nn.Module, Callable]] = []  # per-layer pre-hooks, put on by layers(True)
         self._layer_handles: list = []
-        self._scoring: str | None = None  # the scoring entry's name while switched
         self._layers_on = False
 
     def _timed(self, fn: Callable) -> Callable:
@@ -74,8 +73,7 @@ class Hooks:
         implementation transformers does not know."""
         name = attention.register(original)
         config._attn_implementation = name
-        self._attention = (config, original)
-        self._scoring = name
+        self._attention = (config, original, name)
 
     def layers(self, on: bool) -> None:
         """Put the per-layer hooks and the scoring entry on (True) or take them off (False; the language
@@ -90,9 +88,9 @@ class Hooks:
             for handle in self._layer_handles:
                 handle.remove()
             self._layer_handles = []
-        if self._attention is not None and self._scoring is not None:
-            config, original = self._attention
-            config._attn_implementation = self._scoring if on else original
+        if self._attention is not None:
+            config, original, scoring = self._attention
+            config._attn_implementation = scoring if on else original
         self._layers_on = on
 
     def remove(self) -> None:
@@ -105,6 +103,6 @@ class Hooks:
             attention.unlisten(module)
         self._listened.clear()
         if self._attention is not None:
-            config, original = self._attention
+            config, original, _ = self._attention
             config._attn_implementation = original
             self._attention = None

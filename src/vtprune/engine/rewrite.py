@@ -66,10 +66,15 @@ class LayerRewrite:
             kwargs["position_ids"] = pos
         kwargs["attention_mask"] = self._masks[id(lay)][0]
 
+    def decode_mask_needed(self, gen: Generation) -> bool:
+        """Whether a decode layer whose cache is not the stock one needs a mask of the engine's: with
+        padding, or eager attention (additive masks); SDPA and FlashAttention need none for one query."""
+        return gen.has_padding or self.impl == "eager"
+
     def decode(self, gen: Generation, layer: int, kwargs: dict) -> None:
         """Set ``attention_mask`` of a decode layer's call whose cache is not the stock one."""
         mask = None
-        if gen.has_padding or self.impl == "eager":
+        if self.decode_mask_needed(gen):
             index = gen.cache_index[layer]
             key = id(index)
             if key not in self._decode:

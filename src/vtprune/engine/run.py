@@ -259,7 +259,7 @@ class Run:
         if gen.stock:
             return False
         assert self._rewrite is not None  # set by attach()
-        return gen.has_padding or self._rewrite.impl == "eager" or self._window is not None
+        return self._rewrite.decode_mask_needed(gen) or self._window is not None
 
     def _stock_decode_positions(self, cache, args, kwargs):
         """A decode call without ``position_ids`` makes the model derive them from the length of layer

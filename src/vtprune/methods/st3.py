@@ -60,8 +60,8 @@ class ST3(RankByAttention):
     captions); scores, schedule, rounding and T are reconstructed (METHODS.md, ST³). Layer 0 is never
     annealed: it has no previous layer to be scored by (reconstructed). ``anneal_every`` is this
     project's speed option, not the paper's; its default 8 was chosen by measurement (README, Speed and
-    Accuracy): on the bundled model per-step evictions made a decode step 0.86x of stock's and every 8
-    steps 0.95x. An earlier form that evicted at steps 1, 1 + k, ... straight down to the count k - 1
+    Accuracy): on the bundled model per-step evictions made a decode step 0.85x of stock's and every 8
+    steps 0.96x (not resolved from 1). An earlier form that evicted at steps 1, 1 + k, ... straight down to the count k - 1
     steps ahead cost 12.5 points on 12-token answers (imagenet-naming, 200 photos: 25.0 % against
     37.5 % per step); batching behind the schedule instead never evicts before the per-step schedule.
     """
@@ -122,10 +122,9 @@ class ST3(RankByAttention):
         steps = self.anneal_steps or view.max_new_tokens
         if not steps:
             raise ValueError("st3: annealing needs the number of new tokens: call generate(max_new_tokens=...) or set anneal_steps")
-        if view.step % self.anneal_every:
+        if not self.acts_at_decode_step(view, plan):
             return view.visual_count(layer)
         return annealed(plan.per_layer[layer], view.step, steps, self.floor_ratio, self.anneal)
-
 
     def acts_at_decode_step(self, view, plan: LayerPlan) -> bool:
         """VTA evicts at steps k, 2k, 3k, ... (``anneal_every = k``); never with ``anneal="none"``."""
