@@ -46,7 +46,8 @@ def take(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
     """The entries of ``x`` at positions ``index[b]`` along ``dim``, per batch row b, every other dim
     whole: the values ``torch.gather`` gives with ``index`` expanded over the other dims, by one
     ``index_select`` instead (the CPU gather kernel reads an int64 index per element: on a [1, 16, 520, 64]
-    bf16 KV cache, keeping 390 entries took 656 µs with gather and 50 µs with index_select, 2026-12-02).
+    bf16 KV cache, keeping 390 entries took 590 µs with gather and 56 µs with take on the 2-core VM,
+    2026-12-02, ``scripts/bench_kv_select.py``).
 
     Args:
         x: [B or 1, ..., N, ...] with the N axis at ``dim`` >= 1 (a batch dim of 1 is broadcast).
