@@ -18,19 +18,16 @@ Prints Markdown (and writes it to ``--out``). Timings are wall clock on this mac
 overhead of its own, so compare the shares, not the absolute times, with ``vtprune bench``.
 
 With ``--bench BENCH.json`` (a ``vtprune bench`` result of the same architecture and dtype) the script
-instead predicts every case's TTFT from layer timings: each case runs once under vtprune to read the
-real tokens (and packed paths) in every decoder layer's prefill (``tokens_per_layer_prefill`` /
-``paths_per_layer_prefill`` of its report), every case's TTFT is timed here (round-robin), one decoder
-layer is timed alone at each of those sizes (a packed two-path layer with an explicit mask, as the engine
-runs it), and the prediction is stock's TTFT minus stock's layers plus the case's. The bench result gives
-the cases and their roofline-ideal speedups. Measured / predicted near 1 would say the gap to the
-roofline is the kernels' rate at that size; well below 1, that time is lost elsewhere (vtprune's scoring,
-gathers, masks). Not yet validated: on the 2-core VM (2026-12-02) two runs disagreed with each other (a
-636-token 7B layer alone at 369 and 178 ms) and layers timed alone came out slower than inside the model,
-so read its output as a lead, not a figure::
+instead accounts for every case's TTFT with every decoder layer timed inside the model's own prefill
+(``LayerTimer``: the layer's forward wrapped, vtprune's pre-hooks outside it): the time in the layers
+at stock's own layer rate (GFLOP/s of stock's layers in the same rounds), the layers' extra time at the
+sizes the case leaves them (kernel rate), the scoring calls, and the time outside the layers against
+stock's. A case whose layers' extra time dominates its gap is capped by kernel sizes; a case whose
+outside time or scoring grows, by vtprune. (It replaced a prediction from one layer timed alone, which
+two runs on the 2-core VM could not reproduce, 2026-12-02.)::
 
     python scripts/profile_prefill.py --arch llava-1.5-7b --dtype bfloat16 \\
-        --bench benchmarks/results/.../bench-b1-p60-n1-bfloat16.json --out OUT.md
+        --bench benchmarks/results/.../bench-b1-p60-n1-bfloat16.json --repeats 3 --out OUT.md
 """
 
 from __future__ import annotations
@@ -128,67 +125,143 @@ def runs_of(counts: list) -> str:
     return ", ".join(f"{c} x{n}" if n > 1 else f"{c}" for c, n in out)
 
 
-def predict_from_layers(model, bench: dict, inputs: dict, gc, repeats: int) -> list[str]:
-    """Markdown rows: every case of ``bench`` (a ``vtprune bench`` result) with its TTFT beside the TTFT its
-    layers' sizes predict (module docstring). Both are measured here, in one stretch, so that the machine's
-    drift between runs does not enter the comparison: the TTFTs round-robin over the cases (median of
-    ``repeats`` rounds), the layer sizes round-robin too (best of ``repeats``)."""
+class LayerTimer:
+    """Wall time of every decoder layer's own forward inside the model (its pre-hooks, vtprune's
+    included, run outside it), with the tokens its hidden states hold: the layer instance's ``forward``
+    is wrapped while the timer is on and restored after."""
+
+    def __init__(self, layers):
+        self.layers = list(layers)
+        self.calls: list[tuple[int, int, float]] = []  # (layer index, tokens, ms), in call order
+
+    def __enter__(self) -> LayerTimer:
+        self.calls.clear()
+        for i, layer in enumerate(self.layers):
+            layer.forward = self._timed(i, layer.forward)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for layer in self.layers:
+            del layer.forward  # the instance attribute; the class's forward shows through again
+
+    def _timed(self, index: int, forward):
+        def wrapper(hidden_states, *args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return forward(hidden_states, *args, **kwargs)
+            finally:
+                self.calls.append((index, hidden_states.shape[1], (time.perf_counter() - t0) * 1000.0))
+        return wrapper
+
+
+def layer_flops(cfg, tokens: int) -> int:
+    """FLOPs one decoder layer's kernels do over ``tokens`` tokens in one sequence, attention over all
+    of them (what SDPA computes with an explicit mask too): projections, QK^T and AV, gated MLP."""
+    d, m, heads = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads
+    kv = getattr(cfg, "num_key_value_heads", heads)
+    hd = getattr(cfg, "head_dim", None) or d // heads
+    return 2 * tokens * d * (2 * heads * hd + 2 * kv * hd) + 4 * tokens * tokens * heads * hd + 6 * tokens * d * m
+
+
+def account_in_model(model, bench: dict, inputs: dict, gc, repeats: int) -> list[str]:
+    """Markdown: every case of ``bench`` (a ``vtprune bench`` result), its TTFT and where that time goes,
+    every decoder layer timed inside the model's own prefill (module docstring).
+
+    Round-robin over the cases, ``repeats`` rounds; in each round every case runs twice, once plain (its
+    TTFT) and once with :class:`LayerTimer` on and ``profile=True`` (its layers' times, its scoring
+    calls' time): medians over the rounds. The layer time is split with stock's own layer rate (FLOPs /
+    ms of stock's layers, measured in the same rounds) into the work at stock's rate and the rest
+    (``kernel rate``); scoring (``row_logits``, inside the scored layers' attention) is taken out of the
+    layers; what is outside every layer (vision tower, embedding, LM head, vtprune's pre-hooks and
+    wrapper) is compared with stock's."""
+    cfg = model.config.text_config
+    layers = model.model.language_model.layers
     names = [c["name"] for c in bench["cases"]]
     roofline = {c["name"]: c.get("speedup", {}).get("roofline_ideal", {}).get("prefill") for c in bench["cases"]}
-    n_layers = model.config.text_config.num_hidden_layers
-    sizes: dict[str, list[tuple[int, bool]]] = {"stock": [(inputs["input_ids"].shape[1], False)] * n_layers}
     runs: dict[str, Any] = {"stock": None}
     for name in names:
-        if name == "stock":
-            continue
-        spec = parse_spec(name)
-        runs[name] = api.apply(model, spec.name, **spec.options)
-        try:
-            model.generate(**inputs, generation_config=gc)  # untimed: the layer sizes, and a warm-up
-            sample = runs[name].report()["samples"][0]
-        finally:
+        if name != "stock":
+            spec = parse_spec(name)
+            runs[name] = api.apply(model, spec.name, profile=True, **spec.options)
             runs[name].detach()
-        sizes[name] = [(n, p > 1) for n, p in zip(sample["tokens_per_layer_prefill"], sample["paths_per_layer_prefill"],
-                                                  strict=True)]
-    ttft: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
+    plain: dict[str, list[float]] = {n: [] for n in runs}
+    timed: dict[str, list[float]] = {n: [] for n in runs}
+    layer_ms: dict[str, list[float]] = {n: [] for n in runs}
+    scoring_ms: dict[str, list[float]] = {n: [] for n in runs}
+    work: dict[str, list[tuple[int, int, float]]] = {}
+    timer = LayerTimer(layers)
+    with torch.no_grad():
+        for run in runs.values():  # warm-up, untimed
             if run is not None:
                 run.attach()
             try:
-                t0 = time.perf_counter()
                 model.generate(**inputs, generation_config=gc)
-                ttft[name].append((time.perf_counter() - t0) * 1000.0)
             finally:
                 if run is not None:
                     run.detach()
-    layer_ms: dict[tuple[int, bool], float] = {}
-    keys = sorted({key for layers in sizes.values() for key in layers}, reverse=True)
-    for _ in range(repeats):
-        for key in keys:
-            ms = layer_rate(model, key[0], 1, masked=key[1])[0]
-            layer_ms[key] = min(ms, layer_ms.get(key, ms))
-    measured = {name: measure.median(ts) for name, ts in ttft.items()}
-    stock = measured["stock"]
-    rest = stock - sum(layer_ms[key] for key in sizes["stock"])
-    rows = ["| case | tokens per layer (prefill) | TTFT ms measured | predicted from layer times | measured / predicted speedup "
-            "| speedup measured | predicted | roofline-ideal (bench) | measured / roofline |", "|---|---|---|---|---|---|---|---|---|"]
+        for _ in range(repeats):
+            for name, run in runs.items():
+                for with_timer in (False, True):
+                    if run is not None:
+                        run.attach()
+                        run.profile.reset()
+                    try:
+                        if with_timer:
+                            timer.__enter__()
+                        t0 = time.perf_counter()
+                        model.generate(**inputs, generation_config=gc)
+                        ms = (time.perf_counter() - t0) * 1000.0
+                    finally:
+                        if with_timer:
+                            timer.__exit__()
+                        if run is not None:
+                            run.detach()
+                    if not with_timer:
+                        plain[name].append(ms)
+                        continue
+                    timed[name].append(ms)
+                    calls = [c for c in timer.calls if c[1] > 1]  # the prefill's calls (decode: 1 token)
+                    layer_ms[name].append(sum(c[2] for c in calls))
+                    scoring_ms[name].append(sum(t for rows, t in run.profile.scoring if rows > 1) if run else 0.0)
+                    work[name] = calls
+    med = {k: {n: measure.median(v) for n, v in d.items()} for k, d in
+           (("plain", plain), ("timed", timed), ("layers", layer_ms), ("scoring", scoring_ms))}
+    stock_flops = sum(layer_flops(cfg, n) for _, n, _ in work["stock"])
+    stock_rate = stock_flops / med["layers"]["stock"]  # FLOPs per ms
+    stock_rest = med["timed"]["stock"] - med["layers"]["stock"]
+    stock = med["plain"]["stock"]
+    rows = ["| case | tokens per layer (prefill, as run) | TTFT ms | with layer timer | outside the layers | "
+            "layers at stock's rate | layers' kernel rate (extra) | scoring | speedup measured | at stock's layer rate, "
+            "nothing else | roofline-ideal (bench) | measured / roofline |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in runs:
-        if name == "stock":
-            continue
-        predicted = rest + sum(layer_ms[key] for key in sizes[name])
-        shown = runs_of([f"{n} (2 paths)" if packed else n for n, packed in sizes[name]])
+        calls = work[name]
+        flops = sum(layer_flops(cfg, n) for _, n, _ in calls)
+        at_rate = flops / stock_rate
+        layer_only = med["layers"][name] - med["scoring"][name]
+        rest = med["timed"][name] - med["layers"][name]
         ideal = roofline.get(name)
-        rows.append(f"| {name} | {shown} | {measured[name]:.0f} | {predicted:.0f} | {predicted / measured[name]:.2f} | "
-                    f"{stock / measured[name]:.2f}x | {stock / predicted:.2f}x | "
-                    + (f"{ideal:.2f}x | {stock / measured[name] / ideal:.2f} |" if ideal else "- | - |"))
-    rows += ["", f"Stock's TTFT here: {stock:.0f} ms (median of {repeats} rounds), of which outside its decoder layers "
-             f"(vision tower, embedding, LM head, sampling) {rest:.0f} ms, taken as every case's.", "",
-             "Decoder layer alone, ms (best of the rounds):", "",
-             "| tokens | causal kernel | explicit mask (packed paths) |", "|---|---|---|"]
-    for n in sorted({n for n, _ in layer_ms}, reverse=True):
-        rows.append(f"| {n} | " + " | ".join(f"{layer_ms[(n, m)]:.1f}" if (n, m) in layer_ms else "-"
-                                              for m in (False, True)) + " |")
+        rows.append(f"| {name} | {runs_of([n for _, n, _ in calls])} | {med['plain'][name]:.0f} | "
+                    f"{med['timed'][name]:.0f} | {rest:.0f} ({rest - stock_rest:+.0f}) | {at_rate:.0f} | "
+                    f"{layer_only - at_rate:+.0f} | {med['scoring'][name]:.0f} | {stock / med['plain'][name]:.2f}x | "
+                    f"{med['timed']['stock'] / (stock_rest + at_rate):.2f}x | "
+                    + (f"{ideal:.2f}x | {stock / med['plain'][name] / ideal:.2f} |" if ideal else "- | - |"))
+    rows += ["", f"Medians of {repeats} rounds. Stock's decoder layers: {stock_flops / 1e9:.0f} GFLOP in "
+             f"{med['layers']['stock']:.0f} ms, {stock_rate / 1e6:.0f} GFLOP/s; outside them {stock_rest:.0f} ms. "
+             "Columns in ms: *outside the layers* = TTFT with the timer minus the layers' time (in brackets: minus "
+             "stock's); *layers at stock's rate* = the FLOPs the case's layers do (as run: packed paths' masked "
+             "attention counted whole) at stock's layer rate; *kernel rate (extra)* = the layers' time, scoring "
+             "taken out, minus that; *at stock's layer rate, nothing else* = stock's TTFT over stock's outside "
+             "time plus the layers at stock's rate.", "",
+             "Layer rate by size (every prefill layer call of every case, median ms per size):", "",
+             "| tokens | calls | ms | GFLOP/s | of stock's layer rate |", "|---|---|---|---|---|"]
+    by_size: dict[int, list[float]] = collections.defaultdict(list)
+    for calls in work.values():
+        for _, n, ms in calls:
+            by_size[n].append(ms)
+    for n in sorted(by_size, reverse=True):
+        ms = measure.median(by_size[n])
+        rate = layer_flops(cfg, n) / ms
+        rows.append(f"| {n} | {len(by_size[n])} | {ms:.1f} | {rate / 1e6:.0f} | {rate / stock_rate:.2f} |")
     return rows
 
 
@@ -216,8 +289,8 @@ def main() -> None:
     if args.bench:
         bench = json.loads(Path(args.bench).read_text())
         lines[3] = f"`python scripts/profile_prefill.py --arch {args.arch} --dtype {args.dtype} --bench {args.bench}`"
-        lines += [f"Prediction of `{args.bench}` ({bench['meta'].get('date', '?')}) from layer timings:", "",
-                  *predict_from_layers(model, bench, inputs, gc, args.repeats)]
+        lines += [f"Where the TTFT of `{args.bench}`'s cases ({bench['meta'].get('date', '?')}) goes, layers timed in the model:", "",
+                  *account_in_model(model, bench, inputs, gc, args.repeats)]
         return emit(lines, args.out)
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     results = {c: profile_case(model, c, inputs, gc) for c in cases}
