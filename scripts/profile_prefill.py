@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import datetime
 import json
 import os
@@ -48,6 +49,7 @@ from vtprune import api
 from vtprune.bench import archs, measure
 from vtprune.bench.inputs import synthetic_inputs
 from vtprune.bench.runner import generation_config
+from vtprune.engine.ledger import Dims
 from vtprune.methods import parse_spec
 
 KINDS = {  # op-name fragments -> kind (first match wins)
@@ -90,25 +92,21 @@ def profile_case(model, case: str, inputs: dict, gc) -> tuple[float, dict[str, f
     return wall, dict(kinds), scored
 
 
-def layer_rate(model, tokens: int, repeats: int, masked: bool = False) -> tuple[float, float]:
-    """(ms, GFLOP/s) of one decoder layer's forward over ``tokens`` tokens (causal SDPA, no cache; with
-    ``masked`` an explicit [1, 1, n, n] boolean mask, as a layer of packed paths gets)."""
+def layer_rate(model, tokens: int, repeats: int) -> tuple[float, float]:
+    """(ms, GFLOP/s) of one decoder layer's forward over ``tokens`` tokens (causal SDPA, no cache), FLOPs
+    in the ledger's exact convention with causal pairs."""
     layer = model.model.language_model.layers[0]
     cfg = model.config.text_config
-    d, m, heads = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads
-    kv = getattr(cfg, "num_key_value_heads", heads)
-    hd = d // heads
-    x = torch.randn(1, tokens, d, dtype=model.dtype)
+    x = torch.randn(1, tokens, cfg.hidden_size, dtype=model.dtype)
     pos = torch.arange(tokens)[None]
     pe = model.model.language_model.rotary_emb(x, pos)
-    flops = 2 * tokens * d * (2 * d + 2 * kv * hd) + 2 * tokens * tokens * d + 6 * tokens * d * m
-    mask = torch.ones(tokens, tokens, dtype=torch.bool).tril()[None, None] if masked else None
+    flops = Dims.from_config(cfg).exact(tokens, tokens * (tokens + 1) // 2)
     times = []
     with torch.no_grad():
-        layer(x, attention_mask=mask, position_embeddings=pe, position_ids=pos)
+        layer(x, attention_mask=None, position_embeddings=pe, position_ids=pos)
         for _ in range(repeats):
             t0 = time.perf_counter()
-            layer(x, attention_mask=mask, position_embeddings=pe, position_ids=pos)
+            layer(x, attention_mask=None, position_embeddings=pe, position_ids=pos)
             times.append(time.perf_counter() - t0)
     best = min(times)
     return best * 1000.0, flops / best / 1e9
@@ -154,13 +152,18 @@ class LayerTimer:
         return wrapper
 
 
-def layer_flops(cfg, tokens: int) -> int:
-    """FLOPs one decoder layer's kernels do over ``tokens`` tokens in one sequence, attention over all
-    of them (what SDPA computes with an explicit mask too): projections, QK^T and AV, gated MLP."""
-    d, m, heads = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads
-    kv = getattr(cfg, "num_key_value_heads", heads)
-    hd = getattr(cfg, "head_dim", None) or d // heads
-    return 2 * tokens * d * (2 * heads * hd + 2 * kv * hd) + 4 * tokens * tokens * heads * hd + 6 * tokens * d * m
+def _ttft(model, run, inputs: dict, gc, around) -> float:
+    """ms of one ``generate`` with ``run`` attached (None: stock), inside the context ``around``."""
+    if run is not None:
+        run.attach()
+    try:
+        with around:
+            t0 = time.perf_counter()
+            model.generate(**inputs, generation_config=gc)
+            return (time.perf_counter() - t0) * 1000.0
+    finally:
+        if run is not None:
+            run.detach()
 
 
 def account_in_model(model, bench: dict, inputs: dict, gc, repeats: int) -> list[str]:
@@ -168,22 +171,28 @@ def account_in_model(model, bench: dict, inputs: dict, gc, repeats: int) -> list
     every decoder layer timed inside the model's own prefill (module docstring).
 
     Round-robin over the cases, ``repeats`` rounds; in each round every case runs twice, once plain (its
-    TTFT) and once with :class:`LayerTimer` on and ``profile=True`` (its layers' times, its scoring
-    calls' time): medians over the rounds. The layer time is split with stock's own layer rate (FLOPs /
+    TTFT, the run attached as ``vtprune bench`` attaches it) and once with :class:`LayerTimer` on and a
+    second run of the same method with ``profile=True`` (its layers' times, its scoring calls' time): medians over the rounds. The layer time is split with stock's own layer rate (FLOPs /
     ms of stock's layers, measured in the same rounds) into the work at stock's rate and the rest
     (``kernel rate``); scoring (``row_logits``, inside the scored layers' attention) is taken out of the
     layers; what is outside every layer (vision tower, embedding, LM head, vtprune's pre-hooks and
     wrapper) is compared with stock's."""
-    cfg = model.config.text_config
+    dims = Dims.from_config(model.config.text_config)
+
+    def layer_flops(tokens: int) -> int:  # every (query, key) pair: what SDPA computes with an explicit mask
+        return dims.exact(tokens, tokens * tokens)
+
     layers = model.model.language_model.layers
     names = [c["name"] for c in bench["cases"]]
     roofline = {c["name"]: c.get("speedup", {}).get("roofline_ideal", {}).get("prefill") for c in bench["cases"]}
-    runs: dict[str, Any] = {"stock": None}
+    runs: dict[str, Any] = {"stock": None}  # attached for the plain TTFT: as vtprune bench runs them
+    profiled: dict[str, Any] = {"stock": None}  # attached with the timer: profile=True, its scoring calls timed
     for name in names:
         if name != "stock":
             spec = parse_spec(name)
-            runs[name] = api.apply(model, spec.name, profile=True, **spec.options)
-            runs[name].detach()
+            for held, profile in ((runs, False), (profiled, True)):
+                held[name] = api.apply(model, spec.name, profile=profile, **spec.options)
+                held[name].detach()
     plain: dict[str, list[float]] = {n: [] for n in runs}
     timed: dict[str, list[float]] = {n: [] for n in runs}
     layer_ms: dict[str, list[float]] = {n: [] for n in runs}
@@ -192,41 +201,21 @@ def account_in_model(model, bench: dict, inputs: dict, gc, repeats: int) -> list
     timer = LayerTimer(layers)
     with torch.no_grad():
         for run in runs.values():  # warm-up, untimed
-            if run is not None:
-                run.attach()
-            try:
-                model.generate(**inputs, generation_config=gc)
-            finally:
-                if run is not None:
-                    run.detach()
+            _ttft(model, run, inputs, gc, contextlib.nullcontext())
         for _ in range(repeats):
             for name, run in runs.items():
-                for with_timer in (False, True):
-                    if run is not None:
-                        run.attach()
-                        run.profile.reset()
-                    try:
-                        if with_timer:
-                            timer.__enter__()
-                        t0 = time.perf_counter()
-                        model.generate(**inputs, generation_config=gc)
-                        ms = (time.perf_counter() - t0) * 1000.0
-                    finally:
-                        if with_timer:
-                            timer.__exit__()
-                        if run is not None:
-                            run.detach()
-                    if not with_timer:
-                        plain[name].append(ms)
-                        continue
-                    timed[name].append(ms)
-                    calls = [c for c in timer.calls if c[1] > 1]  # the prefill's calls (decode: 1 token)
-                    layer_ms[name].append(sum(c[2] for c in calls))
-                    scoring_ms[name].append(sum(t for rows, t in run.profile.scoring if rows > 1) if run else 0.0)
-                    work[name] = calls
+                plain[name].append(_ttft(model, run, inputs, gc, contextlib.nullcontext()))
+                watched = profiled[name]
+                if watched is not None:
+                    watched.profile.reset()
+                timed[name].append(_ttft(model, watched, inputs, gc, timer))
+                calls = [c for c in timer.calls if c[1] > 1]  # the prefill's calls (decode: 1 token)
+                layer_ms[name].append(sum(c[2] for c in calls))
+                scoring_ms[name].append(sum(t for rows, t in watched.profile.scoring if rows > 1) if watched else 0.0)
+                work[name] = calls
     med = {k: {n: measure.median(v) for n, v in d.items()} for k, d in
            (("plain", plain), ("timed", timed), ("layers", layer_ms), ("scoring", scoring_ms))}
-    stock_flops = sum(layer_flops(cfg, n) for _, n, _ in work["stock"])
+    stock_flops = sum(layer_flops(n) for _, n, _ in work["stock"])
     stock_rate = stock_flops / med["layers"]["stock"]  # FLOPs per ms
     stock_rest = med["timed"]["stock"] - med["layers"]["stock"]
     stock = med["plain"]["stock"]
@@ -235,7 +224,7 @@ def account_in_model(model, bench: dict, inputs: dict, gc, repeats: int) -> list
             "nothing else | roofline-ideal (bench) | measured / roofline |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in runs:
         calls = work[name]
-        flops = sum(layer_flops(cfg, n) for _, n, _ in calls)
+        flops = sum(layer_flops(n) for _, n, _ in calls)
         at_rate = flops / stock_rate
         layer_only = med["layers"][name] - med["scoring"][name]
         rest = med["timed"][name] - med["layers"][name]
@@ -260,7 +249,7 @@ def account_in_model(model, bench: dict, inputs: dict, gc, repeats: int) -> list
             by_size[n].append(ms)
     for n in sorted(by_size, reverse=True):
         ms = measure.median(by_size[n])
-        rate = layer_flops(cfg, n) / ms
+        rate = layer_flops(n) / ms
         rows.append(f"| {n} | {len(by_size[n])} | {ms:.1f} | {rate / 1e6:.0f} | {rate / stock_rate:.2f} |")
     return rows
 
@@ -285,10 +274,11 @@ def main() -> None:
              "", f"{datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}, {platform.processor() or 'cpu'}, "
              f"{os.cpu_count()} logical cores, torch {torch.__version__}, square-matmul peak {rate / 1e9:.0f} GFLOP/s",
              f"`python scripts/profile_prefill.py --arch {args.arch} --dtype {args.dtype} --cases {args.cases} "
-             f"--layer-tokens {args.layer_tokens}`", ""]
+             f"--layer-tokens {args.layer_tokens} --repeats {args.repeats}`", ""]
     if args.bench:
         bench = json.loads(Path(args.bench).read_text())
-        lines[3] = f"`python scripts/profile_prefill.py --arch {args.arch} --dtype {args.dtype} --bench {args.bench}`"
+        lines[3] = (f"`python scripts/profile_prefill.py --arch {args.arch} --dtype {args.dtype} --bench {args.bench} "
+                    f"--repeats {args.repeats}`")
         lines += [f"Where the TTFT of `{args.bench}`'s cases ({bench['meta'].get('date', '?')}) goes, layers timed in the model:", "",
                   *account_in_model(model, bench, inputs, gc, args.repeats)]
         return emit(lines, args.out)
