@@ -65,6 +65,9 @@ KINDS = {  # op-name fragments -> kind (first match wins)
 }
 
 
+DEFAULT_CASES = "stock,none,parvts@64,st3@64,fastv@64"
+
+
 def kind_of(name: str) -> str:
     for kind, fragments in KINDS.items():
         if any(f in name for f in fragments):
@@ -258,13 +261,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="llava-1.5-7b", choices=sorted(archs.ARCHS))
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--cases", default="stock,none,parvts@64,st3@64,fastv@64")
+    p.add_argument("--cases", default=None, help=f"comma-separated cases (default {DEFAULT_CASES}; "
+                   "with --bench: a subset of the bench's cases, default all of them)")
     p.add_argument("--layer-tokens", default="636,336,256,192,124")
     p.add_argument("--prompt-tokens", type=int, default=60)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--bench", default=None, help="a vtprune bench JSON: predict its cases' TTFT from layer timings")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    bench = json.loads(Path(args.bench).read_text()) if args.bench else None
+    if bench and args.cases:  # before the model is built: a 7B takes minutes
+        bench["cases"] = select_cases(bench["cases"], args.cases)
     dtype = getattr(torch, args.dtype)
     model = archs.build_model(args.arch, dtype, "cpu", "sdpa", 0)
     inputs = synthetic_inputs(model, 1, args.prompt_tokens, 0, "cpu")
@@ -273,16 +280,15 @@ def main() -> None:
     lines = [f"# Prefill profile: {args.arch}, {args.dtype}, {inputs['input_ids'].shape[1]} prompt tokens",
              "", f"{datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}, {platform.processor() or 'cpu'}, "
              f"{os.cpu_count()} logical cores, torch {torch.__version__}, square-matmul peak {rate / 1e9:.0f} GFLOP/s",
-             f"`python scripts/profile_prefill.py --arch {args.arch} --dtype {args.dtype} --cases {args.cases} "
+             f"`python scripts/profile_prefill.py --arch {args.arch} --dtype {args.dtype} --cases {args.cases or DEFAULT_CASES} "
              f"--layer-tokens {args.layer_tokens} --repeats {args.repeats}`", ""]
-    if args.bench:
-        bench = json.loads(Path(args.bench).read_text())
+    if bench:
         lines[3] = (f"`python scripts/profile_prefill.py --arch {args.arch} --dtype {args.dtype} --bench {args.bench} "
-                    f"--repeats {args.repeats}`")
+                    + (f"--cases {args.cases} " if args.cases else "") + f"--repeats {args.repeats}`")
         lines += [f"Where the TTFT of `{args.bench}`'s cases ({bench['meta'].get('date', '?')}) goes, layers timed in the model:", "",
                   *account_in_model(model, bench, inputs, gc, args.repeats)]
         return emit(lines, args.out)
-    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    cases = split_cases(args.cases or DEFAULT_CASES)
     results = {c: profile_case(model, c, inputs, gc) for c in cases}
     kinds = sorted({k for _, ks, _ in results.values() for k in ks}, key=lambda k: -results[cases[0]][1].get(k, 0))
     lines.append("| case | prefill ms (profiled) | " + " | ".join(f"{k} ms" for k in kinds) + " | scored layers |")
@@ -295,6 +301,21 @@ def main() -> None:
         ms, gflops = layer_rate(model, n, args.repeats)
         lines.append(f"| {n} | {ms:.1f} | {gflops:.0f} | {gflops * 1e9 / rate:.2f} |")
     emit(lines, args.out)
+
+
+def split_cases(text: str) -> list[str]:
+    return [c.strip() for c in text.split(",") if c.strip()]
+
+
+def select_cases(cases: list[dict], text: str) -> list[dict]:
+    """The bench's cases named in ``text`` (comma-separated), stock always first; SystemExit naming the
+    cases the bench has when one is not among them."""
+    wanted = split_cases(text)
+    have = [c["name"] for c in cases]
+    missing = [w for w in wanted if w not in have]
+    if missing:
+        raise SystemExit(f"--cases {','.join(missing)}: not in the bench JSON, which has {','.join(have)}")
+    return [c for c in cases if c["name"] == "stock" or c["name"] in wanted]
 
 
 def emit(lines: list[str], out: str | None) -> None:
