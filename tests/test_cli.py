@@ -100,6 +100,18 @@ def test_default_dtype_is_bf16_on_cpus_with_native_bf16():
     assert cli.resolve_dtype(None, "cpu") == expected
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_explicit_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch, capsys, native):
+    from vtprune.cli import common
+
+    monkeypatch.setattr(common, "cpu_has_bf16", lambda: native)
+    for dtype, device in (("bfloat16", "cpu"), ("float32", "cpu"), (None, "cpu"), ("bfloat16", "cuda")):
+        got = common.device_and_dtype(argparse.Namespace(device=device, dtype=dtype))
+        assert got[0] == device
+    err = capsys.readouterr().err
+    assert err.count("warning: --dtype bfloat16 on a CPU that reports neither AMX-BF16 nor AVX512-BF16") == (not native)
+
+
 def test_speedups_and_flatten():
     s = cli.speedups({"end_to_end_ms": 50.0, "prefill_ms": 10.0, "decode_ms_per_token": None},
                      {"end_to_end_ms": 100.0, "prefill_ms": 40.0, "decode_ms_per_token": 5.0})
