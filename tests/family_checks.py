@@ -70,7 +70,7 @@ def check_original_positions(model, x: dict, n_visual: int, layer: int = 4) -> N
 def check_hand_written_decode_loop(model, x: dict) -> None:
     """A decode loop without ``generate`` or position_ids after ParVTS shortened layer 0's cache gives what
     ``generate`` gives: the adapter's decode positions (stock cache length + step) are the stock ones."""
-    with vtprune.apply(model, "parvts", budget=6, discard_layer=2) as run:
+    with vtprune.apply(model, "parvts", budget=6, discard_layer=2):
         expected = generate(model, x, 5)
         with torch.no_grad():
             out = model(**x, use_cache=True)
@@ -78,7 +78,7 @@ def check_hand_written_decode_loop(model, x: dict) -> None:
             for _ in range(4):
                 out = model(input_ids=tokens[-1][:, None], use_cache=True, **{cache_keyword(model): cache})
                 tokens.append(out.logits[:, -1].argmax(-1))
-    assert run.gen.cache.get_seq_length() < x["input_ids"].shape[1] + 4  # layer 0's cache was shortened
+    assert cache.get_seq_length() < x["input_ids"].shape[1] + 4  # layer 0's cache was shortened
     assert torch.equal(torch.stack(tokens, 1), expected)
 
 

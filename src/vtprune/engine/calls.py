@@ -14,6 +14,12 @@ import torch
 from transformers.cache_utils import Cache
 
 
+def without_cache(kwargs: dict) -> dict:
+    """A copy of ``kwargs`` without its KV cache (found by type, as :func:`find_cache` finds it): for
+    whatever the engine keeps of a call beyond it, which must not keep the caller's cache alive."""
+    return {k: v for k, v in kwargs.items() if not isinstance(v, Cache)}
+
+
 def find_cache(args: tuple, kwargs: dict) -> Cache | None:
     """The KV cache passed to a forward call, found by type among its positional and keyword arguments.
 

@@ -26,7 +26,13 @@ import torch
 
 from vtprune.adapters import adapter_for
 from vtprune.engine import attention
-from vtprune.engine.calls import find_cache, hidden_states_of, input_ids_of, missing_cache_error
+from vtprune.engine.calls import (
+    find_cache,
+    hidden_states_of,
+    input_ids_of,
+    missing_cache_error,
+    without_cache,
+)
 from vtprune.engine.groups import generate_in_groups
 from vtprune.engine.hooks import Hooks
 from vtprune.engine.interface import MethodLike, Plan
@@ -216,6 +222,19 @@ class Run:
             self._max_new_tokens = None
             self._generate_kwargs = {}
             self._calls_in_generate = None
+            self._release()
+
+    def _release(self) -> None:
+        """Let go of the finished generation's KV cache (measured first, for :meth:`report`) and the last
+        step's scores. Holding the cache kept it alive between generate calls (at batch 16 on
+        llava-cpu-small, 667 MiB until the next call replaced it)."""
+        gen = self.gen
+        if gen is None:
+            return
+        if gen.cache is not None:
+            gen.kv_measured = _kv_of(gen.cache, self.dims.layers)
+            gen.cache = None
+        gen.logits = {}
 
     # ------------------------------------------------------------------ model hooks
     def _on_call(self, module, args, kwargs):
@@ -289,7 +308,7 @@ class Run:
         text = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)[~is_visual]
         self.gen = Generation(visual_index=visual, text_index=text.view(input_ids.shape[0], -1), valid=valid,
                               num_layers=self.dims.layers, max_new_tokens=self._max_new_tokens,
-                              grids_source=functools.partial(self.adapter.visual_grids, visual, inputs),
+                              grids_source=functools.partial(self.adapter.visual_grids, visual, without_cache(inputs)),
                               blocks=self.adapter.attention_blocks(input_ids, inputs))
         self._view = GenerationView(self.gen)
         self.ledger = Ledger(self.dims, self.gen.pads, input_ids.shape[1], visual.shape[1], visual.shape[2])
@@ -501,13 +520,7 @@ class Run:
         if self.gen is None:
             raise RuntimeError("no generation has run under this vtprune run yet")
         gen, dims = self.gen, self.dims
-        cache = gen.cache
-        lengths, measured, elsize = [], 0, 0
-        if cache is not None:
-            for layer in cache.layers[: dims.layers]:
-                lengths.append(layer.keys.shape[2])
-                measured += layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
-                elsize = layer.keys.element_size()
+        lengths, measured, elsize = gen.kv_measured if gen.cache is None and gen.kv_measured is not None else _kv_of(gen.cache, dims.layers)
         per_token = 2 * dims.kv_heads * dims.head_dim * elsize  # bytes of one token's K and V in one layer
         assert self.ledger is not None  # set with gen
         samples = self.ledger.summary(per_token, lengths)
@@ -529,6 +542,20 @@ class Run:
                 "device": str(self.model.device),
             },
         )
+
+
+def _kv_of(cache, layers: int) -> tuple[list[int], int, int]:
+    """(entries per layer, bytes of K and V, bytes per element) of the first ``layers`` layers of ``cache``
+    that hold tensors (a prefill that raised leaves the later layers empty)."""
+    lengths, measured, elsize = [], 0, 0
+    if cache is not None:
+        for layer in cache.layers[:layers]:
+            if getattr(layer, "keys", None) is None:
+                continue
+            lengths.append(layer.keys.shape[2])
+            measured += layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+            elsize = layer.keys.element_size()
+    return lengths, measured, elsize
 
 
 def check_model(model: torch.nn.Module, method: MethodLike, visual_tokens: int | None = None) -> Plan | None:

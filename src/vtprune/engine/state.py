@@ -44,7 +44,10 @@ class Generation:
             (None = all) and its visual tokens,
         logits: layer -> [B, H, r, k] attention logits scored this step,
         requests: layer -> the score request of this step (:mod:`vtprune.engine.decisions`),
-        hidden: [B, n, d] the current prefill layer's input, cache: the model's KV cache,
+        hidden: [B, n, d] the current prefill layer's input, cache: the model's KV cache (None once the
+            ``generate`` call returned: the engine holds no reference that would keep it, or the
+            tensors the caller dropped, alive), kv_measured: what :meth:`Run.report` needs of the cache,
+            measured when the engine let it go (``(entries per layer, bytes, bytes per element)``),
         blocks: LongTensor [B, S] of the prompt's bidirectional block ids (the adapter's
             ``attention_blocks``; -1 outside a block) or None when every token is causal.
     """
@@ -80,6 +83,7 @@ class Generation:
         self.cache_index: list[torch.Tensor | None] = [None] * num_layers
         self.cache_visual: list[torch.Tensor] = [visual_index] * num_layers
         self.cache: Any = None
+        self.kv_measured: tuple[list[int], int, int] | None = None
 
     # ------------------------------------------------------------------ reading
     @functools.cached_property
