@@ -175,8 +175,9 @@ def account_in_model(model, bench: dict, inputs: dict, gc, repeats: int) -> list
 
     Round-robin over the cases, ``repeats`` rounds; in each round every case runs twice, once plain (its
     TTFT, the run attached as ``vtprune bench`` attaches it) and once with :class:`LayerTimer` on and a
-    second run of the same method with ``profile=True`` (its layers' times, its scoring calls' time): medians over the rounds. The layer time is split with stock's own layer rate (FLOPs /
-    ms of stock's layers, measured in the same rounds) into the work at stock's rate and the rest
+    second run of the same method with ``profile=True`` (its layers' times, its scoring calls' time):
+    medians over the rounds. The layer time is split with stock's own layer rate (FLOPs / ms of stock's
+    layers, measured in the same rounds) into the work at stock's rate and the rest
     (``kernel rate``); scoring (``row_logits``, inside the scored layers' attention) is taken out of the
     layers; what is outside every layer (vision tower, embedding, LM head, vtprune's pre-hooks and
     wrapper) is compared with stock's."""
@@ -308,8 +309,8 @@ def split_cases(text: str) -> list[str]:
 
 
 def select_cases(cases: list[dict], text: str) -> list[dict]:
-    """The bench's cases named in ``text`` (comma-separated), stock always first; SystemExit naming the
-    cases the bench has when one is not among them."""
+    """The bench's cases named in ``text`` (comma-separated), in the bench's order, stock always kept (every
+    figure is against it); SystemExit naming the cases the bench has when one is not among them."""
     wanted = split_cases(text)
     have = [c["name"] for c in cases]
     missing = [w for w in wanted if w not in have]

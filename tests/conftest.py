@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,6 +84,17 @@ def batch(prompts: list[list[int]], seed: int = 0, images: int = 1):
     g = torch.Generator().manual_seed(seed)
     pix = torch.randn(len(prompts) * images, 3, 32, 32, generator=g)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pix}
+
+
+def import_script(name: str):
+    """The module ``scripts/<name>.py`` (the scripts are not a package): imported with ``scripts/`` on
+    ``sys.path`` for the import only."""
+    scripts = str(Path(__file__).resolve().parents[1] / "scripts")
+    sys.path.insert(0, scripts)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(scripts)
 
 
 def cache_keyword(model) -> str:

@@ -4,26 +4,16 @@ a bench's cases or names the ones it has. (What it measures, the time, is not as
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from conftest import N_VISUAL, batch, make_prompt
+from conftest import N_VISUAL, batch, import_script, make_prompt
 
 import vtprune
-
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
 @pytest.fixture(scope="module")
 def script():
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        import profile_prefill
-    finally:
-        sys.path.remove(str(SCRIPTS))
-    return profile_prefill
+    return import_script("profile_prefill")
 
 
 def prefill(model, inputs):

