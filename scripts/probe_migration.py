@@ -7,8 +7,10 @@ path is dropped. This measures it directly, whether or not the model can say the
 (scikit-learn's logistic regression on standardised features, its inverse regularisation C chosen by 5-fold
 cross-validation on the training scenes) reads, from the question tokens' hidden states, (a) the
 background colour of a scene (scenes with a flat, striped, checkered or noise background: 11 colours) and
-(b) whether any small shape sits at the image's edges (all scenes). It is fitted on ``scenes`` train
-scenes and scored on held-out ``scenes`` test scenes (other subjects, other background draws).
+(b) whether any small shape sits at the image's edges (all scenes), and, as a positive control of the
+probe itself, (c) whether the subject is an animal (what every method keeps: the subject). It is fitted on
+``scenes`` train scenes and scored on held-out ``scenes`` test scenes (other subjects, other background
+draws).
 
 Question tokens: every text token after the image (the question, ``<|im_end|>`` and the assistant cue),
 located by counting from the end of the sequence, since pruning shortens the sequence but never removes
@@ -20,8 +22,10 @@ start at K = 3 (ParVTS's ``discard_layer``). One forward per scene and method (`
 token, a fixed question: ``--question``, default "Describe the image."), the method attached with
 ``vtprune.apply``.
 
-Reference rows: the majority class of the test scenes, and the probe on the mean of the 196 projected
-visual tokens (the LM's input, unpruned): what the image tokens themselves carry.
+Reference rows: the majority class of the test scenes, the probe on the mean of the 196 projected visual
+tokens (the LM's input, unpruned: what the image tokens themselves carry), and on the mean of the
+projector's input (the vision tower's output: what the projector could have kept), per channel group of
+the bundled model's tower (:func:`tower_groups`).
 
 Default methods (``--methods``, spec grammar ``method[:k=v]@budget``): the unpruned model, ParVTS @ 12.5 %
 (25 subject tokens), ParVTS with the non-subject path off (``fusion=fixed:alpha=1``: the question keeps
@@ -63,8 +67,29 @@ sys.path.insert(0, str(ROOT / "src"))
 
 DEFAULT_METHODS = ("none", "parvts@12.5%", "parvts:fusion=fixed:alpha=1@12.5%", "visionzip:contextual=0@12.5%",
                    "visionzip:contextual=0@42", "fastv@31", "random@42")
-TARGETS = ("background_color", "edge_shapes")
+TARGETS = ("background_color", "edge_shapes", "subject_animal")
 VISUAL = "visual tokens (LM input)"
+TOWER = "vision tower output"
+
+
+def tower_groups(vision_config) -> dict[str, slice]:
+    """Channel groups of the projector's input to probe one by one: for the bundled model's
+    EfficientNet-Lite tower (``model_type`` ``efficientnet_lite_tower``) its final features, class
+    posterior, finer features and colour thumbnail (in that order, as its config describes them; the
+    posterior's rare large values swamp a standardised probe of all channels together); for any other
+    tower every channel as one group."""
+    if getattr(vision_config, "model_type", None) != "efficientnet_lite_tower":
+        return {"all channels": slice(None)}
+    sizes = [("final features", vision_config.feature_size),
+             ("class posterior", vision_config.num_classes if vision_config.class_posterior_tokens else 0),
+             ("finer features", vision_config.finer_feature_size if vision_config.finer_feature_block >= 0 else 0),
+             ("colour thumbnail", 3 * vision_config.patch_color_grid ** 2)]
+    out, start = {}, 0
+    for name, n in sizes:
+        if n:
+            out[name] = slice(start, start + n)
+        start += n
+    return out
 
 
 # ------------------------------------------------------------------------------------------- features
@@ -148,6 +173,24 @@ def question_states(model, batches: Iterable[dict], spec: str, layers: Sequence[
     return res
 
 
+def projector_inputs(model, batches: Iterable[dict]) -> np.ndarray | None:
+    """The mean over each image's tokens of the multimodal projector's input (the vision tower's output,
+    what the projector may keep or drop), ``[N, C]`` float32; None for a model without a LLaVA-style
+    ``model.model.multi_modal_projector``. Runs only the vision side (``model.get_image_features``)."""
+    projector = getattr(getattr(model, "model", None), "multi_modal_projector", None)
+    if projector is None or not hasattr(model, "get_image_features"):
+        return None
+    caught: list[torch.Tensor] = []
+    handle = projector.register_forward_pre_hook(lambda _m, args: caught.append(args[0].detach().float().mean(-2)))
+    try:
+        with torch.no_grad():
+            for inputs in batches:
+                model.get_image_features(pixel_values=inputs["pixel_values"])
+    finally:
+        handle.remove()
+    return torch.cat(caught).numpy()
+
+
 def _decoder_layers(model) -> torch.nn.ModuleList:
     """The language model's decoder layers (``model.model.language_model.layers`` in transformers v5)."""
     lm = getattr(getattr(model, "model", model), "language_model", None)
@@ -198,9 +241,16 @@ def fit_probe(x_train: np.ndarray, y_train: Sequence, x_test: np.ndarray, y_test
 
 
 def scene_targets(meta: dict) -> dict[str, str | None]:
-    """The probe targets of one scene: its background colour (None for a photo background) and whether
-    any small shape sits at its edges ("yes" / "no")."""
-    return {"background_color": meta["background"]["color"], "edge_shapes": "yes" if meta["shapes"] else "no"}
+    """The probe targets of one scene: its background colour (None for a photo background), whether any
+    small shape sits at its edges ("yes" / "no"), and the positive control: whether its subject is an
+    animal (WordNet 3.0, as ``imagenet-category`` asks it; "yes" / "no")."""
+    from vtprune.eval.datasets.imagenet_category import CATEGORIES, category_answers
+    from vtprune.eval.wordnet import load_hierarchy
+
+    animal = next(c for c in CATEGORIES if c.name == "animal")
+    is_animal = animal in category_answers(load_hierarchy(), meta["subject"]["wnid"], [animal])["yes"]
+    return {"background_color": meta["background"]["color"], "edge_shapes": "yes" if meta["shapes"] else "no",
+            "subject_animal": "yes" if is_animal else "no"}
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -267,6 +317,17 @@ def main() -> None:
         print(f"{spec}: {len(images)} scenes in {timings[spec]:.0f}s "
               f"(equivalent budget {res['equivalent_budget'].mean():.1f})", flush=True)
 
+    tower_path = out / "features" / "projector-inputs.npz"
+    if tower_path.is_file():
+        tower = np.load(tower_path)["x"]
+    else:
+        t1 = time.time()
+        tower = projector_inputs(model, (build_batch(processor, images[i : i + args.batch], ["x"] * len(images[i : i + args.batch]))
+                                         for i in range(0, len(images), args.batch)))
+        if tower is not None:
+            np.savez(tower_path, x=tower)
+            print(f"projector inputs: {len(images)} scenes in {time.time() - t1:.0f}s", flush=True)
+
     targets = [scene_targets(m) for m in tr_meta + te_meta]
     rows = []
     for target in TARGETS:
@@ -274,6 +335,11 @@ def main() -> None:
         y = np.array([t[target] or "" for t in targets])
         tr = keep & (np.arange(len(y)) < n_train)
         te = keep & (np.arange(len(y)) >= n_train)
+        if tower is not None:
+            for group, cols in tower_groups(model.config.vision_config).items():
+                r = fit_probe(tower[tr][:, cols], y[tr], tower[te][:, cols], y[te])
+                rows.append({"method": f"{TOWER}: {group}", "layer": None, "pool": "mean", "target": target, **r,
+                             "equivalent_budget": 196.0})
         if "none" in feats and "visual" in feats["none"]:
             r = fit_probe(feats["none"]["visual"][tr], y[tr], feats["none"]["visual"][te], y[te])
             rows.append({"method": VISUAL, "layer": None, "pool": "mean", "target": target, **r,
@@ -298,7 +364,8 @@ def main() -> None:
 def table(result: dict, pool: str) -> str:
     """The markdown table: one row per method (and the visual-token reference), one column per layer and
     target: probe accuracy % [95 % CI]; n and the majority baseline in the header."""
-    rows = [r for r in result["rows"] if r["pool"] == pool or r["method"] == VISUAL]
+    refs = list(dict.fromkeys(r["method"] for r in result["rows"] if r["layer"] is None))
+    rows = [r for r in result["rows"] if r["pool"] == pool or r["layer"] is None]
     lines = []
     for target in TARGETS:
         mine = [r for r in rows if r["target"] == target]
@@ -308,12 +375,12 @@ def table(result: dict, pool: str) -> str:
         lines += [f"### {target.replace('_', ' ')}: n = {n} test scenes, majority class {100 * majority:.1f} %", "",
                   "| method | equiv. budget | " + " | ".join(f"layer {k}" for k in result["layers"]) + " |",
                   "|---|---:|" + "---:|" * len(result["layers"])]
-        for method in [VISUAL, *result["methods"]]:
+        for method in [*refs, *result["methods"]]:
             cells = {r["layer"]: r for r in mine if r["method"] == method}
             if not cells:
                 continue
             budget = f"{next(iter(cells.values()))['equivalent_budget']:.1f}"
-            if method == VISUAL:
+            if method in refs:
                 r = cells[None]
                 lines.append(f"| {method} | {budget} | " + " | ".join(
                     [f"{100 * r['accuracy']:.1f} [{100 * r['low']:.1f}, {100 * r['high']:.1f}]"] + [""] * (len(result["layers"]) - 1)) + " |")
@@ -343,11 +410,12 @@ def plot(result: dict, pool: str, path: Path) -> None:
             ax.errorbar(x, [100 * r["accuracy"] for r in rs],
                         yerr=[[100 * (r["accuracy"] - r["low"]) for r in rs], [100 * (r["high"] - r["accuracy"]) for r in rs]],
                         marker="o", ms=3, capsize=2, lw=1, label=method)
-        vis = [r for r in mine if r["method"] == VISUAL]
-        if vis:
-            ax.axhline(100 * vis[0]["accuracy"], color="k", ls=":", lw=1, label=VISUAL)
+        styles = [":", "-.", (0, (1, 3)), (0, (6, 2)), (0, (3, 1, 1, 1)), (0, (8, 3, 1, 3))]
+        for i, ref in enumerate(dict.fromkeys(r["method"] for r in mine if r["layer"] is None)):
+            vis = [r for r in mine if r["method"] == ref]
+            ax.axhline(100 * vis[0]["accuracy"], color="0.35", ls=styles[i % len(styles)], lw=1, label=ref)
         if mine:
-            ax.axhline(100 * mine[0]["majority"], color="gray", ls="--", lw=1, label="majority class")
+            ax.axhline(100 * mine[0]["majority"], color="0.7", ls="--", lw=1.5, label="majority class")
             ax.set_title(f"{target.replace('_', ' ')} (n = {mine[0]['n']} held-out scenes)")
         ax.set(xlabel="decoder layer (output of)", ylabel=f"probe accuracy % ({pool} of question tokens)",
                ylim=(0, 100))

@@ -68,3 +68,15 @@ def test_probe_finds_a_planted_signal_and_not_an_absent_one(probe):
     assert probe.fit_probe(st["mean"][:28, 0], labels[:28], st["mean"][28:, 0], labels[28:])["accuracy"] >= 0.9
     with pytest.raises(ValueError, match="2 or more classes"):
         probe.fit_probe(x[:10], ["a"] * 10, x[10:20], ["a"] * 10)
+
+
+def test_tower_groups_split_the_bundled_towers_channels(probe):
+    from vtprune.models import default
+    from vtprune.models.efficientnet_tower import EfficientNetLiteTowerConfig
+
+    cfg = EfficientNetLiteTowerConfig(**default.TOWER_OPTIONS)
+    groups = probe.tower_groups(cfg)
+    assert list(groups) == ["final features", "class posterior", "finer features", "colour thumbnail"]
+    assert [(g.start, g.stop) for g in groups.values()] == [(0, 1280), (1280, 2280), (2280, 2392), (2392, 2440)]
+    assert cfg.hidden_size == 2440
+    assert probe.tower_groups(tiny_llava(layers=2).config.vision_config) == {"all channels": slice(None)}
