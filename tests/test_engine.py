@@ -314,10 +314,13 @@ def test_model_is_stock_after_exit_and_after_exception(model, method, opts):
 def test_error_inside_generate_leaves_model_stock(model):
     inputs = batch(PROMPTS)
     stock = generate(model, inputs)
-    text_only = {"input_ids": torch.tensor([[1, 5, 6, 7]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
-    with pytest.raises(ValueError, match="no image tokens"):
+    one = batch(PROMPTS[:1])
+    text_row = torch.full_like(one["input_ids"], 5)  # a prompt without image tokens beside one with an image
+    mixed = {"input_ids": torch.cat([one["input_ids"], text_row]), "attention_mask": one["attention_mask"].repeat(2, 1),
+             "pixel_values": one["pixel_values"]}
+    with pytest.raises(ValueError, match="mixes prompts with images"):
         with vtprune.apply(model, "fastv", budget=4):
-            model.generate(**text_only, max_new_tokens=2)
+            model.generate(**mixed, max_new_tokens=2)
     assert torch.equal(generate(model, inputs), stock)
 
 

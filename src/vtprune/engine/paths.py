@@ -13,7 +13,6 @@ Source: the packed two-path layout is this project's (reconstructed; METHODS.md,
 from __future__ import annotations
 
 import dataclasses
-from typing import cast
 
 import torch
 
@@ -92,7 +91,8 @@ def split(state: Generation, first: torch.Tensor, question_in: tuple[int, ...] =
     slot_visual = torch.gather(is_visual, 1, index) & (group != PAD)
     state.paths = PackedPaths(question_slots=q_slots, question_valid=q_valid, slot_visual=slot_visual,
                               visual={1: vis_1, 2: vis_2}, question_in=question_in)
-    state.set_layout(Layout(index, group), index)  # layer 0's input: the token embeddings at `index`
+    # layer 0's input: the token embeddings at `index` (slot i of the call's input holds token offset + i)
+    state.set_layout(Layout(index, group), index - state.offset)
 
 
 def question_rows(paths: PackedPaths) -> torch.Tensor:
@@ -113,10 +113,12 @@ def question_visual_lse(state: Generation, layer: int) -> tuple[torch.Tensor, to
     if logits is None:
         raise RuntimeError(f"no question rows were scored at layer {layer}")
     q = paths.question_count  # logits: [B, H, 2Q, k], rows of path 1, then of path 2
-    layout = cast(Layout, state.layouts[layer])  # a scored prefill layer: its layout is recorded
+    layout = state.prefill_keys(layer)  # earlier turns' entries (group 0, never visual here) then the layout
     assert layout.group is not None  # packed: the paths run
     group = layout.group.to(logits.device)
     visual = paths.slot_visual.to(logits.device)
+    if visual.shape[1] < group.shape[1]:
+        visual = torch.cat([visual.new_zeros(visual.shape[0], group.shape[1] - visual.shape[1]), visual], dim=1)
     out = []
     for i, g in enumerate((1, 2)):
         keys = (visual & (group == g))[:, None, None, :]
@@ -157,7 +159,8 @@ def merge(state: Generation, keep_path: int, question_from: int) -> None:
     src, index = torch.gather(src, 1, order), torch.gather(index, 1, order)
     state.visual = paths.visual[keep_path]
     for layer in range(state.layer):
-        select_kv(state.cache.layers[layer], src)
+        if state.cache is not None:
+            select_kv(state.cache.layers[layer], state.prefill_kv_slots(layer, src))
         state.layouts[layer] = Layout(index)
         state.layer_visual[layer] = state.visual
     state.paths = None

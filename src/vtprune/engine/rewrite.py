@@ -39,7 +39,7 @@ class LayerRewrite:
         """Forget the cached positions and masks (a new generation)."""
         # keyed by object ids; each value keeps its layout alive, so an id is never reused within a generation
         self._positions: dict[tuple, tuple[Any, Any, Layout]] = {}
-        self._masks: dict[int, tuple[torch.Tensor | None, Layout]] = {}
+        self._masks: dict[tuple, tuple[torch.Tensor | None, Layout, Any]] = {}
         self._decode: dict[int, torch.Tensor | None] = {}
 
     def new_step(self) -> None:
@@ -56,15 +56,18 @@ class LayerRewrite:
         pe_in, pos_in = kwargs.get("position_embeddings"), kwargs.get("position_ids")
         key = (id(lay), _identity(pe_in), _identity(pos_in))
         if key not in self._positions:
-            self._positions[key] = (gather_position_embeddings(pe_in, lay.index) if pe_in is not None else None,
-                                    gather_tokens(pos_in, lay.index) if pos_in is not None else None, lay)
-        if id(lay) not in self._masks:
-            self._masks[id(lay)] = (self.mask(gen, lay, lay), lay)
+            at = lay.index - gen.offset  # the inputs cover this call's tokens only (offset .. S-1)
+            self._positions[key] = (gather_position_embeddings(pe_in, at) if pe_in is not None else None,
+                                    gather_tokens(pos_in, at) if pos_in is not None else None, lay)
+        prior = gen.prior[gen.layer] if gen.offset else None
+        mask_key = (id(lay), id(prior))
+        if mask_key not in self._masks:
+            self._masks[mask_key] = (self.mask(gen, lay, gen.prefill_keys(gen.layer, lay)), lay, prior)
         pe, pos, _ = self._positions[key]
         kwargs["position_embeddings"] = pe
         if "position_ids" in kwargs:
             kwargs["position_ids"] = pos
-        kwargs["attention_mask"] = self._masks[id(lay)][0]
+        kwargs["attention_mask"] = self._masks[mask_key][0]
 
     def decode_mask_needed(self, gen: Generation) -> bool:
         """Whether a decode layer whose cache is not the stock one needs a mask of the engine's: with
@@ -93,7 +96,9 @@ class LayerRewrite:
         blocks = gen.blocks if gen.phase == "prefill" else None
         if self.flash and not packed and blocks is None:
             return padding_mask(keys.index, gen.valid) if gen.has_padding else None
-        if packed or blocks is not None or gen.has_padding or self.impl != "sdpa":
+        # SDPA's causal kernel aligns queries to the first keys: exact only when they are the same tokens
+        behind = gen.phase == "prefill" and keys.length != query.length  # earlier turns' entries first
+        if packed or blocks is not None or gen.has_padding or behind or self.impl != "sdpa":
             return build_mask(query, keys, gen.valid, self.dtype if self.impl == "eager" else None, blocks)
         return None
 
