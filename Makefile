@@ -1,6 +1,7 @@
-# Two entry points, each doing its own set-up on a fresh machine:
+# Entry points, each doing its own set-up on a fresh machine:
 #   make demo   -> runs ParVTS and ST3 on the bundled small VLM on a real photo (offline)
 #   make test   -> runs the test suite
+#   make docs   -> builds the documentation site (docs/, mkdocs.yml) into site/
 # Both install exactly the locked versions (requirements/lock.txt); `make lock` regenerates the locks.
 PY ?= python3
 VENV := .venv
@@ -19,7 +20,7 @@ UV_VERSION := 0.13.9
 COMPILE = $(BIN)/uv pip compile pyproject.toml --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
 	--find-links $(TORCH_WHEELS) -c requirements/torch.txt --no-emit-package torch --generate-hashes --upgrade -q
 
-.PHONY: setup demo test test-oldest lint lock
+.PHONY: setup demo test test-oldest lint lock docs
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -57,6 +58,11 @@ $(OLDEST_VENV)/.installed: pyproject.toml $(OLDEST_LOCK) requirements/torch.txt 
 # the engine parity subset on the oldest supported transformers
 test-oldest: $(OLDEST_VENV)/.installed
 	HF_HUB_OFFLINE=1 $(OLDEST_VENV)/bin/python -m pytest $(PARITY_TESTS)
+
+# the documentation site into site/ (mkdocs-material, the API reference by mkdocstrings); --strict: every warning
+# (a broken link or anchor, a docstring that does not parse) fails the build
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 # ruff, the layer contracts of ARCHITECTURE.md (import-linter, pyproject.toml) and the type checker on src/
 lint: setup

@@ -23,7 +23,9 @@ def apply(model: torch.nn.Module, method: str | Method = "none", *,
         model: a supported HF multimodal model (see ``vtprune.adapters``), any dtype / device.
         method: a method name (``vtprune.METHODS``: ``none``, ``parvts``, ``st3``, ``fastv``, ...) or an
             instance (``vtprune.ParVTS(budget=64)``).
-        on_report / on_error / profile: the run's seams (see :class:`Run`).
+        on_report: the run's seam called with each generation's report (see :class:`Run`).
+        on_error: the run's seam called with an exception raised inside ``generate`` (see :class:`Run`).
+        profile: keep a host-time profile of the run (see :class:`Run`).
         **options: the method's options (e.g. ``budget=64`` visual tokens per image, or
             ``keep_ratio=0.125``), see each method's docstring.
 
