@@ -5,7 +5,7 @@ transformers' documented multi-turn pattern hands the cache one ``generate`` ret
 ``generate`` with the whole conversation so far; ``generate`` feeds only the tokens the cache does not
 hold yet, counting them with ``cache.get_seq_length()``. Under pruning a layer's cache holds fewer entries
 than the tokens it has seen (layer 0's too, for methods that prune before the language model, and
-ParVTS's after its merge), so the engine records, for every cache it fills, a :class:`CacheRecord`: the
+multi-path schedules after their merge), so the engine records, for every cache it fills, a :class:`CacheRecord`: the
 conversation's length in tokens (what the stock cache would hold) and, per layer, the original indices of
 the entries it holds. The cache's ``get_seq_length`` is made to answer the conversation's length (the
 stock model's answer), so ``generate`` slices the new tokens and the model derives their positions as

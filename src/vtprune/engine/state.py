@@ -13,16 +13,39 @@ L decoder layers. Token indices are those of ``engine/layout.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import torch
 
 from vtprune.engine.layout import Layout, gather_tokens, locate, select_kv
 
-if TYPE_CHECKING:
-    from vtprune.engine.paths import PackedPaths
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PackedPaths:
+    """What the packed paths hold.
+
+    Attributes:
+        question_slots: path -> LongTensor [B, Q], the slot of each question token in that path
+            (0 where the path holds no copy or the sample has fewer than Q question tokens).
+        question_valid: BoolTensor [B, Q], True at a real question token.
+        slot_visual: BoolTensor [B, n], True at a slot that holds a visual token.
+        visual: path -> LongTensor [B, I, k_g], the visual tokens of that path (original indices).
+        question_in: the paths that hold a copy of the question.
+    """
+
+    question_slots: dict[int, torch.Tensor]
+    question_valid: torch.Tensor
+    slot_visual: torch.Tensor
+    visual: dict[int, torch.Tensor]
+    question_in: tuple[int, ...]
+
+    @property
+    def question_count(self) -> int:
+        """Q, the question tokens per sample (padded to the batch's longest)."""
+        return self.question_valid.shape[1]
 
 
 class Generation:

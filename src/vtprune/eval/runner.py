@@ -99,8 +99,8 @@ def run_eval(model, processor, samples_by_data: dict[str, list], conds: list[Con
         ValueError / TypeError: a method option out of range for this model (before any generation of
             that condition), images of different token counts in one prompt.
     """
-    from vtprune.eval.answers import score
     from vtprune.eval.datasets import DATASETS
+    from vtprune.eval.scorer import score
     from vtprune.inputs import build_batch
 
     results = Path(results)
