@@ -392,3 +392,17 @@ def test_model_identity_names_the_weights_without_loading_them(tmp_path, monkeyp
     # the fingerprint follows the trained files: another projector, another revision
     monkeypatch.setattr(default, "PROJECTOR_PATH", tmp_path / "missing.safetensors")
     assert model_identity(None, torch.float32)["model_revision"] != bundled["model_revision"]
+
+
+def test_one_process_merges_the_partial_files_of_an_interrupted_parallel_run(tiny_dir, pope_data, tmp_path, capsys):
+    reference, out = tmp_path / "reference", tmp_path / "out"
+    assert _eval(tiny_dir, reference, limit=2) == 0 and _eval(tiny_dir, reference, limit=3) == 0
+    assert _eval(tiny_dir, out, limit=2) == 0
+    (out / "results.jsonl").rename(out / "results.rank1.jsonl")  # every answer still in a rank's partial file
+    assert cli.main(["eval", "--tables-only", "--out", str(out), "--no-plots"]) == 2
+    assert "results.rank1.jsonl beside" in capsys.readouterr().err
+    assert _eval(tiny_dir, out, limit=3) == 0
+    err = capsys.readouterr().err
+    assert "merged 6 records of an interrupted run's ranks" in err and "6 records already in" in err
+    assert runner.read_records(out / "results.jsonl") == runner.read_records(reference / "results.jsonl")
+    assert not (out / "results.rank1.jsonl").exists()
