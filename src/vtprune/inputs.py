@@ -60,6 +60,23 @@ def is_default_model(model_id: str | None) -> bool:
     return model_id == DEFAULT_MODEL_ID
 
 
+def model_identity(model_id: str | None, dtype) -> dict[str, str | None]:
+    """What names the weights that :func:`load_model` loads for ``model_id`` in ``dtype``, without loading them:
+    ``model`` (the bundled model's id, a local directory's absolute path, else the HuggingFace id as given),
+    ``model_revision`` (the bundled weights' fingerprint, ``vtprune.models.default.weights_fingerprint``;
+    None for other models: a local directory is named by its path alone) and ``dtype`` (``"float32"``).
+    """
+    name = str(dtype).removeprefix("torch.")
+    if is_default_model(model_id):
+        from vtprune.models import DEFAULT_MODEL_ID
+        from vtprune.models.default import weights_fingerprint
+
+        return {"model": DEFAULT_MODEL_ID, "model_revision": weights_fingerprint(), "dtype": name}
+    assert model_id is not None  # None names the bundled model
+    path = Path(model_id).expanduser()
+    return {"model": str(path.resolve()) if path.exists() else model_id, "model_revision": None, "dtype": name}
+
+
 def load_model(model_id: str | None, dtype, device: str):
     """Load ``(model, processor)`` in eval mode on ``device``.
 

@@ -121,6 +121,18 @@ def _sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def weights_fingerprint() -> str:
+    """A short fingerprint (16 hex digits of a SHA-256) of what makes the bundled model's answers: the
+    trained projector and LoRA files (their contents), the tower's token options, the chat template and the
+    GGUF file's name. Evaluation records carry it (:mod:`vtprune.eval.runner`), so that answers of a
+    retrained projector are never mixed with older ones. Reads only the bundled files (no weight package).
+    """
+    parts = [json.dumps(TOWER_OPTIONS, sort_keys=True), CHAT_TEMPLATE, GGUF_FILE,
+             _sha256(PROJECTOR_PATH) if PROJECTOR_PATH.is_file() else "no-projector",
+             *(_sha256(ADAPTER_DIR / n) if (ADAPTER_DIR / n).is_file() else f"no-{n}" for n in ADAPTER_FILES)]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
 def load_language_model(dtype: torch.dtype = torch.float32):
     """Load SmolLM2-135M-Instruct (dequantised from the GGUF file) and its tokenizer.
 
