@@ -142,8 +142,9 @@ def test_pruned_before_layer_0_equals_the_stock_model_on_the_kept_tokens(attn, i
     x = inputs([prompt(2, 4, 1, images), prompt(5, 9, 2, images), prompt(3, 2, 3, images)],
                [[image(10 * b + i) for i in range(images)] for b in range(3)])
     with vtprune.apply(m, "random", budget=5, seed=1) as run, torch.no_grad():
-        pruned = m(**x, position_ids=positions(x)).logits
+        logits = m(**x, position_ids=positions(x)).logits  # [B, S, V] at the original positions
     index = run.gen.layouts[0].index
+    pruned = torch.gather(logits, 1, index[..., None].expand(-1, -1, logits.shape[-1]))
     assert index.shape[1] == x["input_ids"].shape[1] - images * (N - 5)
     valid = torch.gather(x["attention_mask"], 1, index).bool()
     stock = stock_on_kept_tokens(m, x, index)

@@ -1,7 +1,8 @@
 """Every hook a run attaches, in one place, and removed together (also on an exception).
 
 A run attaches: a forward pre-hook and a forward hook on the model (phase detection, timers), a forward
-pre-hook on the language model (the decode mask), a forward pre-hook on each decoder layer (the method's
+pre-hook on the language model (the decode mask) and a forward hook on it (outside ``generate``, a pruned
+prefill's output back at the original positions), a forward pre-hook on each decoder layer (the method's
 stages and the layer's rewrite), a listener on each decoder layer's attention module (scoring beside
 the kernel, :mod:`vtprune.engine.attention`), the adapter's saliency hooks on the vision tower when the
 method needs them, and the language model's attention implementation switched to the scoring entry.

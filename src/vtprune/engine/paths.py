@@ -119,7 +119,7 @@ def merge(state: Generation, keep_path: int, question_from: int) -> None:
     """End the paths before the current layer: keep the shared prefix, the visual tokens of path
     ``keep_path`` and the question tokens of path ``question_from``. The KV caches of the earlier layers
     keep the same entries; everything else of the other path is dropped from the hidden states and the
-    caches."""
+    caches (when the call has a cache)."""
     paths, group = state.paths_state(), state.layout.group
     assert group is not None  # packed: the paths run
     is_q = torch.zeros_like(group, dtype=torch.bool)
@@ -132,7 +132,7 @@ def merge(state: Generation, keep_path: int, question_from: int) -> None:
     src, index = torch.gather(src, 1, order), torch.gather(index, 1, order)
     state.visual = paths.visual[keep_path]
     for layer in range(state.layer):
-        if state.cache is not None:
+        if state.cache is not None:  # None: a forward call with use_cache=False
             select_kv(state.cache.layers[layer], state.prefill_kv_slots(layer, src))
         state.layouts[layer] = Layout(index)
         state.layer_visual[layer] = state.visual

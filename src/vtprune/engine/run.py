@@ -33,6 +33,7 @@ from vtprune.engine.interface import MethodLike, Plan
 from vtprune.engine.layout import PAD, Layout
 from vtprune.engine.ledger import Dims, Ledger, Timer
 from vtprune.engine.lifecycle import Lifecycle
+from vtprune.engine.outputs import restore_lm_output
 from vtprune.engine.profile import HostProfile
 from vtprune.engine.report import Report
 from vtprune.engine.rewrite import LayerRewrite
@@ -121,6 +122,7 @@ class Run:
             hooks.pre(model, self._on_call)
             hooks.post(model, self._after_call)
             hooks.pre(lm, self._on_lm)
+            hooks.post(lm, self._after_lm)
             for i, layer in enumerate(self.adapter.decoder_layers):
                 hooks.pre(layer, functools.partial(self._on_layer, i), per_layer=True)
                 hooks.listen(cast(torch.nn.Module, layer.self_attn), self._on_attention)
@@ -228,6 +230,16 @@ class Run:
             kwargs["attention_mask"] = None  # every layer gets its own mask from _on_layer
             return args, kwargs
         return None
+
+    def _after_lm(self, module, args, kwargs, output):
+        """Outside ``generate`` (which reads the last position only, so pays nothing here), a pruned
+        prefill's last hidden state back at the original positions, NaN at pruned tokens, before the model's
+        head (:mod:`vtprune.engine.outputs`)."""
+        gen = self.gen
+        if gen is None or gen.phase != "prefill" or self.life.calls is not None:
+            return None
+        layout = gen.layout if not gen.offset else Layout(gen.layout.index - gen.offset, gen.layout.group)
+        return restore_lm_output(output, layout, gen.prompt_length - gen.offset)  # this call's positions
 
     # ------------------------------------------------------------------ layer hooks
     def _on_layer(self, layer, module, args, kwargs):

@@ -9,9 +9,17 @@ and for every ``generate_until`` call attaches ``vtprune.apply(self.model, metho
 callback that keeps the errors the stock loop would swallow, and detaches. The stock class's prompt
 building and generate loop run unchanged.
 
+``loglikelihood`` (lmms-eval's ``loglikelihood`` and ``multiple_choice`` tasks) runs the same way, around
+:meth:`VTPruneMixin.vtprune_loglikelihood` (the stock class's ``loglikelihood`` unless a subclass mends it):
+a forward call under vtprune returns its logits at every prompt position (:mod:`vtprune.engine.outputs`),
+so each request is scored by the pruned model. Its reports come from the model's forward calls: one
+:meth:`vtprune.Run.report` after each (one request in lmms-eval's loops; a prefill only, so no decode
+figures).
+
 Where it reports:
 * ``self.vtprune_reports``: one :meth:`vtprune.Run.report` per request, in generation order, each with
-  its lmms-eval ``task`` added (``generate_until`` runs the stock loop once per task for this);
+  its lmms-eval ``task`` and ``request_type`` (``"generate_until"`` / ``"loglikelihood"``) added (the stock
+  loops run once per task for this);
 * lmms-eval's log and its results JSON: per task, the means of
   :func:`vtprune.lmms_eval_plugin.options.summarize` go through lmms-eval's ``gen_metrics.log_metrics``
   (with zero tokens and seconds, so the stock throughput totals are unchanged); lmms-eval averages them
@@ -28,9 +36,9 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from vtprune.api import apply, check
 from vtprune.lmms_eval_plugin.options import check_method, split_model_args, summarize
@@ -114,40 +122,44 @@ class VTPruneMixin:
         Raises:
             RuntimeError: vtprune raised inside ``model.generate`` for some request (the cause is chained).
         """
-        by_task: dict[Any, list[int]] = {}
-        for i, request in enumerate(requests):
-            by_task.setdefault(getattr(request, "task_name", None), []).append(i)
-        results: list = [None] * len(requests)
-        for task, indices in by_task.items():
+        def one_task(task, task_requests):
             with self.vtprune_attached(task) as errors:
                 # the stock lmms-eval class after this mixin in the MRO has it
-                out = super().generate_until([requests[i] for i in indices])  # type: ignore[misc]
+                out = super(VTPruneMixin, self).generate_until(task_requests)  # type: ignore[misc]
             if errors:
                 raise RuntimeError(f"{self.vtprune_model_id}: generation failed under vtprune method "
                                    f"{self.vtprune_method!r} ({len(errors)} request(s) of task {task!r}); "
                                    f"first error: {errors[0]!r}") from errors[0]
-            for i, result in zip(indices, out, strict=True):
-                results[i] = result
-        return results
+            return out
+
+        return _per_task(requests, one_task)
 
     def loglikelihood(self, requests):
-        """The stock ``loglikelihood`` for method ``none``.
+        """:meth:`vtprune_loglikelihood` with the method attached, called once per task (results in the order
+        of ``requests``), one report per model forward call; see the module docstring.
 
         Raises:
-            NotImplementedError: for any pruning method: a forward pass under vtprune returns logits only
-                for the tokens the last layer kept, so per-position log-likelihoods are undefined; use a
-                ``generate_until`` task.
+            whatever the loop raises: NotImplementedError from a stock class that has no ``loglikelihood``
+            (lmms-eval's Qwen, Gemma 3 and InternVL classes), ValueError where a request's log-likelihood
+            is not finite (:meth:`vtprune_loglikelihood` of the LLaVA classes).
         """
-        if self.vtprune_method != "none":
-            raise NotImplementedError(f"{self.vtprune_model_id}: loglikelihood tasks are not supported with method "
-                                      f"{self.vtprune_method!r} (pruned forwards return logits for kept tokens "
-                                      "only); use a generate_until task or method=none")
+        def one_task(task, task_requests):
+            with self.vtprune_attached(task, per_forward=True):
+                return self.vtprune_loglikelihood(task_requests)
+
+        return _through_evaluator(_per_task(requests, one_task))
+
+    def vtprune_loglikelihood(self, requests) -> list:
+        """The loglikelihood loop :meth:`loglikelihood` runs under vtprune: the stock class's (a subclass
+        overrides it where the stock loop does not run on transformers 5). Returns one
+        ``(log-likelihood or loss, is_greedy)`` per request, the stock class's convention."""
         return super().loglikelihood(requests)  # type: ignore[misc]  # the stock class's, after this mixin
 
     @contextlib.contextmanager
-    def vtprune_attached(self, task: str | None = None) -> Iterator[list[BaseException]]:
-        """Attach the method to ``self.model`` for the block; record one report per ``model.generate``,
-        tagged ``report["task"] = task``.
+    def vtprune_attached(self, task: str | None = None, per_forward: bool = False) -> Iterator[list[BaseException]]:
+        """Attach the method to ``self.model`` for the block; record one report per ``model.generate``
+        (``per_forward``: per forward call of the model instead), tagged ``report["task"] = task`` and
+        ``report["request_type"]`` (``"generate_until"``, ``"loglikelihood"`` with ``per_forward``).
 
         Yields the list of exceptions raised inside ``model.generate`` (filled while the block runs). On
         exit the run is detached (also on an exception); on a normal exit the block's reports are
@@ -155,12 +167,18 @@ class VTPruneMixin:
         """
         errors: list[BaseException] = []
         start = len(self.vtprune_reports)
+        tags = {"task": task, "request_type": "loglikelihood" if per_forward else "generate_until"}
         run = apply(self.model, self.vtprune_method, **self.vtprune_options,
-                            on_report=lambda report: self._record({**report.to_dict(), "task": task}),
-                            on_error=errors.append)
+                    on_report=None if per_forward else lambda report: self._record({**report.to_dict(), **tags}),
+                    on_error=errors.append)
+        # registered after the run's own hooks, so it runs after them: the report covers the whole call
+        handle = (self.model.register_forward_hook(lambda *_: self._record({**run.report().to_dict(), **tags}))
+                  if per_forward else None)
         try:
             yield errors
         finally:
+            if handle is not None:
+                handle.remove()
             run.detach()
         self._log_summary(self.vtprune_reports[start:])
 
@@ -186,3 +204,38 @@ class VTPruneMixin:
     def vtprune_summary(self) -> dict[str, float]:
         """Means over every request so far (see :func:`vtprune.lmms_eval_plugin.options.summarize`)."""
         return summarize(self.vtprune_reports)
+
+
+def _through_evaluator(results: list) -> list:
+    """``results`` (``(float, bool)`` per request) in a form lmms-eval's evaluator hands to the tasks intact.
+
+    lmms-eval 0.7.3's evaluator passes every model output through ``unwrap_generation_output``, which turns
+    anything but a string, a ``(str, meta)`` pair or a ``GenerationResult`` into ``str(output)``: a
+    log-likelihood ``(6.3, False)`` becomes the string ``"(6.3, False)"``, and every ``loglikelihood`` /
+    ``multiple_choice`` task then fails in its ``process_results`` (``too many values to unpack``), whatever
+    the model. The ``text`` of a ``GenerationResult`` goes through as it is, so each result is wrapped in
+    one when, and only when, the installed evaluator would turn it into a string. (lmms-eval's response
+    cache, ``--use_cache``, does not take such results: it calls ``text.strip()``.)
+    """
+    try:
+        from lmms_eval.api.instance import GenerationResult, unwrap_generation_output
+    except ImportError:  # a release without them passes results through
+        return results
+    probe = (0.0, True)
+    if unwrap_generation_output(probe)[0] == probe:
+        return results
+    return [GenerationResult(text=cast(Any, result)) for result in results]
+
+
+def _per_task(requests: list, one_task: Callable[[Any, list], list]) -> list:
+    """``one_task(task, its requests)`` for each lmms-eval task among ``requests`` (their ``task_name``), in
+    order of first appearance; the results put back in the order of ``requests``."""
+    by_task: dict[Any, list[int]] = {}
+    for i, request in enumerate(requests):
+        by_task.setdefault(getattr(request, "task_name", None), []).append(i)
+    results: list = [None] * len(requests)
+    for task, indices in by_task.items():
+        out = one_task(task, [requests[i] for i in indices])
+        for i, result in zip(indices, out, strict=True):
+            results[i] = result
+    return results
