@@ -130,7 +130,7 @@ def test_owner_rule():
         return [traceback.FrameSummary(str(path), 1, name, lookup_line=False) for path, name in frames]
 
     test = (THIS_FILE, "test")
-    generate = (VTPRUNE_DIR / "engine/run.py", "_generate_batch")
+    generate = (VTPRUNE_DIR / "engine/lifecycle.py", "_batch")
     forward = (hf / "models/llama/modeling_llama.py", "forward")
     # transformers' stopping criteria inside the generate that vtprune's wrapper calls
     assert owner(stack(test, generate, (hf / "generation/utils.py", "_sample"),
