@@ -23,6 +23,7 @@ from vtprune.engine.layout import Layout, gather_tokens, locate, select_kv
 
 if TYPE_CHECKING:
     from vtprune.engine.paths import PackedPaths
+    from vtprune.engine.window import SlidingWindows
 
 
 class Generation:
@@ -49,12 +50,15 @@ class Generation:
             tensors the caller dropped, alive), kv_measured: what :meth:`Run.report` needs of the cache,
             measured when the engine let it go (``(entries per layer, bytes, bytes per element)``),
         blocks: LongTensor [B, S] of the prompt's bidirectional block ids (the adapter's
-            ``attention_blocks``; -1 outside a block) or None when every token is causal.
+            ``attention_blocks``; -1 outside a block) or None when every token is causal,
+        windows: the sliding-window layers' bookkeeping (:mod:`vtprune.engine.window`; what their cache
+            layers dropped, from the front of the lists above), or None when the model has none.
     """
 
     def __init__(self, *, visual_index: torch.Tensor, text_index: torch.Tensor, valid: torch.Tensor,
                  num_layers: int, max_new_tokens: int | None,
-                 grids_source: Callable[[], tuple | None] | None = None, blocks: torch.Tensor | None = None):
+                 grids_source: Callable[[], tuple | None] | None = None, blocks: torch.Tensor | None = None,
+                 windows: SlidingWindows | None = None):
         self.visual_index = visual_index
         self.text_index = text_index
         self.valid = valid
@@ -64,6 +68,7 @@ class Generation:
         self.max_new_tokens = max_new_tokens
         self.grids_source = grids_source
         self.blocks = blocks
+        self.windows = windows
         self.saliency: torch.Tensor | None = None
         self.pads = (~valid).sum(1).tolist()  # per-sample left padding (one host sync, prefill only)
         self.has_padding = any(self.pads)
@@ -116,12 +121,14 @@ class Generation:
 
     def key_index(self, layer: int) -> torch.Tensor:
         """Token indices of ``layer``'s keys at this step, LongTensor [B, n]: the prefill sequence of
-        that layer (prefill), or its KV cache after this step's update (decode)."""
+        that layer (prefill), or its KV cache after this step's update (decode; without what a
+        sliding-window cache layer dropped)."""
         if self.phase == "prefill":
             return cast(Layout, self.layouts[layer]).index  # a scored prefill layer: its layout is recorded
         prompt = self.cache_prompt_index(layer)
         fed = torch.arange(self.prompt_length, self.total_length(), device=prompt.device)
-        return torch.cat([prompt, fed.expand(self.batch_size, -1)], dim=1)
+        listed = torch.cat([prompt, fed.expand(self.batch_size, -1)], dim=1)
+        return listed if self.windows is None else self.windows.keys(layer, listed)
 
     def visual_attention(self, layer: int) -> torch.Tensor:
         """Attention of the last scored query at ``layer`` to the visual tokens currently present
@@ -175,6 +182,9 @@ class Generation:
             raise ValueError("keep_visual(hidden=...) replaces hidden states, which exist only in the prefill")
         layer = self.layer
         new_vis = torch.gather(self.cache_visual[layer], 2, keep.to(self.cache_visual[layer].device))
+        if self.windows is not None and self.windows.hide(self, layer, new_vis):
+            self.stock = False  # hidden entries: this layer's mask differs from the stock one
+            return
         old_index, new_index = self.cache_prompt_index(layer), self.index_with(new_vis)
         n_old, fed = old_index.shape[1], self.step - 1  # tokens fed back before this step are cached
         fed_slots = torch.arange(n_old, n_old + fed, device=new_index.device).expand(self.batch_size, -1)
