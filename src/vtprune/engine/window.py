@@ -20,8 +20,9 @@ in the cache: read off the cache layer before each decode step of that layer (it
 no host sync), so the engine drops exactly what the cache layer dropped, by entries, from the front.
 ``cache_index`` / ``cache_visual`` stay what the method kept (also what fell out of the window), so that
 their counts stay the same for every sample and image: the window drops a different number of visual
-tokens per sample (left padding moves them) and per image. A visual token out of the window is not among
-the layer's keys (``Generation.key_index``), so its attention is -inf for the methods.
+tokens per sample (left padding moves them) and per image. A visual token the cache layer dropped is not
+among the layer's keys (``Generation.key_index``): its attention is -inf for the methods; one outside the
+window that the layer still holds is masked: its attention is 0.
 
 Evicting while decoding (``Generation.keep_visual``) from a sliding layer whose cache layer has dropped
 entries: the evicted entries are hidden (masked as padding slots, group ``PAD``) rather than removed.
