@@ -1,8 +1,8 @@
 """Gemma 3 through the engine (a tiny random-weight ``Gemma3ForConditionalGeneration`` with its real
 processor, ``gemma3_tiny.py``): the bidirectional image blocks kept in the masks after pruning, the
-sliding-window refusals, the positions of both rotary types, ``query_pre_attn_scalar`` scaling in the
-scores, counts and KV lengths, the [CLS]-free saliency, pan-and-scan crops. Keep-all = stock and batched =
-one by one for every method: test_conformance.py.
+sliding-window layers inside their window (past it: test_gemma3_window.py), the positions of both rotary
+types, ``query_pre_attn_scalar`` scaling in the scores, counts and KV lengths, the [CLS]-free saliency,
+pan-and-scan crops. Keep-all = stock and batched = one by one for every method: test_conformance.py.
 """
 
 from __future__ import annotations
@@ -189,47 +189,6 @@ def test_the_tiny_model_uses_its_image_blocks(model):
 
 
 # ---------------------------------------------------------------- sliding-window layers
-def test_a_pruned_sequence_that_would_outgrow_the_window_is_refused(model):
-    x = batch()
-    s = x["input_ids"].shape[1]
-    fits, over = WINDOW - s, WINDOW - s + 1
-    stock = generate(model, x, new=over)
-    with vtprune.apply(model, "fastv", budget=4):
-        generate(model, x, new=fits)
-        with pytest.raises(ValueError, match=rf"sliding-window layers attend within {WINDOW} tokens .*\(prompt {s}\) "
-                                             rf"plus {over} new tokens under pruning \(from layer 2, prefill\)"):
-            generate(model, x, new=over)
-    assert not model._forward_pre_hooks
-    with vtprune.apply(model, "none"):  # the stock sequence: the model's own sliding caches, no refusal
-        assert torch.equal(generate(model, x, new=over), stock)
-
-
-def test_packed_paths_longer_than_the_window_are_refused(model):
-    """ParVTS's two packed paths hold the question twice: a prompt that fits with its new tokens may not,
-    packed (the sliding caches would drop the packed sequence's first entries)."""
-    x = batch((1,))
-    s = x["input_ids"].shape[1]
-    new = WINDOW - s
-    with vtprune.apply(model, "parvts", budget=4) as run:
-        with pytest.raises(ValueError, match=rf"a sequence of \d+ tokens \(prompt {s}\) plus {new} new tokens under "
-                                             r"pruning \(from layer 0, prefill\)"):
-            generate(model, x, new=new)
-        generate(model, x, new=4)  # packed + 4 new tokens fit
-        assert run.report()["samples"][0]["final_budget"] == 4
-
-
-def test_decode_only_eviction_past_the_window_is_refused(model):
-    """ST3 with ratio 0 prunes nothing in the prefill and evicts from the caches while decoding: refused at
-    the first eviction when the generation would outgrow the window."""
-    x = batch((1,))
-    over = WINDOW - x["input_ids"].shape[1] + 1
-    with vtprune.apply(model, "st3", ratio=0.0, anneal_every=1) as run:
-        generate(model, x, new=NEW)
-        assert run.ledger.decode_history[-1] != [N] * LAYERS  # it evicts while decoding
-        with pytest.raises(ValueError, match=rf"plus {over} new tokens under pruning \(from layer 1, decode\)"):
-            generate(model, x, new=over)
-
-
 @pytest.mark.parametrize("method,opts", [("fastv", {"budget": 4}), ("parvts", {"budget": 4}), ("st3", {})])
 def test_inside_the_window_the_sliding_layers_change_nothing(model, method, opts):
     """The same weights with a window far beyond the generation give the same pruned output: inside the

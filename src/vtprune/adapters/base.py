@@ -171,7 +171,8 @@ class Adapter:
 
     def sliding_window(self, layer: int) -> int | None:
         """The sliding window (tokens) of decoder layer ``layer``'s attention, or None for full attention
-        (the default). The engine refuses a pruned sequence that would outgrow a sliding-window cache."""
+        (the default). The engine applies it by original position in the masks of pruned layers and follows
+        what the layer's sliding-window cache drops (:mod:`vtprune.engine.window`)."""
         return None
 
     def take_language_model_inputs(self, kwargs: dict) -> Any:

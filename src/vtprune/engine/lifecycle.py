@@ -37,6 +37,7 @@ from vtprune.engine.modes import refuse_unsupported_modes
 from vtprune.engine.report import Report, kv_of
 from vtprune.engine.state import Generation
 from vtprune.engine.view import GenerationView
+from vtprune.engine.window import SlidingWindows
 
 
 class Lifecycle:
@@ -177,8 +178,14 @@ class Lifecycle:
         index: list[torch.Tensor | None] = []
         for layer in range(gen.num_layers):
             own = gen.cache_index[layer]
-            index.append(None if own is None and gen.stock_at[layer] and gen.prior[layer] is None else
-                         torch.cat([gen.cache_prompt_index(layer), fed.expand(gen.batch_size, -1)], dim=1))
+            listed = (None if own is None and gen.stock_at[layer] and gen.prior[layer] is None else
+                      torch.cat([gen.cache_prompt_index(layer), fed.expand(gen.batch_size, -1)], dim=1))
+            held = getattr(gen.cache.layers[layer], "keys", None) if layer < len(gen.cache.layers) else None
+            length = gen.prompt_length + gen.step if listed is None else listed.shape[1]
+            if held is not None and held.shape[-2] < length:  # a sliding-window layer dropped its oldest entries
+                full = torch.arange(length, device=gen.valid.device).expand(gen.batch_size, -1) if listed is None else listed
+                listed = full[:, length - held.shape[-2]:]
+            index.append(listed)
         conversation.keep(gen.cache, conversation.CacheRecord(
             owner=id(self.run), method=self.run.method.name, batch=gen.batch_size,
             length=gen.prompt_length + gen.step, index=index))
@@ -288,7 +295,8 @@ class Lifecycle:
         gen = Generation(visual_index=local + offset, text_index=text.view(batch, -1), valid=valid,
                          num_layers=run.dims.layers, max_new_tokens=self.max_new_tokens,
                          grids_source=functools.partial(run.adapter.visual_grids, local, without_cache(inputs)),
-                         blocks=blocks, offset=offset, prior=list(record.index) if record is not None else None)
+                         blocks=blocks, offset=offset, prior=list(record.index) if record is not None else None,
+                         windows=SlidingWindows(run.windows) if any(run.windows) else None)
         run.gen, run.view = gen, GenerationView(gen)
         run.ledger = self._ledger(gen, n)
         run.timers = {"prefill": Timer(device), "decode": Timer(device)}

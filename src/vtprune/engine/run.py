@@ -88,8 +88,7 @@ class Run:
         self._counted: tuple | None = None
         self._taken = None  # language-model inputs the adapter re-applies per layer (take_language_model_inputs)
         self._call_mask = None  # the attention mask of the decode call in progress
-        windows = [w for w in (self.adapter.sliding_window(i) for i in range(self.dims.layers)) if w]
-        self._window: int | None = min(windows) if windows else None
+        self.windows = [self.adapter.sliding_window(i) for i in range(self.dims.layers)]  # W per layer or None
 
     def plan_for(self, n_visual: int) -> Plan:
         """The method's plan for ``n_visual`` visual tokens per image (resolved once per count)."""
@@ -180,7 +179,7 @@ class Run:
     def _layers_needed(self, gen: Generation) -> bool:
         """Whether this decode step needs the per-layer hooks: the method may score or act at it, or some
         layer's cache differs from the stock one and its call needs the engine's mask (padding, eager) or
-        check (a sliding window). Otherwise the layers run as stock: with no padding, SDPA and
+        window (a sliding window). Otherwise the layers run as stock: with no padding, SDPA and
         FlashAttention need no mask for one query over any cache length, and the language model gets none
         (:meth:`_on_lm`)."""
         if not gen.inert and self.method.acts_at_decode_step(self.view, self.plan):
@@ -188,7 +187,7 @@ class Run:
         if gen.stock:
             return False
         assert self._rewrite is not None  # set by attach()
-        return self._rewrite.decode_mask_needed(gen) or self._window is not None
+        return self._rewrite.decode_mask_needed(gen) or gen.windows is not None
 
     def _after_call(self, module, args, kwargs, output):
         gen = self.gen
@@ -201,6 +200,8 @@ class Run:
                     # casts: mypy does not narrow list items; layer_visual[layer] is set with layouts[layer]
                     gen.cache_index[layer] = gen.with_prior(layer, cast(Layout, gen.layouts[layer]).index)
                     gen.cache_visual[layer] = cast(torch.Tensor, gen.layer_visual[layer])
+            if gen.windows is not None:
+                gen.windows.end_prefill(gen)
             gen.hidden = None
             if gen.cache is not None and self.life.calls is None:
                 self.life.remember(gen)  # outside generate: a later call may continue from this cache
@@ -268,7 +269,8 @@ class Run:
         if not gen.inert:
             self._act(self.method.on_prefill_layer(self.view, self.plan))
         if not gen.stock:
-            self._check_window(layer)
+            if gen.windows is not None:
+                gen.windows.record_packed(gen)
             self._rewrite.prefill(gen, kwargs)
         gen.layouts[layer] = gen.layout
         gen.stock_at[layer] = gen.stock
@@ -288,24 +290,6 @@ class Run:
         if self.method.needs_saliency and not gen.inert:
             gen.set_saliency(self.saliency_sink)
             self.saliency_sink.clear()
-
-    def _check_window(self, layer: int) -> None:
-        """Refuse a sequence or cache that is not the stock one where a sliding-window layer's cache would
-        drop entries (the engine keeps each layer's cache contents in its own bookkeeping): every prefill
-        layer's sequence (packed paths are longer than the prompt) plus the new tokens (``max_new_tokens``,
-        or outside ``generate`` those fed so far) must fit in the window. Checked at every layer whose
-        sequence or cache is not the stock one, prefill and decode (a method may evict only while decoding)."""
-        if self._window is None:
-            return
-        gen, window = self.gen, self._window
-        assert gen is not None  # called from a pruned layer
-        longest, new = max(gen.prompt_length, gen.layout.length), gen.max_new_tokens or gen.step
-        if longest + new > window:
-            raise ValueError(
-                f"vtprune: this model's sliding-window layers attend within {window} tokens and keep only the last "
-                f"{window - 1} in their KV cache; a sequence of {longest} tokens (prompt {gen.prompt_length}) plus "
-                f"{new} new tokens under pruning (from layer {layer}, {gen.phase}) would outgrow it, which vtprune "
-                "does not support: shorten the prompt or max_new_tokens, or use method none")
 
     def _record_prefill(self) -> None:
         """Count the current prefill layer's tokens in the ledger: per sample (shared prefix, path-1 tail,
@@ -328,12 +312,13 @@ class Run:
     def _decode_layer(self, layer, args, kwargs):
         gen = self.gen
         assert gen is not None and self._rewrite is not None  # _on_layer checked gen; attach() set _rewrite
+        if gen.windows is not None:
+            gen.windows.follow(gen, layer)  # before the method evicts from this layer's cache
         if not gen.inert:
             self._act(self.method.on_decode_layer(self.view, self.plan))
             gen.requests[layer] = self.method.score_request(self.view, self.plan)
         if gen.stock:
             return None
-        self._check_window(layer)
         self._rewrite.decode(gen, layer, kwargs)
         return args, kwargs
 

@@ -21,6 +21,7 @@ from typing import Any, cast
 import torch
 
 from vtprune.engine.layout import Layout, gather_tokens, locate, select_kv
+from vtprune.engine.window import SlidingWindows
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -79,13 +80,16 @@ class Generation:
         prior: per layer, the original indices of the entries that layer's cache held before this call
             (LongTensor [B, c_l], None = all ``offset`` of them): earlier turns' tokens, visual or not,
             which this generation never prunes again,
-        inert: the prompt holds no visual token (a text-only turn): the method is not asked anything.
+        inert: the prompt holds no visual token (a text-only turn): the method is not asked anything,
+        windows: the sliding-window layers' bookkeeping (:mod:`vtprune.engine.window`; what their cache
+            layers dropped, from the front of the lists above), or None when the model has none.
     """
 
     def __init__(self, *, visual_index: torch.Tensor, text_index: torch.Tensor, valid: torch.Tensor,
                  num_layers: int, max_new_tokens: int | None,
                  grids_source: Callable[[], tuple | None] | None = None, blocks: torch.Tensor | None = None,
-                 offset: int = 0, prior: list[torch.Tensor | None] | None = None):
+                 offset: int = 0, prior: list[torch.Tensor | None] | None = None,
+                 windows: SlidingWindows | None = None):
         self.offset = offset
         self.prior: list[torch.Tensor | None] = prior if prior is not None else [None] * num_layers
         self.visual_index = visual_index
@@ -97,6 +101,7 @@ class Generation:
         self.max_new_tokens = max_new_tokens
         self.grids_source = grids_source
         self.blocks = blocks
+        self.windows = windows
         self.saliency: torch.Tensor | None = None
         self.pads = (~valid).sum(1).tolist()  # per-sample left padding (one host sync, prefill only)
         self.has_padding = any(self.pads)
@@ -152,12 +157,14 @@ class Generation:
 
     def key_index(self, layer: int) -> torch.Tensor:
         """Token indices of ``layer``'s keys at this step, LongTensor [B, n]: the prefill sequence of
-        that layer (prefill), or its KV cache after this step's update (decode)."""
+        that layer (prefill), or its KV cache after this step's update (decode; without what a
+        sliding-window cache layer dropped)."""
         if self.phase == "prefill":
             return self.prefill_keys(layer).index  # a scored prefill layer: its layout is recorded
         prompt = self.cache_prompt_index(layer)
         fed = torch.arange(self.prompt_length, self.total_length(), device=prompt.device)
-        return torch.cat([prompt, fed.expand(self.batch_size, -1)], dim=1)
+        listed = torch.cat([prompt, fed.expand(self.batch_size, -1)], dim=1)
+        return listed if self.windows is None else self.windows.keys(layer, listed)
 
     def visual_attention(self, layer: int) -> torch.Tensor:
         """Attention of the last scored query at ``layer`` to the visual tokens currently present
@@ -235,6 +242,9 @@ class Generation:
             raise ValueError("keep_visual(hidden=...) replaces hidden states, which exist only in the prefill")
         layer = self.layer
         new_vis = torch.gather(self.cache_visual[layer], 2, keep.to(self.cache_visual[layer].device))
+        if self.windows is not None and self.windows.hide(self, layer, new_vis):
+            self.stock = False  # hidden entries: this layer's mask differs from the stock one
+            return
         old_index, new_index = self.cache_prompt_index(layer), self.with_prior(layer, self.index_with(new_vis))
         n_old, fed = old_index.shape[1], self.step - 1  # tokens fed back before this step are cached
         fed_slots = torch.arange(n_old, n_old + fed, device=new_index.device).expand(self.batch_size, -1)
@@ -309,6 +319,8 @@ class Generation:
             vis = self.cache_visual[layer]
             if vis is not self.visual_index:
                 self.cache_visual[layer] = vis[rows.to(vis.device)]
+        if self.windows is not None:
+            self.windows.reorder(rows)
 
     def cache_prompt_index(self, layer: int) -> torch.Tensor:
         """Prompt tokens in ``layer``'s KV cache after the prefill, LongTensor [B, n_l]."""
