@@ -14,7 +14,7 @@
 # and DIR/gpu-check.log (each step's time and exit status, the bench's progress lines): 6 files.
 #
 # --dry-run runs the same steps on the CPU with the bench's `tiny` architecture (the CUDA tests then skip) in about
-# 35 s of CPU time. DIR: --out, else $OUT, else ./gpu-check-out. Needs python3 or python (or $PYTHON) with
+# 36 s of CPU time. DIR: --out, else $OUT, else ./gpu-check-out. Needs python3 or python (or $PYTHON) with
 # torch, transformers, pillow, numpy and, for the tests, pytest; vtprune runs from src/ (nothing is installed).
 # Packages the machine lacks can be put in a folder (pip install --target .gpu-deps pytest) that is added to
 # PYTHONPATH ($GPU_CHECK_DEPS, default ./.gpu-deps). Exit status: 0 when every step passed, 1 otherwise.
