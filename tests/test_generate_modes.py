@@ -17,6 +17,7 @@ import functools
 
 import pytest
 import torch
+from conftest import output_cache
 from families import FAMILIES
 from test_conformance import BATCH, METHODS, assert_stock_model, inputs, model, options
 
@@ -28,11 +29,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 NEW = 4
 EXTRA = (11, 12, 13)  # the user's next turn (text tokens present in every family's tiny vocabulary)
 TOKEN_KEYS = ("mm_token_type_ids", "token_type_ids")  # per-token inputs that follow the conversation
-
-
-def cache_of(output):
-    """The KV cache of a model output (``cache`` from transformers 5.24, ``past_key_values`` before)."""
-    return output["cache"] if "cache" in output else output["past_key_values"]
 
 
 # ---------------------------------------------------------------- beams and several sequences
@@ -83,7 +79,7 @@ def test_beam_search_follows_the_cache_reordering_under_decode_time_evictions():
     tokens = out.sequences[0, x["input_ids"].shape[1]:]
     with vtprune.apply(m, "st3", **st3) as run, torch.no_grad():
         logits = m(**x, use_cache=True)
-        total, cache = 0.0, cache_of(logits)
+        total, cache = 0.0, output_cache(logits)
         for t, token in enumerate(tokens.tolist()):
             total += float(torch.log_softmax(logits.logits[0, -1].float(), -1)[token])
             if t + 1 < len(tokens):
@@ -173,7 +169,7 @@ def test_a_pruned_conversation_equals_the_stock_model_on_the_kept_tokens():
     keep = torch.cat([(ids != m.config.image_token_id).nonzero().flatten(), image[kept]]).sort().values
     with torch.no_grad():
         out = m(inputs_embeds=embeds[0][:, keep], position_ids=keep[None], use_cache=True)
-        cache, length, token = cache_of(out), ids.shape[0], int(out.logits[0, -1].argmax())
+        cache, length, token = output_cache(out), ids.shape[0], int(out.logits[0, -1].argmax())
         for turn in range(3):
             got = []
             for _ in range(NEW):
