@@ -237,7 +237,7 @@ def test_rank_report_path():
 def test_list_option_and_errors_inside_generate(env, task_manager, tiny_dir, monkeypatch):
     from lmms_eval.models import get_model
 
-    from vtprune.engine.run import Run
+    from vtprune.engine.lifecycle import Lifecycle
 
     lm = get_model(MODEL_ID).create_from_arg_string(f"pretrained={tiny_dir},method=pdrop,layers=[2,4],ratio=0.5",
                                                     {"device": "cpu"})
@@ -245,7 +245,7 @@ def test_list_option_and_errors_inside_generate(env, task_manager, tiny_dir, mon
 
     def boom(self, *args, **kwargs):
         raise ValueError("injected failure")
-    monkeypatch.setattr(Run, "_start_generation", boom)
+    monkeypatch.setattr(Lifecycle, "start", boom)
     from lmms_eval.evaluator import simple_evaluate
 
     # the stock loop logs the error and would score an empty answer; the plugin raises after the loop
