@@ -68,5 +68,5 @@ lint: setup
 # or after changing a dependency in pyproject.toml; then run `make test test-oldest` and commit the locks).
 lock: | $(BIN)/python
 	$(BIN)/uv --version >/dev/null 2>&1 || $(BIN)/pip install -q "uv==$(UV_VERSION)"
-	$(COMPILE) --extra dev --extra eval --extra lmms --extra train --extra bench -o $(LOCK)
-	$(COMPILE) --extra dev --extra eval --extra lmms --extra train --extra bench -c requirements/oldest.txt -o $(OLDEST_LOCK)
+	$(COMPILE) --extra dev --extra docs --extra eval --extra lmms --extra train --extra bench -o $(LOCK)
+	$(COMPILE) --extra dev --extra docs --extra eval --extra lmms --extra train --extra bench -c requirements/oldest.txt -o $(OLDEST_LOCK)
