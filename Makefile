@@ -11,8 +11,9 @@ LOCK := requirements/lock.txt
 OLDEST_VENV := .venv-oldest
 OLDEST_LOCK := requirements/lock-oldest.txt
 # on the oldest transformers: the conformance matrix (every method x every family: stock parity with nothing
-# pruned, batched = one by one, accelerate hooks, no host sync) and the engine's LLaVA tests (per-layer counts)
-PARITY_TESTS := tests/test_conformance.py tests/test_engine.py
+# pruned, batched = one by one, accelerate hooks, no host sync), the engine's LLaVA tests (per-layer counts)
+# and vtprune's loads without hub kernels (the use_kernels keyword)
+PARITY_TESTS := tests/test_conformance.py tests/test_engine.py tests/test_hub_kernels.py
 # the lock is resolved for this platform against the local CPU torch wheel (requirements/torch.txt)
 TORCH_WHEELS ?= /opt/wheels
 UV_VERSION := 0.13.9

@@ -13,13 +13,14 @@ import importlib
 import importlib.metadata
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (the `lmms` extra)")
 
-from conftest import N_VISUAL, WORD_CHAT_TEMPLATE, tiny_llava, word_tokenizer  # noqa: E402
+from conftest import N_VISUAL, tiny_checkpoint  # noqa: E402
 
 from vtprune.lmms_eval_plugin import MODEL_ID, manifests  # noqa: E402
 from vtprune.lmms_eval_plugin.options import parse_model_value, summarize  # noqa: E402
@@ -148,22 +149,6 @@ def test_bundled_model_parvts_vs_none(env, task_manager):
 
 
 # ---------------------------------------------------------------------------------------- tiny random model
-def tiny_checkpoint(path: Path) -> Path:
-    """Save ``conftest.tiny_llava`` with a real ``LlavaProcessor`` (word-level tokenizer, 32 px CLIP
-    image processor: 16 image tokens) so that lmms-eval's stock loader reads it like a llava-hf repo."""
-    from transformers import CLIPImageProcessorPil, LlavaProcessor
-
-    template = WORD_CHAT_TEMPLATE
-    tokenizer = word_tokenizer(chat_template=template)
-    images = CLIPImageProcessorPil(size={"height": 32, "width": 32}, do_center_crop=False,
-                                   crop_size={"height": 32, "width": 32})
-    processor = LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8, chat_template=template,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
-    tiny_llava(layers=6, seed=3).save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     return tiny_checkpoint(tmp_path_factory.mktemp("tiny-llava"))
@@ -209,9 +194,12 @@ def test_list_option_and_errors_inside_generate(env, task_manager, tiny_dir, mon
 
     from vtprune.engine.run import Run
 
+    monkeypatch.delenv("USE_HUB_KERNELS", raising=False)  # transformers' default (hub kernels on from 5.25)
     lm = get_model(MODEL_ID).create_from_arg_string(f"pretrained={tiny_dir},method=pdrop,layers=[2,4],ratio=0.5",
                                                     {"device": "cpu"})
     assert lm.vtprune_options == {"layers": [2, 4], "ratio": 0.5}
+    # the stock class's from_pretrained ran without hub kernels, and the variable is unset again
+    assert not lm.model.use_kernels and "USE_HUB_KERNELS" not in os.environ
     with pytest.raises(NotImplementedError, match="loglikelihood tasks are not supported with method 'pdrop'"):
         lm.loglikelihood([])
 
