@@ -12,9 +12,10 @@ LOCK := requirements/lock.txt
 OLDEST_VENV := .venv-oldest
 OLDEST_LOCK := requirements/lock-oldest.txt
 # on the oldest transformers: the conformance matrix (every method x every family: stock parity with nothing
-# pruned, batched = one by one, accelerate hooks, no host sync), the engine's LLaVA tests (per-layer counts) and
-# forward calls outside generate (logits at every position, test_loglikelihood.py)
-PARITY_TESTS := tests/test_conformance.py tests/test_engine.py tests/test_loglikelihood.py
+# pruned, batched = one by one, accelerate hooks, no host sync), the engine's LLaVA tests (per-layer counts),
+# forward calls outside generate (logits at every position, test_loglikelihood.py) and vtprune's loads
+# without hub kernels (the use_kernels keyword)
+PARITY_TESTS := tests/test_conformance.py tests/test_engine.py tests/test_loglikelihood.py tests/test_hub_kernels.py
 # the lock is resolved for this platform against the local CPU torch wheel (requirements/torch.txt)
 TORCH_WHEELS ?= /opt/wheels
 UV_VERSION := 0.13.9
@@ -75,5 +76,5 @@ lint: setup
 # or after changing a dependency in pyproject.toml; then run `make test test-oldest` and commit the locks).
 lock: | $(BIN)/python
 	$(BIN)/uv --version >/dev/null 2>&1 || $(BIN)/pip install -q "uv==$(UV_VERSION)"
-	$(COMPILE) --extra dev --extra eval --extra lmms --extra train --extra bench -o $(LOCK)
-	$(COMPILE) --extra dev --extra eval --extra lmms --extra train --extra bench -c requirements/oldest.txt -o $(OLDEST_LOCK)
+	$(COMPILE) --extra dev --extra docs --extra eval --extra lmms --extra train --extra bench -o $(LOCK)
+	$(COMPILE) --extra dev --extra docs --extra eval --extra lmms --extra train --extra bench -c requirements/oldest.txt -o $(OLDEST_LOCK)

@@ -239,9 +239,12 @@ def test_list_option_and_errors_inside_generate(env, task_manager, tiny_dir, mon
 
     from vtprune.engine.lifecycle import Lifecycle
 
+    monkeypatch.delenv("USE_HUB_KERNELS", raising=False)  # transformers' default (hub kernels on from 5.25)
     lm = get_model(MODEL_ID).create_from_arg_string(f"pretrained={tiny_dir},method=pdrop,layers=[2,4],ratio=0.5",
                                                     {"device": "cpu"})
     assert lm.vtprune_options == {"layers": [2, 4], "ratio": 0.5}
+    # the stock class's from_pretrained ran without hub kernels, and the variable is unset again
+    assert not lm.model.use_kernels and "USE_HUB_KERNELS" not in os.environ
 
     def boom(self, *args, **kwargs):
         raise ValueError("injected failure")

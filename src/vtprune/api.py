@@ -32,7 +32,8 @@ def apply(model: torch.nn.Module, method: str | Method = "none", *,
     Raises:
         TypeError: unsupported model class, or an option the method does not have.
         ValueError: unknown method, or an option value out of range (budget vs this model's
-            visual tokens per image, layers vs its depth). Nothing is attached then.
+            visual tokens per image, layers vs its depth), or an attention implementation or hub kernels
+            the run cannot hook (:meth:`Run.attach`). Nothing is attached then.
     """
     m = make_method(method, **options)
     return Run(model, m, on_report=on_report, on_error=on_error, profile=profile).attach()
@@ -49,6 +50,6 @@ def check(model: torch.nn.Module, method: str | Method = "none", *, visual_token
         the model's depth are checked).
 
     Raises:
-        As :func:`apply`.
+        As :func:`apply`, except what only attaching checks (the attention implementation, hub kernels).
     """
     return check_model(model, make_method(method, **options), visual_tokens)

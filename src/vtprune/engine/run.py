@@ -28,7 +28,7 @@ import torch
 from vtprune.adapters import adapter_for
 from vtprune.engine import attention
 from vtprune.engine.calls import find_cache, hidden_states_of, input_ids_of
-from vtprune.engine.hooks import Hooks
+from vtprune.engine.hooks import Hooks, hub_kernel_replacements
 from vtprune.engine.interface import MethodLike, Plan
 from vtprune.engine.layout import PAD, Layout
 from vtprune.engine.ledger import Dims, Ledger, Timer
@@ -101,8 +101,10 @@ class Run:
         """Attach every hook (:mod:`vtprune.engine.hooks`) and the ``generate`` wrapper; returns self.
 
         Raises:
-            ValueError: an attention implementation other than sdpa, eager or FlashAttention-2 / -3
-                (nothing stays attached then).
+            ValueError: an attention implementation other than sdpa, eager or FlashAttention-2 / -3, or hub
+                kernels (transformers' ``use_kernels``) that replaced the forward of a module the run hooks:
+                the model, its language model, a decoder layer or its attention module
+                (:func:`~vtprune.engine.hooks.hub_kernel_replacements`). Nothing stays attached then.
         """
         if self._hooks is not None:
             return self
@@ -115,14 +117,21 @@ class Run:
         if impl not in SUPPORTED_ATTENTION:
             raise ValueError(f"attention implementation {impl!r} is not supported yet; load the model with "
                              f"attn_implementation one of {list(SUPPORTED_ATTENTION)}")
+        model, lm = self.model, self.adapter.language_model
+        layers = list(self.adapter.decoder_layers)
+        hooked = [model, lm, *layers, *(cast(torch.nn.Module, layer.self_attn) for layer in layers)]
+        replaced = hub_kernel_replacements(model, hooked)
+        if replaced:
+            raise ValueError(f"hub kernels replaced the forward of modules vtprune hooks: {', '.join(replaced)}; "
+                             f"load the model with from_pretrained(..., use_kernels=False), or set "
+                             f"model.use_kernels = False (kernels on other layers, such as norms, are accepted)")
         hooks = Hooks(self.profile)
         try:
-            model, lm = self.model, self.adapter.language_model
             hooks.pre(model, self._on_call)
             hooks.post(model, self._after_call)
             hooks.pre(lm, self._on_lm)
             hooks.post(lm, self._after_lm)
-            for i, layer in enumerate(self.adapter.decoder_layers):
+            for i, layer in enumerate(layers):
                 hooks.pre(layer, functools.partial(self._on_layer, i), per_layer=True)
                 hooks.listen(cast(torch.nn.Module, layer.self_attn), self._on_attention)
             if self.method.needs_saliency:

@@ -7,7 +7,8 @@ and the method's options out of the constructor's keyword arguments, hands the r
 and for every ``generate_until`` call attaches ``vtprune.apply(self.model, method, **options)`` with an
 ``on_report`` callback that collects each ``model.generate``'s report (one request) and an ``on_error``
 callback that keeps the errors the stock loop would swallow, and detaches. The stock class's prompt
-building and generate loop run unchanged.
+building and generate loop run unchanged. The stock class loads the model without hub kernels unless
+``USE_HUB_KERNELS`` is set (:func:`vtprune.models.loading.hub_kernels_off_by_default`).
 
 Where it reports:
 ``loglikelihood`` (lmms-eval's ``loglikelihood`` and ``multiple_choice`` tasks) runs the same way, around
@@ -48,6 +49,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from vtprune.api import apply, check
 from vtprune.lmms_eval_plugin.options import check_method, split_model_args, summarize
+from vtprune.models.loading import hub_kernels_off_by_default
 
 if TYPE_CHECKING:
     from torch import nn
@@ -134,7 +136,8 @@ class VTPruneMixin:
         self.vtprune_report_path = Path(vtprune_report) if vtprune_report else None
         self.vtprune_reports: list[dict] = []
         self._vtprune_logged = 0  # reports already summarised into lmms-eval's metrics (by clean())
-        super().__init__(**self.prepare_stock_args(stock))
+        with hub_kernels_off_by_default():  # the stock class's from_pretrained (vtprune.models.loading)
+            super().__init__(**self.prepare_stock_args(stock))
         self.after_stock_init()
         check(self.model, self.vtprune_method, **options)  # model-dependent checks
 

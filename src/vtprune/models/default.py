@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
+from .loading import NO_HUB_KERNELS
+
 if TYPE_CHECKING:
     from transformers import BaseImageProcessor
 
@@ -154,11 +156,11 @@ def load_language_model(dtype: torch.dtype = torch.float32):
     ).hexdigest()[:16]
     cdir = cache_root() / f"smollm2-{key}"
     if (cdir / "model.safetensors").is_file():
-        lm = LlamaForCausalLM.from_pretrained(cdir, dtype=dtype)
+        lm = LlamaForCausalLM.from_pretrained(cdir, dtype=dtype, **NO_HUB_KERNELS)
         tok = AutoTokenizer.from_pretrained(cdir)
         return lm, tok
     tok = AutoTokenizer.from_pretrained(gdir, gguf_file=gfile)
-    lm = LlamaForCausalLM.from_pretrained(gdir, gguf_file=gfile, dtype=torch.float32)
+    lm = LlamaForCausalLM.from_pretrained(gdir, gguf_file=gfile, dtype=torch.float32, **NO_HUB_KERNELS)
     # The GGUF-loaded model is flagged as quantised and refuses save_pretrained: write it by hand.
     cfg = lm.config.to_dict()
     cfg.pop("quantization_config", None)
@@ -173,7 +175,7 @@ def load_language_model(dtype: torch.dtype = torch.float32):
     if cdir.exists():
         shutil.rmtree(cdir, ignore_errors=True)
     os.replace(tmp, cdir)
-    lm = LlamaForCausalLM.from_pretrained(cdir, dtype=dtype)
+    lm = LlamaForCausalLM.from_pretrained(cdir, dtype=dtype, **NO_HUB_KERNELS)
     return lm, tok
 
 
@@ -371,8 +373,8 @@ def load_default(dtype: torch.dtype = torch.float32, device: str | torch.device 
         device: target device.
 
     Returns:
-        ``(model, processor)``: a stock ``transformers.LlavaForConditionalGeneration`` (eval mode) and a
-        stock ``transformers.LlavaProcessor``.  Each image becomes ``N = 196`` visual tokens
+        ``(model, processor)``: a stock ``transformers.LlavaForConditionalGeneration`` (eval mode, no hub
+        kernels: :mod:`vtprune.models.loading`) and a stock ``transformers.LlavaProcessor``.  Each image becomes ``N = 196`` visual tokens
         (448 px / 32 px per token = 14x14) of id ``model.config.image_token_id`` (``<empty_output>``).
 
     Raises:
@@ -394,7 +396,7 @@ def load_default(dtype: torch.dtype = torch.float32, device: str | torch.device 
     cdir = default_cache_dir()
     if is_saved_checkpoint(cdir):
         try:
-            model = LlavaForConditionalGeneration.from_pretrained(cdir, dtype=dtype)
+            model = LlavaForConditionalGeneration.from_pretrained(cdir, dtype=dtype, **NO_HUB_KERNELS)
             processor = LlavaProcessor.from_pretrained(cdir)
             processor.chat_template = CHAT_TEMPLATE
             processor.tokenizer.padding_side = "left"
