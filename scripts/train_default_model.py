@@ -17,7 +17,9 @@ Subcommands (each resumes where it stopped):
 ``train --stage 1``  LLaVA stage 1: only the projector trains (tower and LM frozen), from the
               "posterior -> expected label word embedding" init.
 ``train --stage 2``  LLaVA stage 2: the projector and a LoRA adapter (rank 8) on all seven linear
-              projections of every LM layer (peft), from stage 1's projector.
+              projections of every LM layer (peft), from stage 1's projector (``--init``), or from
+              exported weights (``--init-weights``: a warm start, e.g. from the bundled model, checked
+              to give the exported model's loss at step 0).
 ``export``    fold the input standardisation into the projector and write it and the adapter
               (bfloat16 weights) into ``vtprune/models/weights/``.
 ``plot``      the loss curves of both stages as a PNG.
@@ -30,11 +32,19 @@ Training data: ImageNet yes/no questions (negatives: random, POPE-popular and Wo
 all from the 800 training classes) and "What is in the image?" -> label; scenes conversations (one
 question on each of subject, background and periphery, in random order, or "Describe the image." alone
 -> a templated caption, ``vtprune.eval.datasets.scene_captions.caption_for``); easy-VQA questions (alone, or one
-colour and one shape question as a conversation).
+colour and one shape question as a conversation); category questions on the ImageNet training photos
+("Is there an animal / a dog / food ...?", the categories of ``imagenet-category``, a fifth ``--mix``
+weight).
+
+Input scales: the standardised feature, finer and colour channels each get their own scale
+(:data:`DEFAULT_SCALES`, ``--finer-scale`` / ``--color-scale``; see the comment at :data:`INPUT_SCALE`
+for why the scale, not the learning rate, decides how far AdamW moves a zero-initialised column);
+``export`` folds the run's scales into linear_1 with the standardisation.
 
 Training is neutral to pruning: every training forward sees all 196 visual tokens, no token dropout.
-Loss: cross-entropy on the answer tokens and the closing ``<|im_end|>`` only. bf16 autocast on the
-CPU, AdamW, linear warm-up then cosine decay; a checkpoint (trainable weights, optimizer, step, RNG)
+Loss: cross-entropy on the answer tokens and the closing ``<|im_end|>`` only. bf16 autocast where the
+CPU has native bf16 (``vtprune.inputs.cpu_has_bf16``: AMX / AVX512-BF16), else fp32 (recorded in the
+history's ``precision``), AdamW, linear warm-up then cosine decay; a checkpoint (trainable weights, optimizer, step, RNG)
 every ``--save-every`` steps, from which a rerun of the same command resumes.
 
 Held-out: no training image is used by any evaluation. ImageNet: the fixed 800 / 200 split of
@@ -186,10 +196,57 @@ def cmd_features(args):
 
 FEATURE_PARTS = (("feats", 1280), ("finer", 112), ("color", 48))
 YES, NO = "Yes", "No"
-# the standardised channels (1440 of them) are also scaled by 1 / sqrt(1440): a step of AdamW (about lr
-# per weight) then moves a projected token by about lr * sqrt(1440) at most, not lr * 1440, so the
-# feature columns grow beside the label-embedding channel (entries ~0.1) instead of swamping it
+# The standardised channels are also scaled, per group, before linear_1. With AdamW each weight moves by
+# about lr per step whatever its gradient's scale, so for columns that start at zero the input scale IS
+# the effective learning rate: one step moves a projected token's coordinate by up to lr * sum_c |x_c|
+# (|x_c| ~ 0.8 * scale for standardised channels). The 1280 feature channels keep 1 / sqrt(1440) (the
+# first recipe's value: sum |x| ~ 27, so they grow beside the label-embedding channel, entries ~0.1,
+# token norm ~2-3, instead of swamping it). The first recipe gave the 48 colour and 112 finer channels
+# the same 1 / sqrt(1440): sum |x| ~ 1.0 and ~2.4, so at lr 1e-4 over 400 steps the colour columns could
+# move a coordinate by 0.04 at most, and the bundled model never learnt colour (RECORD.md). Default
+# scales now give each group about the feature group's sum |x| or more: finer 0.3 (112 * 0.8 * 0.3 ~ 27),
+# colour 1.0 (48 * 0.8 ~ 38): a coordinate can move by O(0.1-1) over a few hundred steps.
 INPUT_SCALE = 1 / math.sqrt(1440)
+DEFAULT_SCALES = {"feats": INPUT_SCALE, "finer": 0.3, "color": 1.0}
+
+
+def input_scales(train_args: dict) -> dict[str, float]:
+    """The per-group input scales a run trained with (its ``args``); runs from before the per-group
+    scales (no ``finer_scale`` / ``color_scale``) used :data:`INPUT_SCALE` for every group."""
+    return {"feats": INPUT_SCALE, "finer": float(train_args.get("finer_scale", INPUT_SCALE)),
+            "color": float(train_args.get("color_scale", INPUT_SCALE))}
+
+
+def _column_affine(stats: dict, scales: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean [2440], factor [2440])`` such that the projector's input is ``(raw - mean) * factor``:
+    ``scale / std`` per standardised channel, 1 (and mean 0) on the 1000 posterior channels."""
+    n_post = 1000
+    mean = torch.cat([stats["feats"][0], torch.zeros(n_post), stats["finer"][0], stats["color"][0]])
+    factor = torch.cat([scales["feats"] / stats["feats"][1], torch.ones(n_post),
+                        scales["finer"] / stats["finer"][1], scales["color"] / stats["color"][1]])
+    return mean.float(), factor.float()
+
+
+def fold_projector(proj: dict[str, torch.Tensor], stats: dict, scales: dict[str, float]) -> dict[str, torch.Tensor]:
+    """The projector state on raw channels: linear_1 ``W x + b`` with ``x = (raw - mean) * factor``
+    becomes ``(W * factor) raw + (b - (W * factor) mean)`` (what ``export`` writes; linear_2 unchanged)."""
+    mean, factor = _column_affine(stats, scales)
+    out = {k: v.clone().float() for k, v in proj.items()}
+    w = out["linear_1.weight"] * factor
+    out["linear_1.bias"] = out["linear_1.bias"] - w @ mean
+    out["linear_1.weight"] = w
+    return out
+
+
+def unfold_projector(folded: dict[str, torch.Tensor], stats: dict, scales: dict[str, float]) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`fold_projector`: the projector state on standardised, scaled channels that
+    computes the same function as ``folded`` on raw channels (any ``stats`` and ``scales``)."""
+    mean, factor = _column_affine(stats, scales)
+    out = {k: v.clone().float() for k, v in folded.items()}
+    w = out["linear_1.weight"]
+    out["linear_1.bias"] = out["linear_1.bias"] + w @ mean
+    out["linear_1.weight"] = w / factor
+    return out
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -226,12 +283,14 @@ class Tasks:
     """Draws training questions (set, image index, question, answer) from the training sets."""
 
     def __init__(self, store: Store, mix: dict[str, float], rng: random.Random, caption_frac: float = 0.2,
-                 single_turn: bool = False):
+                 single_turn: bool = False, easyvqa_single: float = 0.5):
         from vtprune.eval.datasets.base import object_question
+        from vtprune.eval.datasets.imagenet_category import EXCLUDED_CLASSES, category_answers
         from vtprune.eval.datasets.imagenet_pope import POPULAR
         from vtprune.eval.wordnet import load_hierarchy
 
         self.rng, self.mix, self.caption_frac, self.single_turn = rng, mix, caption_frac, single_turn
+        self.easyvqa_single = easyvqa_single
         self.q = object_question
         self.in_sets = [n for n in store.meta if n.startswith("imagenet-train")]
         self.sc_sets = [n for n in store.meta if n.startswith("scenes-train")]
@@ -248,6 +307,15 @@ class Tasks:
             labs = [label_of[o] for o in (found[2] if found else []) if label_of[o] != label_of[w]]
             self.siblings[w] = labs
         self.labels = [r["label"] for r in rows]
+        # category questions (imagenet-category's categories and answers, on the training photos): per
+        # photo, its "yes" and "no" categories at each level
+        self.categories = []
+        for i, r in enumerate(rows):
+            if r["wnid"] in EXCLUDED_CLASSES:
+                continue
+            ans = category_answers(hier, r["wnid"])
+            self.categories.append((i, ans["yes"], ans["no"]))
+        self.category_yes = [c for c in self.categories if c[1]]
         self.ev = []
         if "easyvqa-train" in store.meta:
             import easy_vqa
@@ -272,6 +340,22 @@ class Tasks:
         pool = {"random": self.labels, "popular": self.popular, "adversarial": self.siblings[row["wnid"]]}[kind]
         pool = [lab for lab in pool if lab != row["label"]] or [lab for lab in self.labels if lab != row["label"]]
         return key, self.q(r.choice(pool)), NO, "in-yes/no", []
+
+    def category(self):
+        """ "Is there {a category} in the image?" (:mod:`vtprune.eval.datasets.imagenet_category`): half
+        the time a photo with a category above its class and one of those ("Yes"), else any photo and a
+        category of the same level not above it ("No")."""
+        from vtprune.eval.datasets.imagenet_category import category_question
+
+        r = self.rng
+        if r.random() < 0.5:
+            i, yes, _ = r.choice(self.category_yes)
+            c, answer = r.choice(yes), YES
+        else:
+            i, yes, no = r.choice(self.categories)
+            level = r.choice(sorted({c.level for c in yes})) if yes else r.choice(sorted({c.level for c in no}))
+            c, answer = r.choice([c for c in no if c.level == level]), NO
+        return (r.choice(self.in_sets), i), category_question(c), answer, f"in-category:{c.level}", []
 
     def imagenet_what(self):
         i = self.rng.randrange(len(self.in_rows))
@@ -307,7 +391,7 @@ class Tasks:
         the colour and one that reveals only the shape, in random order (see :func:`_easyvqa_reveals`)."""
         r = self.rng
         key, q, a = r.choice(self.ev)
-        if self.single_turn or r.random() < 0.5:
+        if self.single_turn or r.random() < self.easyvqa_single:
             return key, q, a, "ev", []
         groups = self.ev_by_image[key]
         if not groups.get("color") or not groups.get("shape"):
@@ -321,7 +405,7 @@ class Tasks:
         kinds = [k for k, w in self.mix.items() if w > 0]
         k = self.rng.choices(kinds, weights=[self.mix[k] for k in kinds])[0]
         return {"in-yes/no": self.imagenet_yes_no, "in-what": self.imagenet_what, "scenes": self.scene,
-                "easyvqa": self.easyvqa}[k]()
+                "easyvqa": self.easyvqa, "category": self.category}[k]()
 
 
 _EV_COLORS = {"red", "green", "blue", "black", "gray", "yellow", "teal", "brown"}
@@ -425,6 +509,12 @@ class Trainer:
         if not stats_path.is_file():
             torch.save(channel_stats(Store(cache, STATS_SETS), STATS_SETS), stats_path)
         self.stats = torch.load(stats_path)
+        self.scales = input_scales(vars(args))
+        # bf16 autocast only where the CPU has native bf16 (AMX / AVX512-BF16): on an AVX2-only CPU bf16
+        # matmuls emulate at ~1/90 of fp32's speed, so training runs in fp32 there
+        from vtprune.inputs import cpu_has_bf16
+
+        self.autocast = cpu_has_bf16()
         self.peft = None
         if lora:
             from peft import LoraConfig, get_peft_model
@@ -459,33 +549,54 @@ class Trainer:
             self.proj.linear_2.weight.copy_(torch.eye(self.proj.linear_2.out_features))
             self.proj.linear_2.bias.fill_(-offset)
 
-    def visual(self, maps: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Projected visual tokens ``[B, 196, 576]`` (float32) from raw maps: the posterior from the raw
-        features, the other channels standardised with the training sets' statistics."""
+    def amp(self):
+        """The autocast context of every LM forward: bf16 on a CPU with native bf16, else off (fp32)."""
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast)
+
+    def inputs(self, maps: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The projector's input ``[B, 196, 2440]``: the standardised features, the class posterior (from
+        the raw features), the standardised finer and colour channels, each group times its input scale
+        (:data:`DEFAULT_SCALES`, ``--finer-scale`` / ``--color-scale``)."""
         from vtprune.models.efficientnet_tower import class_posterior
 
         post = class_posterior(self.tower, maps["feats"])
-        norm = {k: INPUT_SCALE * (maps[k] - self.stats[k][0]) / self.stats[k][1] for k, _ in FEATURE_PARTS}
-        x = torch.cat([norm["feats"], post, norm["finer"], norm["color"]], dim=-1)
-        return self.proj(x)
+        norm = {k: self.scales[k] * (maps[k] - self.stats[k][0]) / self.stats[k][1] for k, _ in FEATURE_PARTS}
+        return torch.cat([norm["feats"], post, norm["finer"], norm["color"]], dim=-1)
 
-    def hidden(self, ids, att, maps):
+    def visual(self, maps: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Projected visual tokens ``[B, 196, 576]`` (float32) from raw maps (:meth:`inputs`)."""
+        return self.proj(self.inputs(maps))
+
+    def group_norms(self, x: torch.Tensor) -> dict[str, float]:
+        """Mean norm over tokens of each input group's part of linear_1's output (``W_g x_g``): how far
+        the finer and colour columns move a token (linear_2 is the identity of the init)."""
+        w = self.proj.linear_1.weight.detach()
+        cols = {"feats": slice(0, 1280), "finer": slice(2280, 2392), "color": slice(2392, 2440)}
+        return {g: round(float((x[..., c].detach() @ w[:, c].T).norm(dim=-1).mean()), 4) for g, c in cols.items()}
+
+    def hidden(self, ids, att, maps, lm=None, img=None):
+        """The LM's last hidden states ``[B, S, 576]``; ``lm`` / ``img`` (projected tokens) replace this
+        trainer's LM and projector (the warm start's check against the bundled model)."""
         emb = self.embed(ids).float()
-        img = self.visual(maps)
+        if img is None:
+            x = self.inputs(maps)
+            img = self.proj(x)
+            self.last_inputs = x
         self.visual_norm = float(img.detach().norm(dim=-1).mean())
         mask = (ids == self.image_id).unsqueeze(-1).expand_as(emb)
         emb = emb.masked_scatter(mask, img.reshape(-1, img.shape[-1]))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return self.lm(inputs_embeds=emb, attention_mask=att, use_cache=False).last_hidden_state
+        with self.amp():
+            return (lm or self.lm)(inputs_embeds=emb, attention_mask=att, use_cache=False).last_hidden_state
 
-    def loss(self, items, maps):
+    def loss(self, items, maps, lm=None, img=None):
         """Mean over the batch's answers (turns) of each answer's mean cross-entropy over its tokens and
-        its closing ``<|im_end|>``; also ``[(task tag, that answer's loss)]``."""
+        its closing ``<|im_end|>``; also ``[(task tag, that answer's loss)]``. ``lm`` / ``img``: as
+        :meth:`hidden`."""
         ids, att, turns = batch_ids(self.enc, items)
-        h = self.hidden(ids, att, maps)
+        h = self.hidden(ids, att, maps, lm, img)
         flat = [(b, p, t, j) for j, (toks, _) in enumerate(turns) for b, p, t in toks]
         rows, pos, tgt, turn = (list(x) for x in zip(*flat, strict=True))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with self.amp():
             logits = h[rows, pos] @ self.embed.weight.T
         per_tok = torch.nn.functional.cross_entropy(logits.float(), torch.tensor(tgt), reduction="none")
         turn = torch.tensor(turn)
@@ -514,7 +625,7 @@ class Trainer:
             emb = emb.masked_scatter((ids == self.image_id).unsqueeze(-1).expand_as(emb), img.reshape(-1, 576))
             past, toks = None, []
             for _ in range(max_new_tokens):
-                with torch.autocast("cpu", dtype=torch.bfloat16):
+                with self.amp():
                     o = self.lm(inputs_embeds=emb, past_key_values=past, use_cache=True)
                 past = o.past_key_values
                 t = int((o.last_hidden_state[0, -1] @ self.embed.weight.T).argmax())
@@ -524,6 +635,46 @@ class Trainer:
                 emb = self.embed(torch.tensor([[t]])).float()
             out.append(self.processor.tokenizer.decode(toks))
         return out
+
+    def load_bundled(self, weights_dir: Path) -> None:
+        """Warm start from exported weights (``projector.safetensors`` with the standardisation folded in,
+        ``lora/``): the projector is unfolded with this run's channel statistics and input scales
+        (:func:`unfold_projector`, the same function on raw channels), the LoRA tensors are loaded into
+        the peft model. Raises ValueError when the adapter's rank / alpha differ from this run's or a
+        tensor does not fit."""
+        from safetensors.torch import load_file
+
+        weights_dir = Path(weights_dir)
+        folded = {k: v.float() for k, v in load_file(str(weights_dir / "projector.safetensors")).items()}
+        self.proj.load_state_dict(unfold_projector(folded, self.stats, self.scales))
+        if self.peft is None:
+            return
+        from peft import set_peft_model_state_dict
+
+        cfg = json.loads((weights_dir / "lora" / "adapter_config.json").read_text())
+        mine = self.peft.peft_config["default"]
+        if (cfg["r"], float(cfg["lora_alpha"])) != (mine.r, float(mine.lora_alpha)):
+            raise ValueError(f"{weights_dir / 'lora'} has rank {cfg['r']} / alpha {cfg['lora_alpha']}, this run "
+                             f"{mine.r} / {mine.lora_alpha}: pass the same --lora-rank / --lora-alpha")
+        lora = {k: v.float() for k, v in load_file(str(weights_dir / "lora" / "adapter_model.safetensors")).items()}
+        res = set_peft_model_state_dict(self.peft, lora)
+        n_lora = sum(1 for n, _ in self.peft.named_parameters() if "lora_" in n)
+        if res.unexpected_keys or len(lora) != n_lora:
+            raise ValueError(f"{weights_dir / 'lora'}: {len(lora)} tensors for {n_lora} LoRA parameters, "
+                             f"unexpected: {list(res.unexpected_keys)[:4]}")
+
+    @torch.no_grad()
+    def bundled_loss(self, weights_dir: Path, items, maps) -> float:
+        """The loss of the exported model in ``weights_dir`` on ``items``, as the package assembles it
+        (``vtprune.models.default.assemble``: folded projector on the raw channels, LoRA merged), through
+        this trainer's forward: equal to this trainer's loss after :meth:`load_bundled`."""
+        from vtprune.models.efficientnet_tower import class_posterior
+
+        weights_dir = Path(weights_dir)
+        model, _ = D.assemble(weights_dir / "projector.safetensors", weights_dir / "lora")
+        raw = torch.cat([maps["feats"], class_posterior(self.tower, maps["feats"]), maps["finer"], maps["color"]], -1)
+        img = model.model.multi_modal_projector(raw)
+        return float(self.loss(items, maps, lm=model.model.language_model, img=img)[0])
 
     def trainable(self):
         lora = [p for n, p in self.model.named_parameters() if p.requires_grad and "lora_" in n]
@@ -562,6 +713,12 @@ def check_items(store: Store, per_kind: int, seed: int = 0) -> dict[str, list]:
             lst.append((("imagenet-test", idx[s.meta["file"]]), s.question, answer_text(s.answer), s.meta))
     out["in-what"] = [(("imagenet-test", i), "What is in the image?", named(m["label"]), m)
                       for i, m in enumerate(store.meta["imagenet-test"][:per_kind])]
+    from vtprune.eval.datasets.imagenet_category import load_imagenet_category
+
+    for s in load_imagenet_category("test", seed=seed):
+        lst = out.setdefault(f"in-{s.kind}", [])
+        if len(lst) < per_kind:
+            lst.append((("imagenet-test", idx[s.meta["file"]]), s.question, answer_text(s.answer), s.meta))
     for i, m in enumerate(store.meta["scenes-test"]):
         for q, a, kind, qtype in m["questions"]:
             lst = out.setdefault(f"sc-{kind}-{qtype}", [])
@@ -635,6 +792,7 @@ def adaptive_threads(max_threads: int) -> int:
     return max_threads if counts[1] == 0 else 1
 
 
+MIX_TASKS = ("in-yes/no", "in-what", "scenes", "easyvqa", "category")  # the weights of --mix, in order
 ALL_TRAIN_SETS = [f"imagenet-train-v{v}" for v in range(VIEWS)] + [f"scenes-train-s{s}" for s in SCENE_SEEDS] + ["easyvqa-train"]
 CHECK_SETS = ["imagenet-test", "scenes-test", "easyvqa-test"]
 STATS_SETS = ["imagenet-train-v0", "scenes-train-s0", "easyvqa-train"]  # the standardisation's statistics
@@ -650,9 +808,19 @@ def cmd_train(args):
     store = Store(cache, names + CHECK_SETS)
     print(f"training sets: {names}", flush=True)
     rng = random.Random(args.seed)
-    mix = dict(zip(("in-yes/no", "in-what", "scenes", "easyvqa"), map(float, args.mix.split(",")), strict=True))
-    tasks = Tasks(store, mix, rng, args.caption_frac, args.single_turn)
+    weights = [float(w) for w in args.mix.split(",")]
+    if len(weights) not in (4, 5):
+        raise SystemExit(f"--mix {args.mix!r}: give 4 or 5 weights (imagenet yes/no, imagenet what-is, scenes, "
+                         "easy-VQA[, categories])")
+    mix = dict(zip(MIX_TASKS, weights + [0.0] * (5 - len(weights)), strict=True))
+    tasks = Tasks(store, mix, rng, args.caption_frac, args.single_turn, args.easyvqa_single)
+    if args.init_weights and args.stage != 2:
+        raise SystemExit("--init-weights starts stage 2 (projector + LoRA) from exported weights: use --stage 2")
+    if args.init and args.init_weights:
+        raise SystemExit("give --init (a stage-1 checkpoint) or --init-weights (exported weights), not both")
     tr = Trainer(args, store, lora=args.stage == 2)
+    print(f"input scales {tr.scales}; LM forward in {'bf16 autocast' if tr.autocast else 'fp32'} "
+          f"(native bf16 on this CPU: {tr.autocast})", flush=True)
     class_names = [r["label"] for r in sorted(imagenet_rows(Path(args.data)), key=lambda r: r["wnid"])]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -675,6 +843,9 @@ def cmd_train(args):
     start = 0
     if ckpt.is_file():
         st = torch.load(ckpt, weights_only=False)
+        if input_scales(st["args"]) != tr.scales:
+            raise SystemExit(f"{ckpt} trained with input scales {input_scales(st['args'])}, this command gives "
+                             f"{tr.scales}: resume with the same --finer-scale / --color-scale")
         tr.load_state(st["model"])
         opt.load_state_dict(st["opt"])
         sched.load_state_dict(st["sched"])
@@ -686,6 +857,21 @@ def cmd_train(args):
         st = torch.load(args.init, weights_only=False)
         tr.proj.load_state_dict(st["model"]["proj"])
         print(f"projector from {args.init} (step {st['step']})", flush=True)
+    elif args.init_weights:
+        tr.load_bundled(Path(args.init_weights))
+        # the warm start must be the exported model's function: its loss on one batch, both ways
+        probe = [Tasks(store, mix, random.Random(args.seed + 1), args.caption_frac, False, args.easyvqa_single).sample()
+                 for _ in range(args.batch)]
+        maps = store.maps([it[0] for it in probe])
+        tr.model.eval()
+        with torch.no_grad():
+            mine = float(tr.loss(probe, maps)[0])
+        ref = tr.bundled_loss(Path(args.init_weights), probe, maps)
+        history["warm_start"] = {"weights": str(args.init_weights), "loss": mine, "bundled_loss": ref}
+        print(f"warm start from {args.init_weights}: loss at step 0 {mine:.5f}, the exported model's {ref:.5f}",
+              flush=True)
+        if abs(mine - ref) > 1e-3 * max(1.0, abs(ref)):
+            raise SystemExit(f"warm start differs from the exported model ({mine:.5f} vs {ref:.5f}): not started")
     else:
         tr.classifier_init(class_names)
     checks = check_items(store, args.check_n)
@@ -706,6 +892,7 @@ def cmd_train(args):
         check(0)
     t_last = time.time()
     threads_used: dict[int, int] = history.setdefault("threads", {})
+    history.setdefault("precision", []).append({"from_step": start, "autocast": "bf16" if tr.autocast else "fp32"})
     end = args.stop_at or args.steps
     for step in range(start, end):
         n_threads = adaptive_threads(args.threads)
@@ -723,12 +910,14 @@ def cmd_train(args):
         now = time.time()
         history["seconds"] += now - t_last
         t_last = now
+        groups = tr.group_norms(tr.last_inputs)
         history["loss"].append({"step": step + 1, "loss": float(loss.detach()), "visual_norm": round(tr.visual_norm, 3),
-                                "by_task": [[tag, round(v, 4)] for tag, v in per_turn]})
+                                "group_norms": groups, "by_task": [[tag, round(v, 4)] for tag, v in per_turn]})
         if (step + 1) % 10 == 0 or step == start:
             recent = history["loss"][-50:]
             print(f"step {step + 1}/{args.steps} loss {sum(r['loss'] for r in recent) / len(recent):.3f} "
                   f"lr {sched.get_last_lr()[0]:.2e} visual token norm {tr.visual_norm:.2f} "
+                  f"(colour part {groups['color']:.3f}, finer {groups['finer']:.3f}, features {groups['feats']:.3f}) "
                   f"({history['seconds'] / (step + 1):.2f}s/step, "
                   f"{history['seconds']:.0f}s)", flush=True)
         if (step + 1) % args.save_every == 0:
@@ -745,21 +934,17 @@ def cmd_train(args):
 
 
 def cmd_export(args):
-    """Fold the input standardisation into linear_1 and write ``projector.safetensors`` (bfloat16
+    """Fold the input standardisation and the run's per-group input scales (:func:`fold_projector`) into
+    linear_1 and write ``projector.safetensors`` (bfloat16
     weights, float32 biases: linear_1's bias carries GELU's +5 offset, which bfloat16 would round by up
     to 0.03, as much as a label embedding's entries) and ``lora/`` (peft adapter, bfloat16)."""
     from safetensors.torch import save_file
 
     st = torch.load(args.checkpoint, weights_only=False)
     stats = torch.load(Path(args.cache) / "channel-stats.pt")
-    proj = {k: v.clone().float() for k, v in st["model"]["proj"].items()}
-    w, b = proj["linear_1.weight"], proj["linear_1.bias"]
-    mean = torch.cat([stats["feats"][0], torch.zeros(1000), stats["finer"][0], stats["color"][0]])
-    std = torch.cat([stats["feats"][1], torch.ones(1000), stats["finer"][1], stats["color"][1]])
-    std = std / torch.cat([torch.full((1280,), INPUT_SCALE), torch.ones(1000), torch.full((160,), INPUT_SCALE)])
-    w_fold = w / std
-    proj["linear_1.bias"] = b - w_fold @ mean
-    proj["linear_1.weight"] = w_fold
+    scales = input_scales(st["args"])
+    print(f"input scales: {scales}")
+    proj = fold_projector(st["model"]["proj"], stats, scales)
     out = Path(args.out)
     (out / "lora").mkdir(parents=True, exist_ok=True)
     save_file({k: (v.to(torch.bfloat16) if k.endswith("weight") else v).contiguous() for k, v in proj.items()},
@@ -787,10 +972,15 @@ def export_record(st: dict, args) -> dict:
         stages.append(torch.load(init, weights_only=False, map_location="cpu"))
     stages.append(st)
     rec: dict = {"stages": []}
+    warm = st["args"].get("init_weights")
+    if warm and (Path(warm) / "record.json").is_file():  # a warm start continues the exported model's stages
+        rec["stages"] += json.loads((Path(warm) / "record.json").read_text())["stages"]
     for s in stages:
         loss = [r["loss"] for r in s["history"]["loss"]]
         rec["stages"].append({"args": s["args"], "steps": s["step"], "seconds": round(s["history"]["seconds"]),
-                              "last_loss_mean25": round(sum(loss[-25:]) / max(1, len(loss[-25:])), 4)})
+                              "last_loss_mean25": round(sum(loss[-25:]) / max(1, len(loss[-25:])), 4),
+                              "precision": s["history"].get("precision", [{"from_step": 0, "autocast": "bf16"}]),
+                              **({"warm_start": s["history"]["warm_start"]} if "warm_start" in s["history"] else {})})
     data = Path(st["args"]["data"])
     rec["data"] = {"imagenet_split": {"seed": 0, "heldout_files": [r["file"] for r in imagenet_split(data, "test")]}}
     return rec
@@ -851,7 +1041,17 @@ def main():
     t.add_argument("--out", required=True, help="folder of checkpoint.pt / history.json (outside the repo)")
     t.add_argument("--init", default=None, help="stage 2: the stage-1 checkpoint.pt whose projector to start from")
     t.add_argument("--sets", default="", help="comma-separated training feature sets (default: all present)")
-    t.add_argument("--mix", default="0.25,0.1,0.4,0.25", help="weights of imagenet yes/no, imagenet what-is, scenes, easy-VQA")
+    t.add_argument("--init-weights", default=None,
+                   help="stage 2: start from exported weights (a folder with projector.safetensors and lora/, e.g. "
+                        "the bundled vtprune/models/weights): warm start, checked to give the exported model's loss")
+    t.add_argument("--mix", default="0.25,0.1,0.4,0.25",
+                   help="weights of imagenet yes/no, imagenet what-is, scenes, easy-VQA[, category questions]")
+    t.add_argument("--finer-scale", type=float, default=DEFAULT_SCALES["finer"],
+                   help="input scale of the 112 standardised finer channels (the features keep 1/sqrt(1440))")
+    t.add_argument("--color-scale", type=float, default=DEFAULT_SCALES["color"],
+                   help="input scale of the 48 standardised colour-thumbnail channels")
+    t.add_argument("--easyvqa-single", type=float, default=0.5,
+                   help="fraction of easy-VQA items asked alone (else one colour + one shape question)")
     t.add_argument("--caption-frac", type=float, default=0.2, help="fraction of scene questions that are captions")
     t.add_argument("--steps", type=int, default=1000, help="length of the lr schedule")
     t.add_argument("--stop-at", type=int, default=0, help="stop after this many steps (0: --steps)")

@@ -81,7 +81,7 @@ def test_held_out_split_is_the_bundled_models():
 
 
 def test_unknown_set_split_and_limit_are_clear_errors(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown data set 'coco'; available: easy-vqa, imagenet-naming, imagenet-pope, pope-coco, scene-captions, scenes"):
+    with pytest.raises(ValueError, match=r"unknown data set 'coco'; available: easy-vqa, imagenet-category, imagenet-naming, imagenet-pope, pope-coco, scene-captions, scenes"):
         load_dataset("coco", root=tmp_path)
     with pytest.raises(ValueError, match=r"'pope-coco' has no split 'train'; available: test"):
         load_dataset("pope-coco", split="train", root=tmp_path)
@@ -397,3 +397,57 @@ def test_scene_what_questions_accept_a_synonym_of_the_subject():
     what = [s for s in load_dataset("scenes", "test", limit=60) if s.meta["qtype"] == "what"]
     assert what and all(s.meta["scorer"] == "names" for s in what)
     assert score(f"a {what[0].meta['label']}", what[0])[0]
+
+
+@needs_data
+@needs_wordnet
+def test_imagenet_category_levels_balance_and_wordnet():
+    from vtprune.eval.answers import score
+    from vtprune.eval.datasets.imagenet_category import (
+        CATEGORIES,
+        EXCLUDED_CLASSES,
+        LEVELS,
+        category_answers,
+        category_question,
+    )
+    from vtprune.eval.wordnet import load_hierarchy
+
+    hier = load_hierarchy()
+    # the examples of the issue: a tabby is a cat, a mammal and an animal; a church a building; a daisy
+    # and a lady's slipper flowers; a lifeboat a boat and a vehicle; a locomotive is never asked "container?"
+    names = {w: {c.name for c in category_answers(hier, w)["yes"]} for w in
+             ("n02123045", "n03028079", "n11939491", "n12057211", "n03662601", "n03272562")}
+    assert names["n02123045"] == {"cat", "mammal", "animal"}
+    assert names["n03028079"] == {"building"}
+    assert "flower" in names["n11939491"] and "flower" in names["n12057211"]
+    assert {"boat", "vehicle"} <= names["n03662601"]
+    loco = category_answers(hier, "n03272562")
+    assert "vehicle" in names["n03272562"] and "container" not in {c.name for c in loco["yes"] + loco["no"]}
+    assert len(CATEGORIES) == len({c.name for c in CATEGORIES}) == 30
+    assert category_question(CATEGORIES[0]) == "Is there an animal in the image?"
+    assert category_question(next(c for c in CATEGORIES if c.name == "food")) == "Is there food in the image?"
+    # every synset id is WordNet 3.0's and names its category; every category is above a class of both splits
+    for c in CATEGORIES:
+        assert all(c.name in hier.lemmas(s) or f"edible {c.name}" in hier.lemmas(s) for s in c.synsets), c
+        for split in ("train", "test"):
+            assert any(c in category_answers(hier, r["wnid"])["yes"] for r in ds.imagenet_split(DATA, split)), (c, split)
+
+    samples = load_dataset("imagenet-category", "test")
+    held_out = {r["file"] for r in ds.imagenet_split(DATA, "test")}
+    assert len(samples) == 424 and {s.meta["file"] for s in samples} <= held_out
+    assert not {s.meta["wnid"] for s in samples} & set(EXCLUDED_CLASSES)
+    for level in LEVELS:
+        kind = [s for s in samples if s.kind == f"category:{level}"]
+        assert sum(s.answer == "yes" for s in kind) == sum(s.answer == "no" for s in kind) > 100 // len(LEVELS)
+    for s in samples:  # the answer is the hierarchy's, and the question names the category of meta
+        above = {c.name for c in category_answers(hier, s.meta["wnid"])["yes"]}
+        assert (s.meta["category"] in above) == (s.answer == "yes"), s
+        assert s.question == category_question(next(c for c in CATEGORIES if c.name == s.meta["category"]))
+    # canonical order: per photo, a yes / no pair per level; a prefix keeps both answers; seeded
+    assert [s.answer for s in samples[:6]] == ["yes", "no"] * 3
+    assert load_dataset("imagenet-category", "test", limit=20) == samples[:20]
+    assert load_dataset("imagenet-category", "test") == samples
+    assert [s.question for s in load_dataset("imagenet-category", "test", seed=1)] != [s.question for s in samples]
+    assert score("Yes, there is.", samples[0]) == (True, None)
+    train = load_dataset("imagenet-category", "train")
+    assert len(train) == 1610 and not {s.meta["file"] for s in train} & held_out

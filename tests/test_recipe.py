@@ -1,12 +1,13 @@
 """The bundled model's recipe (scripts/train_default_model.py) trains in exactly the inference format:
 its token ids equal the processor's chat template, conversations included, and the loss covers only the
-answers and their <|im_end|>."""
+answers and their <|im_end|>; a warm start from exported weights is the exported model's function."""
 
 from __future__ import annotations
 
 import importlib.util
 
 import pytest
+import torch
 from conftest import import_script
 
 pytestmark = pytest.mark.real
@@ -57,3 +58,68 @@ def test_single_question_prompt_is_the_generation_prompt(recipe):
 
     ref = processor(images=Image.new("RGB", (448, 448)), text=text, return_tensors="pt")["input_ids"]
     assert ids.tolist() == ref.tolist()
+
+
+def _random_stats(gen):
+    def pair(c):
+        return torch.randn(c, generator=gen), torch.rand(c, generator=gen) + 0.1
+    return {"feats": pair(1280), "finer": pair(112), "color": pair(48)}
+
+
+def test_unfolded_projector_is_the_exported_function_at_any_scales(recipe):
+    """The warm start's unfolding: exported (folded, raw channels) and unfolded (standardised, scaled
+    channels) projectors compute the same tokens, also when the scales differ from the exporting run's."""
+    recipe, _, _ = recipe
+    gen = torch.Generator().manual_seed(0)
+    proj = {"linear_1.weight": torch.randn(576, 2440, generator=gen) * 0.02, "linear_1.bias": torch.randn(576, generator=gen),
+            "linear_2.weight": torch.randn(576, 576, generator=gen) * 0.05, "linear_2.bias": torch.randn(576, generator=gen)}
+    stats = _random_stats(gen)
+    old = recipe.input_scales({})  # a run from before the per-group scales
+    assert old == {"feats": recipe.INPUT_SCALE, "finer": recipe.INPUT_SCALE, "color": recipe.INPUT_SCALE}
+    new = recipe.input_scales({"finer_scale": 0.3, "color_scale": 1.0})
+    folded = recipe.fold_projector(proj, stats, old)
+    unfolded = recipe.unfold_projector(folded, stats, new)
+    raw = torch.randn(3, 2440, generator=gen) * 2 + 1
+    mean, factor = recipe._column_affine(stats, new)
+
+    def run(state, x):
+        h = torch.nn.functional.gelu(x @ state["linear_1.weight"].T + state["linear_1.bias"])
+        return h @ state["linear_2.weight"].T + state["linear_2.bias"]
+
+    torch.testing.assert_close(run(unfolded, (raw - mean) * factor), run(folded, raw), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(run(proj, (raw - mean) * recipe._column_affine(stats, old)[1]), run(folded, raw),
+                               rtol=1e-4, atol=1e-4)
+    # the colour columns of the unfolded projector are smaller by the scales' ratio (AdamW moves them faster)
+    ratio = unfolded["linear_1.weight"][:, 2392:].abs().sum() / proj["linear_1.weight"][:, 2392:].abs().sum()
+    assert abs(float(ratio) - recipe.INPUT_SCALE / 1.0) < 1e-4
+    back = recipe.fold_projector(unfolded, stats, new)
+    for k in proj:
+        torch.testing.assert_close(back[k], folded[k], rtol=1e-4, atol=1e-4)
+
+
+def test_warm_start_from_the_bundled_weights_has_the_bundled_loss(recipe, tmp_path):
+    """``train --init-weights``: the projector unfolded with other channel statistics and the new input
+    scales, and the LoRA loaded into a fresh peft model, give the packaged model's loss (LoRA merged,
+    folded projector on raw channels) on the same questions."""
+    from types import SimpleNamespace
+
+    recipe, default, _ = recipe
+    gen = torch.Generator().manual_seed(1)
+    torch.save(_random_stats(gen), tmp_path / "channel-stats.pt")
+    args = SimpleNamespace(cache=str(tmp_path), lora_rank=8, lora_alpha=16.0, lora_dropout=0.0,
+                           finer_scale=0.3, color_scale=1.0)
+    tr = recipe.Trainer(args, store=None, lora=True)
+    tr.autocast = False
+    tr.load_bundled(default.WEIGHTS_DIR)
+    items = [(("x", 0), "What color is the background?", "red", "sc-background-color"),
+             (("x", 1), "Is there a dog in the image?", "Yes", "in-category:basic")]
+    maps = {"feats": torch.randn(2, 196, 1280, generator=gen).relu(), "finer": torch.randn(2, 196, 112, generator=gen),
+            "color": torch.rand(2, 196, 48, generator=gen) * 2 - 1}
+    tr.model.eval()
+    with torch.no_grad():
+        mine = float(tr.loss(items, maps)[0])
+    ref = tr.bundled_loss(default.WEIGHTS_DIR, items, maps)
+    assert abs(mine - ref) < 1e-3 * max(1.0, ref), (mine, ref)
+    # not a vacuous equality: without the LoRA the loss differs
+    with tr.peft.disable_adapter(), torch.no_grad():
+        assert abs(float(tr.loss(items, maps)[0]) - ref) > 1e-2

@@ -18,6 +18,10 @@ image folders, nothing from a hub. :func:`load_dataset` builds one:
                    must name the object (label or WordNet synonym) (:mod:`~vtprune.eval.datasets.imagenet_naming`).
 ``scene-captions`` "Describe the image." on the scenes (200 test scenes), scored per field: subject,
                    background, shapes (:mod:`~vtprune.eval.datasets.scene_captions`).
+``imagenet-category`` "Is there {a category} in the image?" on the ImageNet sample's photos for 30
+                   everyday WordNet categories above the label (animal, dog, vehicle, food, building, ...),
+                   a balanced yes / no pair per level; kinds ``category:broad`` / ``category:basic``;
+                   test 424 questions, train 1610 (:mod:`~vtprune.eval.datasets.imagenet_category`).
 =================  =====================================================================================
 
 Order and ``limit``: every set has one canonical, seeded order that interleaves its kinds (POPE: row i of
@@ -28,6 +32,7 @@ shares (samples, the data root, the ImageNet split, JSONL) is in :mod:`~vtprune.
 
 from vtprune.eval.datasets import (  # noqa: F401  (registers them)
     easy_vqa,
+    imagenet_category,
     imagenet_naming,
     imagenet_pope,
     pope_coco,
