@@ -46,8 +46,9 @@ demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/vtprune generate --image $(PHOTO) --prompt "What is in the image?" --method parvts --budget 49 --compare
 	HF_HUB_OFFLINE=1 $(BIN)/vtprune generate --image $(PHOTO) --prompt "What is in the image?" --method st3 --compare
 
+# two workers (pytest-xdist): the suite is CPU-bound on one thread per test module (conftest.one_thread)
 test: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n 2 tests
 
 $(OLDEST_VENV)/bin/python:
 	$(PY) -m venv $(OLDEST_VENV)
@@ -59,7 +60,7 @@ $(OLDEST_VENV)/.installed: pyproject.toml $(OLDEST_LOCK) requirements/torch.txt 
 
 # the engine parity subset on the oldest supported transformers
 test-oldest: $(OLDEST_VENV)/.installed
-	HF_HUB_OFFLINE=1 $(OLDEST_VENV)/bin/python -m pytest $(PARITY_TESTS)
+	HF_HUB_OFFLINE=1 $(OLDEST_VENV)/bin/python -m pytest -n 2 $(PARITY_TESTS)
 
 # the documentation site into site/ (mkdocs-material, the API reference by mkdocstrings); --strict: every warning
 # (a broken link or anchor, a docstring that does not parse) fails the build

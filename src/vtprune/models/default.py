@@ -172,11 +172,23 @@ def load_language_model(dtype: torch.dtype = torch.float32):
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
     tok.save_pretrained(tmp)
-    if cdir.exists():
-        shutil.rmtree(cdir, ignore_errors=True)
-    os.replace(tmp, cdir)
+    if cdir.exists() and not (cdir / "model.safetensors").is_file():
+        shutil.rmtree(cdir, ignore_errors=True)  # an incomplete cache
+    _publish(tmp, cdir)
     lm = LlamaForCausalLM.from_pretrained(cdir, dtype=dtype, **NO_HUB_KERNELS)
     return lm, tok
+
+
+def _publish(tmp: Path, cdir: Path) -> None:
+    """Move the freshly written cache folder ``tmp`` into place as ``cdir``. When another process published
+    ``cdir`` first (several test workers, or two loads at once, on a fresh machine), keep theirs: replacing
+    it could pull it away under their load. Raises OSError when ``cdir`` could not be published at all."""
+    try:
+        os.replace(tmp, cdir)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not cdir.exists():
+            raise
 
 
 def build_image_processor():
@@ -410,9 +422,7 @@ def load_default(dtype: torch.dtype = torch.float32, device: str | torch.device 
     try:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        if cdir.exists():
-            shutil.rmtree(cdir, ignore_errors=True)
-        os.replace(tmp, cdir)
+        _publish(tmp, cdir)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
     return model.to(dtype=dtype, device=device).eval(), processor
