@@ -5,7 +5,7 @@
   pruned model's log-likelihood of that beam, decoded by hand);
 * a conversation from the returned cache (transformers' multi-turn pattern): keep-all = stock over three
   turns; a pruned conversation = a by-hand reference (the stock model on the kept tokens at their
-  original positions) and batched = one by one;
+  original positions) and batched = one by one; a new image in a later turn is scheduled for its own tokens;
 * text-only prompts run as stock, and a batch mixing prompts with and without images is refused;
 * a second ``apply`` on a model with a run attached, a cache no run (or another run) filled, and the
   modes vtprune does not support are refused with a clear error, nothing changed.
@@ -182,6 +182,44 @@ def test_a_pruned_conversation_equals_the_stock_model_on_the_kept_tokens():
             feed = torch.tensor([[token, *EXTRA]])
             out = m(input_ids=feed, position_ids=torch.arange(length, length + feed.shape[1])[None], past_key_values=cache)
             length, token = length + feed.shape[1], int(out.logits[0, -1].argmax())
+
+
+def with_new_image(x: dict, sequences: torch.Tensor, seed: int) -> dict:
+    """A later LLaVA turn that shows a new image: the conversation so far, the new image's tokens and a
+    question; ``pixel_values`` of the new image only (the earlier ones are in the cache)."""
+    from conftest import IMAGE_TOKEN, N_VISUAL
+
+    rows = sequences.shape[0]
+    turn = torch.tensor([[5, *([IMAGE_TOKEN] * N_VISUAL), *EXTRA]]).expand(rows, -1)
+    ids = torch.cat([sequences, turn], 1)
+    mask = torch.cat([x["attention_mask"], torch.ones(rows, ids.shape[1] - x["attention_mask"].shape[1],
+                                                        dtype=x["attention_mask"].dtype)], 1)
+    pixels = torch.randn(rows, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+
+
+def image_conversation(m, x: dict) -> list[torch.Tensor]:
+    """The greedy answers of two turns, the second with a new image."""
+    out = m.generate(**x, max_new_tokens=NEW, do_sample=False, return_dict_in_generate=True)
+    follow = {**with_new_image(x, out.sequences, seed=7), "past_key_values": out.past_key_values}
+    second = m.generate(**follow, max_new_tokens=NEW, do_sample=False, return_dict_in_generate=True)
+    return [out.sequences[:, -NEW:], second.sequences[:, -NEW:]]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_new_image_in_a_later_turn_is_scheduled_for_its_own_tokens(method):
+    m, x = model("llava", "sdpa"), inputs("llava", BATCH)
+    stock = image_conversation(m, x)
+    with vtprune.apply(m, method, **options(method, "keep_all")):
+        kept_all = image_conversation(m, x)
+    assert all(torch.equal(a, b) for a, b in zip(kept_all, stock, strict=True))
+    with vtprune.apply(m, method, **options(method, "prune")) as run:
+        image_conversation(m, x)
+        later = run.report()["samples"][0]
+    assert later["visual_tokens_in"] == FAMILIES["llava"].n_visual  # the new image's tokens only
+    if method != "none":
+        assert min(later["visual_tokens_per_layer_prefill"]) < FAMILIES["llava"].n_visual  # pruned in turn 2
+    assert_stock_model(m)
 
 
 def test_a_cache_filled_without_the_run_or_under_another_run_is_refused():
