@@ -1,8 +1,9 @@
 """Gemma 3 through the engine (a tiny random-weight ``Gemma3ForConditionalGeneration`` with its real
 processor, ``gemma3_tiny.py``): the bidirectional image blocks kept in the masks after pruning, the
-sliding-window layers inside their window (past it: test_gemma3_window.py), the positions of both rotary
-types, ``query_pre_attn_scalar`` scaling in the scores, counts and KV lengths, the [CLS]-free saliency,
-pan-and-scan crops. Keep-all = stock and batched = one by one for every method: test_conformance.py.
+sliding-window layers inside their window (past it: test_gemma3_window.py), ``query_pre_attn_scalar`` scaling
+in the scores, pan-and-scan crops. The positions of both rotary types, counts and KV lengths and the
+[CLS]-free saliency: test_family_invariants.py. Keep-all = stock and batched = one by one for every method:
+test_conformance.py.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import functools
 import gemma3_tiny
 import pytest
 import torch
-from conftest import output_cache
 from gemma3_tiny import (
     IMAGE_TOKEN,
     LAYER_TYPES,
@@ -69,9 +69,6 @@ class Spy:
 
     def prefill(self) -> list[dict]:
         return self.calls[:LAYERS]
-
-    def decode(self) -> list[dict]:
-        return self.calls[LAYERS:]
 
     def __enter__(self):
         return self
@@ -202,31 +199,7 @@ def test_inside_the_window_the_sliding_layers_change_nothing(model, method, opts
     assert torch.equal(*outs)
 
 
-# ---------------------------------------------------------------- positions, scaling, counts
-@pytest.mark.parametrize("method,opts", [("fastv", {"budget": 5, "layer": 2}), ("parvts", {"budget": 4}),
-                                         ("random", {"budget": 4})])
-def test_kept_tokens_keep_both_rotary_types_at_original_positions(model, method, opts):
-    """Each prefill layer gets its own type's (cos, sin) (local base 10k on sliding layers, 1M on full
-    ones) and position ids gathered at the kept tokens' original indices; each decode step the stock ones."""
-    x = batch()
-    with Spy(model) as stock:
-        generate(model, x)
-    with vtprune.apply(model, method, **opts) as run, Spy(model, run) as spy:
-        out = model.generate(**x, max_new_tokens=NEW, do_sample=False, return_dict_in_generate=True)
-    prefill = list(zip(spy.prefill(), stock.prefill(), strict=True))
-    assert not torch.allclose(prefill[0][1]["cos"], prefill[2][1]["cos"])  # two rotary types
-    for got, want in prefill:
-        index = got["index"]
-        take = torch.gather(want["cos"], 1, index[..., None].expand(-1, -1, want["cos"].shape[-1]))
-        assert torch.equal(got["cos"], take) and torch.equal(got["pos"], torch.gather(want["pos"], 1, index))
-    assert any(got["index"].shape[1] < x["input_ids"].shape[1] for got, _ in prefill)
-    assert len(spy.decode()) == len(stock.decode()) == LAYERS * (NEW - 1)
-    for got, want in zip(spy.decode(), stock.decode(), strict=True):
-        assert torch.equal(got["cos"], want["cos"]) and torch.equal(got["pos"], want["pos"]), got["layer"]
-    if method == "parvts":  # layer 0 (sliding) counts every token it was fed, the packed paths included
-        assert output_cache(out).get_seq_length() != x["input_ids"].shape[1] + NEW - 1
-
-
+# ---------------------------------------------------------------- scaling
 def test_scores_use_query_pre_attn_scalar(model, monkeypatch):
     """The scoring entry receives the scale Gemma 3's attention passes, ``query_pre_attn_scalar ** -0.5``."""
     seen = []
@@ -241,48 +214,6 @@ def test_scores_use_query_pre_attn_scalar(model, monkeypatch):
         generate(model, batch(), new=2)
     head_dim = model.config.text_config.head_dim
     assert seen and set(seen) == {SCALAR**-0.5} and SCALAR**-0.5 != head_dim**-0.5
-
-
-def test_counts_and_kv_lengths(model):
-    x = batch()
-    s = x["input_ids"].shape[1]
-    with vtprune.apply(model, "fastv", budget=5, layer=3) as run:
-        generate(model, x)
-    r = run.report()
-    assert r["samples"][0]["visual_tokens_per_layer_prefill"] == [N] * 3 + [5] * 3
-    assert r["samples"][0]["visual_tokens_per_layer_last_decode"] == [N] * 3 + [5] * 3
-    assert r["kv_cache"]["entries_per_layer"] == [s + NEW - 1] * 3 + [s - N + 5 + NEW - 1] * 3
-    with vtprune.apply(model, "parvts", budget=4, discard_layer=2) as run:
-        generate(model, x)
-    r = run.report()
-    assert r["samples"][0]["visual_tokens_per_layer_prefill"] == [N] * 2 + [4] * 4
-    assert r["kv_cache"]["entries_per_layer"] == [s - N + 4 + NEW - 1] * LAYERS
-    top = torch.topk(run.gen.saliency, 4, dim=-1).indices.sort(-1).values  # subjects: the most salient tokens
-    assert torch.equal(run.gen.cache_visual[-1], torch.gather(run.gen.visual_index, 2, top))
-
-
-# ---------------------------------------------------------------- saliency
-@pytest.mark.parametrize("rows", [None, 5], ids=["one-chunk", "chunks-of-5-query-rows"])
-def test_saliency_is_the_attention_received_in_the_last_tower_layer_summed_per_pooling_window(model, monkeypatch, rows):
-    if rows is not None:
-        heads = model.config.vision_config.num_attention_heads
-        monkeypatch.setattr(gemma3, "attention_received", functools.partial(
-            gemma3.attention_received, max_elements=3 * heads * 64 * rows))
-    x = batch()
-    with vtprune.apply(model, "parvts", budget=4) as run:
-        generate(model, x, new=1)
-    tower = model.model.vision_tower
-    impl = tower.config._attn_implementation
-    tower.config._attn_implementation = "eager"
-    try:
-        with torch.no_grad():
-            weights = tower(pixel_values=x["pixel_values"], output_attentions=True).attentions[-1]  # [3, H, 64, 64]
-    finally:
-        tower.config._attn_implementation = impl
-    received = weights.float().mean(1).mean(1).view(3, 4, 2, 4, 2)  # per patch, in 4 x 4 windows of 2 x 2
-    expected = received.sum((2, 4)).view(3, 1, N)
-    assert torch.allclose(run.gen.saliency, expected, atol=1e-6)
-    assert torch.allclose(run.gen.saliency.sum(-1), torch.ones(3, 1))
 
 
 # ---------------------------------------------------------------- pan-and-scan crops
