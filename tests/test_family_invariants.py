@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from conftest import IMAGE_TOKEN, cache_keyword, output_cache
 from families import FAMILIES
-from family_checks import eager_tower_attentions, generate, layer0_input
+from family_checks import LayerSpy, eager_tower_attentions, generate, layer0_input
 from transformers.vision_utils import get_vision_window_index
 
 import vtprune
@@ -171,30 +171,6 @@ def test_hand_written_decode_loop_without_position_ids_matches_generate(family):
 
 
 # ---------------------------------------------------------------- positions against the stock model's own inputs
-class LayerSpy:
-    """What each decoder layer receives (after vtprune's own pre-hook), per call: layer, (cos, sin), position
-    ids, and under ``run`` in the prefill the layout's index."""
-
-    def __init__(self, m, run=None):
-        self.run, self.calls = run, []
-        self.handles = [layer.register_forward_pre_hook(functools.partial(self._pre, i), with_kwargs=True)
-                        for i, layer in enumerate(m.model.language_model.layers)]
-
-    def _pre(self, layer, module, args, kwargs):
-        cos, sin = kwargs["position_embeddings"]
-        pos = kwargs.get("position_ids")
-        index = self.run.gen.layout.index.clone() if self.run is not None and self.run.gen.phase == "prefill" else None
-        self.calls.append(dict(layer=layer, cos=cos.clone(), sin=sin.clone(), pos=None if pos is None else pos.clone(),
-                               index=index))
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-
-
 def mrope_decode_positions(m, x: dict, new: int, stock: LayerSpy, spy: LayerSpy) -> None:
     """Qwen: decoding continues at the prompt's last M-RoPE position + t, whatever the pruned caches hold."""
     mrope, _ = m.model.get_rope_index(x["input_ids"], x["mm_token_type_ids"], x["image_grid_thw"],

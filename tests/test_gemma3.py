@@ -13,6 +13,7 @@ import functools
 import gemma3_tiny
 import pytest
 import torch
+from family_checks import LayerSpy
 from gemma3_tiny import (
     IMAGE_TOKEN,
     LAYER_TYPES,
@@ -49,33 +50,6 @@ def model():
 
 def generate(model, x, new: int = NEW) -> torch.Tensor:
     return model.generate(**x, max_new_tokens=new, do_sample=False)[:, -new:]
-
-
-class Spy:
-    """What each decoder layer receives (after vtprune's own pre-hook), per call: hidden states, attention
-    mask, (cos, sin), position ids, and under ``run`` the layout's index."""
-
-    def __init__(self, model, run=None):
-        self.run, self.calls = run, []
-        self.handles = [layer.register_forward_pre_hook(functools.partial(self._pre, i), with_kwargs=True)
-                        for i, layer in enumerate(model.model.language_model.layers)]
-
-    def _pre(self, layer, module, args, kwargs):
-        mask = kwargs.get("attention_mask")
-        index = self.run.gen.layout.index.clone() if self.run is not None and self.run.gen.phase == "prefill" else None
-        self.calls.append(dict(layer=layer, mask=None if mask is None else mask.clone(),
-                               cos=kwargs["position_embeddings"][0].clone(), pos=kwargs["position_ids"].clone(),
-                               index=index))
-
-    def prefill(self) -> list[dict]:
-        return self.calls[:LAYERS]
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
 
 
 # ---------------------------------------------------------------- the adapter's answers
@@ -156,9 +130,9 @@ def test_masks_of_pruned_layers_are_the_stock_masks_at_the_kept_tokens(attn):
     (full: OR(causal, block); sliding: AND(window, OR(causal, block))) at the kept queries and keys, for
     every real query of the left-padded batch."""
     m, x = tiny(attn), batch()
-    with Spy(m) as stock:
+    with LayerSpy(m) as stock:
         generate(m, x)
-    with vtprune.apply(m, "fastv", budget=5, layer=2) as run, Spy(m, run) as spy:
+    with vtprune.apply(m, "fastv", budget=5, layer=2) as run, LayerSpy(m, run) as spy:
         generate(m, x)
     allowed = (lambda mask: mask) if attn == "sdpa" else (lambda mask: mask == 0)
     for layer in range(2, LAYERS):

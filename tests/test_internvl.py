@@ -10,17 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import IMAGE_TOKEN
+from family_checks import generate, one_image_token_short
 from internvl_tiny import COUNTS, END, NEW, START, TILES, P, batch, inputs, prompt, tiny_internvl
 
 import vtprune
 from vtprune.adapters import adapter_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def generate(model, x, **kw):
-    kw.setdefault("max_new_tokens", NEW)
-    return model.generate(**x, do_sample=False, **kw)[:, -kw["max_new_tokens"]:]
 
 
 @pytest.fixture(scope="module")
@@ -57,14 +53,13 @@ def test_image_tokens_that_disagree_with_the_tiles_raise(model):
     adapter = adapter_for(model)
     x = batch((0,))
     ids = x["input_ids"]
-    first = int((ids[0] == IMAGE_TOKEN).nonzero()[0])
-    short = torch.cat([ids[:, :first], ids[:, first + 1:]], 1)  # one image token short: 47 is not 3 tiles of 16
+    short = one_image_token_short(ids)  # 47 is not 3 tiles of 16
     with pytest.raises(ValueError, match=r"is 16 image tokens .* per tile, got runs of \[\[47\]\]"):
         adapter.visual_index(short, {})
     with pytest.raises(ValueError, match=r"48 image tokens \(3 tiles of 16\), the call carries 2 tiles"):
         adapter.visual_index(ids, {"pixel_values": x["pixel_values"][:2]})
     with vtprune.apply(model, "fastv", budget=4), pytest.raises(ValueError, match="disagree"):
-        generate(model, {**x, "pixel_values": x["pixel_values"][:2]}, max_new_tokens=2)
+        generate(model, {**x, "pixel_values": x["pixel_values"][:2]}, 2)
 
 
 def test_saliency_needs_the_default_feature_strategy(model):
@@ -79,12 +74,12 @@ def test_saliency_needs_the_default_feature_strategy(model):
 
 def test_hooks_are_removed_after_exit_and_after_exception(model):
     x = batch()
-    stock = generate(model, x)
+    stock = generate(model, x, NEW)
     attn = model.model.vision_tower.encoder.layer[-1].attention
     with pytest.raises(RuntimeError, match="boom"), vtprune.apply(model, "visionzip", budget=8):
         assert attn._forward_pre_hooks and model.model.language_model._forward_pre_hooks
-        generate(model, x, max_new_tokens=2)
+        generate(model, x, 2)
         raise RuntimeError("boom")
     assert not attn._forward_pre_hooks and not model._forward_pre_hooks
     assert not model.model.language_model._forward_pre_hooks
-    assert torch.equal(generate(model, x), stock)
+    assert torch.equal(generate(model, x, NEW), stock)

@@ -7,16 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import IMAGE_TOKEN
+from family_checks import generate, one_image_token_short
 from next_tiny import COUNTS, NEW, N, batch, tiny_llava_next
 
 import vtprune
 from vtprune.adapters import adapter_for
-
-
-def generate(model, x, **kw):
-    kw.setdefault("max_new_tokens", NEW)
-    return model.generate(**x, do_sample=False, **kw)[:, -kw["max_new_tokens"]:]
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +22,7 @@ def model():
 @pytest.fixture(scope="module")
 def stock(model):
     """The unmodified model's greedy outputs on the single and the batched input."""
-    return {"single": generate(model, batch((0,))), "batched": generate(model, batch())}
+    return {"single": generate(model, batch((0,)), NEW), "batched": generate(model, batch(), NEW)}
 
 
 # ---------------------------------------------------------------- packing (token counts: test_family_invariants.py)
@@ -42,15 +37,13 @@ def test_packing_is_the_base_tile_then_the_grid_with_a_newline_after_each_row(mo
 
 def test_token_count_disagreement_raises(model):
     x = batch((0,))
-    ids = x["input_ids"]
-    first = int((ids[0] == IMAGE_TOKEN).nonzero()[0])
-    x["input_ids"] = torch.cat([ids[:, :first], ids[:, first + 1:]], 1)  # one image token short
+    x["input_ids"] = one_image_token_short(x["input_ids"])
     x["attention_mask"] = x["attention_mask"][:, 1:]
     with vtprune.apply(model, "fastv", budget=4):
         with pytest.raises(ValueError, match=r"disagree with the images: input_ids hold 51 .* need \[52\]"):
             model(**x)
         with pytest.raises(ValueError, match="disagree with the images"):
-            generate(model, x)
+            generate(model, x, NEW)
     x = batch((0,))
     x.pop("image_sizes")
     with pytest.raises(ValueError, match="needs image_sizes"):
@@ -68,7 +61,7 @@ def test_final_budget_of_each_method_in_a_padded_batch(model, method, opts):
     x = batch()
     assert x["attention_mask"][0, 0] == 0  # left padding
     with vtprune.apply(model, method, **opts) as run:
-        generate(model, x)
+        generate(model, x, NEW)
     final = FINAL[method] if method in FINAL else run.plan.per_layer[-1]
     assert [s["final_budget"] for s in run.report()["samples"]] == [final] * 3
 
@@ -76,7 +69,7 @@ def test_final_budget_of_each_method_in_a_padded_batch(model, method, opts):
 def test_pool_budget_below_the_grids_least_is_refused(model):
     with pytest.raises(ValueError, match="budget of 2 visual tokens per image is below the 3"):
         with vtprune.apply(model, "pool", budget=2):
-            generate(model, batch((0,)), max_new_tokens=2)
+            generate(model, batch((0,)), 2)
     assert "generate" not in model.__dict__
 
 
@@ -84,7 +77,7 @@ def test_model_is_stock_after_exit_and_after_exception(model, stock):
     x = batch()
     with vtprune.apply(model, "parvts", budget=8):
         assert "get_image_features" in model.model.__dict__
-        generate(model, x, max_new_tokens=2)
+        generate(model, x, 2)
     assert "get_image_features" not in model.model.__dict__
     with pytest.raises(RuntimeError, match="boom"):
         with vtprune.apply(model, "parvts", budget=8):
@@ -92,4 +85,4 @@ def test_model_is_stock_after_exit_and_after_exception(model, stock):
     assert "get_image_features" not in model.model.__dict__
     saliency_layer = model.model.vision_tower.encoder.layers[1].self_attn
     assert not saliency_layer._forward_pre_hooks and not model._forward_pre_hooks
-    assert torch.equal(generate(model, x), stock["batched"])
+    assert torch.equal(generate(model, x, NEW), stock["batched"])

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import IMAGE_TOKEN
-from family_checks import eager_tower_attentions, generate, layer0_input
+from family_checks import eager_tower_attentions, generate, layer0_input, one_image_token_short
 from onevision_tiny import (
     COUNTS,
     DOWNSAMPLED,
@@ -73,8 +72,7 @@ def test_token_count_disagreement_and_video_raise(model):
     adapter = adapter_for(model)
     x = batch((0,))
     ids = x["input_ids"]
-    first = int((ids[0] == IMAGE_TOKEN).nonzero()[0])
-    short = torch.cat([ids[:, :first], ids[:, first + 1:]], 1)
+    short = one_image_token_short(ids)
     with pytest.raises(ValueError, match=r"disagree with the images: input_ids hold 45 .* need \[46\]"):
         adapter.visual_index(short, x)
     with pytest.raises(ValueError, match=r"video inputs are not supported \(got pixel_values_videos\)"):
