@@ -402,7 +402,7 @@ def test_scene_what_questions_accept_a_synonym_of_the_subject():
 @needs_data
 @needs_wordnet
 def test_imagenet_category_levels_balance_and_wordnet():
-    from vtprune.eval.answers import score
+    from vtprune.eval.scorer import score
     from vtprune.eval.datasets.imagenet_category import (
         CATEGORIES,
         EXCLUDED_CLASSES,

@@ -465,9 +465,11 @@ def test_precomputed_vision_features(model):
 
 def test_a_generate_call_whose_cache_cannot_be_found_fails_loudly(model, monkeypatch):
     # a future rename that hides the cache from the engine must raise, not re-run the prefill
+    import vtprune.engine.lifecycle as lifecycle
     import vtprune.engine.run as run_module
 
-    monkeypatch.setattr(run_module, "find_cache", lambda args, kwargs: None)
+    for module in (lifecycle, run_module):  # phase detection, and the cache the prefill writes
+        monkeypatch.setattr(module, "find_cache", lambda args, kwargs: None)
     with vtprune.apply(model, "fastv", budget=4), pytest.raises(ValueError, match="carries no KV cache"):
         generate(model, batch(PROMPTS[:1]), max_new_tokens=3)
     assert not model._forward_pre_hooks and "generate" not in model.__dict__  # detached on the error

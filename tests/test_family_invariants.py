@@ -166,7 +166,7 @@ def test_hand_written_decode_loop_without_position_ids_matches_generate(family):
             for _ in range(4):
                 out = m(input_ids=tokens[-1][:, None], use_cache=True, **{cache_keyword(m): cache})
                 tokens.append(out.logits[:, -1].argmax(-1))
-    assert cache.get_seq_length() < x["input_ids"].shape[1] + 4  # layer 0's cache was shortened
+    assert cache.layers[0].get_seq_length() < x["input_ids"].shape[1] + 4  # layer 0's cache was shortened
     assert torch.equal(torch.stack(tokens, 1), expected)
 
 
@@ -221,7 +221,7 @@ def test_each_layer_gets_the_stock_rotary_and_positions_at_the_kept_tokens(famil
         assert torch.equal(got["pos"], want["pos"]), f"decode layer {got['layer']}"
     ROTARY[family](m, x, new, stock, spy)
     if method == "parvts":
-        assert PARVTS_CACHE[family](output_cache(out).get_seq_length(), s + new - 1)
+        assert PARVTS_CACHE[family](output_cache(out).layers[0].get_seq_length(), s + new - 1)
 
 
 # ---------------------------------------------------------------- per-layer counts and KV lengths (METHODS.md)

@@ -144,7 +144,7 @@ def test_keeping_every_token_through_every_stage_equals_stock(attn, window):
         assert torch.equal(out.sequences[:, -NEW:], stock(attn, window, idx)), idx
         assert not run.gen.stock
         # layer 0 (sliding) counts every token it was fed: the packed paths were longer than the prompt
-        assert output_cache(out).get_seq_length() > x["input_ids"].shape[1] + NEW - 1
+        assert output_cache(out).layers[0].get_seq_length() > x["input_ids"].shape[1] + NEW - 1
 
 
 class Keys:

@@ -83,7 +83,7 @@ def test_decode_without_position_ids_continues_at_original_positions(model):
     with vtprune.apply(model, "parvts", budget=4, discard_layer=2):
         cache = loop(pruned)
     s = inputs["input_ids"].shape[1]
-    assert cache.get_seq_length() == s - (N_VISUAL - 4) + len(fed)
+    assert cache.layers[0].get_seq_length() == s - (N_VISUAL - 4) + len(fed)
     layers = len(model.model.language_model.layers)
     for (layer, cos, *_), (_, cos0, *_) in zip(pruned[layers:], stock[layers:], strict=True):
         assert torch.equal(cos, cos0), f"decode layer {layer}"
