@@ -402,7 +402,6 @@ def test_scene_what_questions_accept_a_synonym_of_the_subject():
 @needs_data
 @needs_wordnet
 def test_imagenet_category_levels_balance_and_wordnet():
-    from vtprune.eval.scorer import score
     from vtprune.eval.datasets.imagenet_category import (
         CATEGORIES,
         EXCLUDED_CLASSES,
@@ -410,6 +409,7 @@ def test_imagenet_category_levels_balance_and_wordnet():
         category_answers,
         category_question,
     )
+    from vtprune.eval.scorer import score
     from vtprune.eval.wordnet import load_hierarchy
 
     hier = load_hierarchy()
