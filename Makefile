@@ -1,6 +1,7 @@
-# Two entry points, each doing its own set-up on a fresh machine:
+# Entry points, each doing its own set-up on a fresh machine:
 #   make demo   -> runs ParVTS and ST3 on the bundled small VLM on a real photo (offline)
 #   make test   -> runs the test suite
+#   make docs   -> builds the documentation site (docs/, mkdocs.yml) into site/
 # Both install exactly the locked versions (requirements/lock.txt); `make lock` regenerates the locks.
 PY ?= python3
 VENV := .venv
@@ -11,15 +12,17 @@ LOCK := requirements/lock.txt
 OLDEST_VENV := .venv-oldest
 OLDEST_LOCK := requirements/lock-oldest.txt
 # on the oldest transformers: the conformance matrix (every method x every family: stock parity with nothing
-# pruned, batched = one by one, accelerate hooks, no host sync) and the engine's LLaVA tests (per-layer counts)
-PARITY_TESTS := tests/test_conformance.py tests/test_engine.py
+# pruned, batched = one by one, accelerate hooks, no host sync), the engine's LLaVA tests (per-layer counts),
+# forward calls outside generate (logits at every position, test_loglikelihood.py) and vtprune's loads
+# without hub kernels (the use_kernels keyword)
+PARITY_TESTS := tests/test_conformance.py tests/test_engine.py tests/test_loglikelihood.py tests/test_hub_kernels.py
 # the lock is resolved for this platform against the local CPU torch wheel (requirements/torch.txt)
 TORCH_WHEELS ?= /opt/wheels
 UV_VERSION := 0.13.9
 COMPILE = $(BIN)/uv pip compile pyproject.toml --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
 	--find-links $(TORCH_WHEELS) -c requirements/torch.txt --no-emit-package torch --generate-hashes --upgrade -q
 
-.PHONY: setup demo test test-oldest lint lock
+.PHONY: setup demo test test-oldest lint lock docs
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -43,8 +46,9 @@ demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/vtprune generate --image $(PHOTO) --prompt "What is in the image?" --method parvts --budget 49 --compare
 	HF_HUB_OFFLINE=1 $(BIN)/vtprune generate --image $(PHOTO) --prompt "What is in the image?" --method st3 --compare
 
+# two workers (pytest-xdist): the suite is CPU-bound on one thread per test module (conftest.one_thread)
 test: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n 2 tests
 
 $(OLDEST_VENV)/bin/python:
 	$(PY) -m venv $(OLDEST_VENV)
@@ -56,7 +60,12 @@ $(OLDEST_VENV)/.installed: pyproject.toml $(OLDEST_LOCK) requirements/torch.txt 
 
 # the engine parity subset on the oldest supported transformers
 test-oldest: $(OLDEST_VENV)/.installed
-	HF_HUB_OFFLINE=1 $(OLDEST_VENV)/bin/python -m pytest $(PARITY_TESTS)
+	HF_HUB_OFFLINE=1 $(OLDEST_VENV)/bin/python -m pytest -n 2 $(PARITY_TESTS)
+
+# the documentation site into site/ (mkdocs-material, the API reference by mkdocstrings); --strict: every warning
+# (a broken link or anchor, a docstring that does not parse) fails the build
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 # ruff, the layer contracts of ARCHITECTURE.md (import-linter, pyproject.toml) and the type checker on src/
 lint: setup
@@ -68,5 +77,5 @@ lint: setup
 # or after changing a dependency in pyproject.toml; then run `make test test-oldest` and commit the locks).
 lock: | $(BIN)/python
 	$(BIN)/uv --version >/dev/null 2>&1 || $(BIN)/pip install -q "uv==$(UV_VERSION)"
-	$(COMPILE) --extra dev --extra eval --extra lmms --extra train --extra bench -o $(LOCK)
-	$(COMPILE) --extra dev --extra eval --extra lmms --extra train --extra bench -c requirements/oldest.txt -o $(OLDEST_LOCK)
+	$(COMPILE) --extra dev --extra docs --extra eval --extra lmms --extra train --extra bench -o $(LOCK)
+	$(COMPILE) --extra dev --extra docs --extra eval --extra lmms --extra train --extra bench -c requirements/oldest.txt -o $(OLDEST_LOCK)

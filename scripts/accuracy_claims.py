@@ -140,7 +140,7 @@ def main() -> None:
     (out / "claims.md").write_text(text)
     print(text)
 
-    # the README's grids: method x budget per data set, and per question kind
+    # the grids of docs/results.md: method x budget per data set, and per question kind
     summary = summarize(records)
     budgets = tuple(b for b in ("50%", "25%", "12.5%", "6.25%") if any(r["budget"] == b for r in summary))
     parts = []

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The accuracy tables of the README on the bundled model: every method x budget on the three held-out
+# The accuracy tables of docs/results.md on the bundled model: every method x budget on the three held-out
 # question sets, the matched-budget baselines of the seeds' claims, ST3's annealing on scene captions,
 # then the claims themselves (scripts/accuracy_claims.py). Each `vtprune eval` call appends to the same
 # OUT/results.jsonl (a rerun skips what is done, so an interrupted grid resumes); the unpruned model's

@@ -1,4 +1,4 @@
-"""The README's measured example: ParVTS, ST3 and FastV against the unpruned bundled model on real photos.
+"""The measured example of docs/results.md: ParVTS, ST3 and FastV against the unpruned bundled model on real photos.
 
 Runs ``vtprune generate --compare --json`` (the CLI users run) for each method and photo, writes the raw
 JSON under ``benchmarks/results/<date>-<host>-readme-example/`` and prints a Markdown table of answers,

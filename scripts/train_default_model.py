@@ -31,7 +31,7 @@ evaluation scores them (``scripts/eval_default_model.py`` measures the adopted m
 Training data: ImageNet yes/no questions (negatives: random, POPE-popular and WordNet-sibling labels,
 all from the 800 training classes) and "What is in the image?" -> label; scenes conversations (one
 question on each of subject, background and periphery, in random order, or "Describe the image." alone
--> a templated caption, ``vtprune.eval.open_answers.caption_for``); easy-VQA questions (alone, or one
+-> a templated caption, ``vtprune.eval.datasets.scene_captions.caption_for``); easy-VQA questions (alone, or one
 colour and one shape question as a conversation); category questions on the ImageNet training photos
 ("Is there an animal / a dog / food ...?", the categories of ``imagenet-category``, a fifth ``--mix``
 weight).
@@ -108,8 +108,8 @@ def _view(image, view: int, rng: random.Random):
 
 def feature_sets(data: Path) -> list[tuple[str, callable]]:
     """(name, builder) of every feature set, checks first; a builder returns (images, meta rows)."""
+    from vtprune.eval.datasets.scene_captions import caption_for
     from vtprune.eval.datasets.scenes import iter_scenes
-    from vtprune.eval.open_answers import caption_for
 
     def imagenet(split, view):
         def build():

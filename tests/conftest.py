@@ -148,6 +148,23 @@ def word_tokenizer(special: dict[str, int] | None = None, chat_template: str | N
                                    unk_token="<unk>", padding_side="left", chat_template=chat_template, **kwargs)
 
 
+def tiny_checkpoint(path: Path, seed: int = 3) -> Path:
+    """Save ``conftest.tiny_llava`` with a real ``LlavaProcessor`` (word-level tokenizer, 32 px CLIP
+    image processor: 16 image tokens) so that a stock loader (lmms-eval's, ``vtprune --model PATH``) reads it like
+    a llava-hf repo; ``seed`` draws the random weights."""
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+    template = WORD_CHAT_TEMPLATE
+    tokenizer = word_tokenizer(chat_template=template)
+    images = CLIPImageProcessorPil(size={"height": 32, "width": 32}, do_center_crop=False,
+                                   crop_size={"height": 32, "width": 32})
+    processor = LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8, chat_template=template,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    tiny_llava(layers=6, seed=seed).save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
 def processor_without_video(cls, **parts):
     """``cls(video_processor=None, **parts)``: a real multimodal processor built without its video processor.
     transformers 5 checks the class of each part, and resolving a video processor class needs torchvision,

@@ -5,6 +5,9 @@ A :class:`Family` builds the model for an attention implementation and a batch o
 prompts, each sample with its own image whose content does not depend on the batch it is in (so a sample
 alone is the same sample). Adding a family: its builders (a ``*_tiny.py`` module like ``qwen_tiny.py``)
 and one entry in :data:`FAMILIES`.
+
+:data:`METHODS` and :func:`method_options` are the other axis of the matrix: every registered method and its
+conformance options (``test_conformance.py`` on CPU, ``test_cuda.py`` on a CUDA device).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import next_tiny
 import onevision_tiny
 import qwen_tiny
 import torch
+
+import vtprune
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,3 +79,13 @@ FAMILIES: dict[str, Family] = {
     "llava_onevision": Family("llava_onevision", lambda attn: onevision_tiny.tiny_onevision(attn), onevision_tiny.batch,
                               onevision_tiny.N),
 }
+
+
+METHODS: list[str] = sorted(vtprune.METHODS)
+"""Every registered method (the registry feeds the matrix: a new method is covered without editing a list)."""
+
+
+def method_options(method: str, kind: str) -> dict:
+    """The method's conformance options (``examples[kind]``: ``"prune"`` options that prune a tiny model, or
+    ``"keep_all"`` options that keep every visual token)."""
+    return dict(vtprune.METHODS[method].examples[kind])

@@ -62,7 +62,8 @@ FACTORIES = ("zeros", "ones", "full", "empty", "arange", "linspace", "logspace",
              "randint", "randperm", "tensor", "as_tensor", "from_numpy")
 # vtprune frames that only hand a call on to the code they wrap (transformers' generate, the attention
 # kernel, LLaVA-NeXT's image features): a sync further in belongs to that code
-DELEGATES = {("run.py", "_generate"), ("run.py", "_generate_grouped"), ("run.py", "_generate_batch"), ("run.py", "one_group"),
+DELEGATES = {("lifecycle.py", "generate"), ("lifecycle.py", "_grouped"), ("lifecycle.py", "_batch"),
+             ("lifecycle.py", "one_group"), ("conversation.py", "reorder_cache"),
              ("groups.py", "generate_in_groups"), ("attention.py", "vtprune_attention"),
              ("attention.py", "_flash_attention"), ("llava_next.py", "get_image_features")}
 _DETECTOR_FRAMES = {"__torch_dispatch__", "__torch_function__", "recording", "_record", "_pre_call", "_post_call"}

@@ -60,3 +60,18 @@ def test_every_vtprune_import_in_the_scripts_resolves():
                         except ImportError:
                             broken.append(f"{path.name}:{node.lineno}: {node.module}.{alias.name}")
     assert not broken, "scripts import what the library no longer has:\n" + "\n".join(broken)
+
+
+def test_no_import_cycle_in_the_package():
+    """No module of ``vtprune`` imports itself back through others (type-checking imports count: a cycle
+    is a knot a reader must untie whatever runs first). grimp is import-linter's own graph builder."""
+    import grimp
+
+    graph = grimp.build_graph("vtprune", include_external_packages=False)
+    cycles = []
+    for module in sorted(graph.modules):
+        for imported in graph.find_modules_directly_imported_by(module):
+            path = graph.find_shortest_chain(importer=imported, imported=module)
+            if path:
+                cycles.append(" -> ".join((module, *path)))
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)

@@ -22,7 +22,8 @@ import functools
 
 import pytest
 import torch
-from families import FAMILIES
+from families import FAMILIES, METHODS
+from families import method_options as options
 from sync_detector import SyncDetector
 
 import vtprune
@@ -32,12 +33,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 NEW = 8
 BATCH = (0, 1, 2)
 ATTENTION = ("sdpa", "eager")
-METHODS = sorted(vtprune.METHODS)
-
-
-def options(method: str, kind: str) -> dict:
-    """The method's conformance options (``examples[kind]``: ``"prune"`` or ``"keep_all"``)."""
-    return dict(vtprune.METHODS[method].examples[kind])
 
 
 @functools.cache

@@ -367,7 +367,7 @@ def test_sample_load_image_in_memory_and_from_disk(tmp_path):
 
 
 def test_imagenet_naming_asks_the_held_out_photos_and_scores_names():
-    from vtprune.eval.answers import score
+    from vtprune.eval.scorer import score
 
     samples = load_dataset("imagenet-naming", "test", limit=5)
     held_out = ds.imagenet_split(ds.default_data_root(), "test")
@@ -380,7 +380,7 @@ def test_imagenet_naming_asks_the_held_out_photos_and_scores_names():
 
 
 def test_scene_captions_reference_scores_every_field_and_a_wrong_one_does_not():
-    from vtprune.eval.answers import score
+    from vtprune.eval.scorer import score
 
     samples = load_dataset("scene-captions", "test", limit=4)
     assert [s.id for s in samples] == [f"scene-captions/test/{i}" for i in range(4)]
@@ -392,7 +392,7 @@ def test_scene_captions_reference_scores_every_field_and_a_wrong_one_does_not():
 
 
 def test_scene_what_questions_accept_a_synonym_of_the_subject():
-    from vtprune.eval.answers import score
+    from vtprune.eval.scorer import score
 
     what = [s for s in load_dataset("scenes", "test", limit=60) if s.meta["qtype"] == "what"]
     assert what and all(s.meta["scorer"] == "names" for s in what)
@@ -402,7 +402,6 @@ def test_scene_what_questions_accept_a_synonym_of_the_subject():
 @needs_data
 @needs_wordnet
 def test_imagenet_category_levels_balance_and_wordnet():
-    from vtprune.eval.answers import score
     from vtprune.eval.datasets.imagenet_category import (
         CATEGORIES,
         EXCLUDED_CLASSES,
@@ -410,6 +409,7 @@ def test_imagenet_category_levels_balance_and_wordnet():
         category_answers,
         category_question,
     )
+    from vtprune.eval.scorer import score
     from vtprune.eval.wordnet import load_hierarchy
 
     hier = load_hierarchy()

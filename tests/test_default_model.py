@@ -148,6 +148,7 @@ def test_load_default_is_stock_llava_with_196_image_tokens(model_and_processor):
     assert not any("lora" in name for name, _ in model.named_parameters())
     assert all(type(m).__module__.split(".")[0] != "peft" for m in model.modules())
     assert model.lm_head.weight is model.model.language_model.embed_tokens.weight
+    assert not model.use_kernels  # loaded without hub kernels (vtprune.models.loading)
     out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert out.shape[1] > inputs["input_ids"].shape[1]
 

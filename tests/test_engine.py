@@ -314,10 +314,13 @@ def test_model_is_stock_after_exit_and_after_exception(model, method, opts):
 def test_error_inside_generate_leaves_model_stock(model):
     inputs = batch(PROMPTS)
     stock = generate(model, inputs)
-    text_only = {"input_ids": torch.tensor([[1, 5, 6, 7]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
-    with pytest.raises(ValueError, match="no image tokens"):
+    one = batch(PROMPTS[:1])
+    text_row = torch.full_like(one["input_ids"], 5)  # a prompt without image tokens beside one with an image
+    mixed = {"input_ids": torch.cat([one["input_ids"], text_row]), "attention_mask": one["attention_mask"].repeat(2, 1),
+             "pixel_values": one["pixel_values"]}
+    with pytest.raises(ValueError, match="mixes prompts with images"):
         with vtprune.apply(model, "fastv", budget=4):
-            model.generate(**text_only, max_new_tokens=2)
+            model.generate(**mixed, max_new_tokens=2)
     assert torch.equal(generate(model, inputs), stock)
 
 
@@ -462,9 +465,11 @@ def test_precomputed_vision_features(model):
 
 def test_a_generate_call_whose_cache_cannot_be_found_fails_loudly(model, monkeypatch):
     # a future rename that hides the cache from the engine must raise, not re-run the prefill
+    import vtprune.engine.lifecycle as lifecycle
     import vtprune.engine.run as run_module
 
-    monkeypatch.setattr(run_module, "find_cache", lambda args, kwargs: None)
+    for module in (lifecycle, run_module):  # phase detection, and the cache the prefill writes
+        monkeypatch.setattr(module, "find_cache", lambda args, kwargs: None)
     with vtprune.apply(model, "fastv", budget=4), pytest.raises(ValueError, match="carries no KV cache"):
         generate(model, batch(PROMPTS[:1]), max_new_tokens=3)
     assert not model._forward_pre_hooks and "generate" not in model.__dict__  # detached on the error

@@ -3,8 +3,10 @@ the bundled model with a few held-out ImageNet questions."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 
@@ -201,3 +203,206 @@ def test_caption_fields_are_kinds_of_their_own_in_the_tables():
     assert rows["caption:subject"]["accuracy"] == 1.0 and rows["caption:background"]["accuracy"] == 0.5
     assert rows["caption:fields"]["n"] == 6 and rows["caption:fields"]["accuracy"] == 5 / 6
     assert rows["all"]["n"] == 2  # a record counts once in "all"
+
+
+# ------------------------------------------------------------------------ resume integrity (record identity)
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny random LLaVA checkpoint with its processor: ``vtprune eval --model DIR`` answers in ~1 s."""
+    from conftest import tiny_checkpoint
+
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny-llava"))
+
+
+@pytest.fixture(scope="module")
+def pope_data():
+    from vtprune.eval.datasets import default_data_root
+
+    if not (default_data_root() / "imagenet-sample").is_dir():
+        pytest.skip(f"../shared/data not found at {default_data_root()}")
+
+
+def _eval(tiny_dir, out, *extra, limit=3):
+    return cli.main(["eval", "--data", "imagenet-pope", "--limit", str(limit), "--methods", "pool@default,fastv",
+                     "--budgets", "25%", "--model", str(tiny_dir), "--out", str(out), "--no-progress", "--no-plots",
+                     "--max-new-tokens", "2", "--batch", "2", *extra])
+
+
+def test_resume_refuses_other_settings_and_mixes_nothing(tiny_dir, pope_data, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from vtprune.eval.datasets import DATASETS
+    from vtprune.methods.pool import Pool
+
+    out = tmp_path / "ev"
+    results = out / "results.jsonl"
+    assert _eval(tiny_dir, out) == 0
+    first = results.read_bytes()
+    records = runner.read_records(results)
+    assert len(records) == 9
+    s = records[0]["settings"]
+    assert (s["model"], s["dtype"], s["do_sample"], s["max_new_tokens"]) == (str(tiny_dir.resolve()), "float32", False, 2)
+    assert (s["split"], s["seed"], s["data_version"]) == ("test", 0, 1) and len(s["sample"]) == 16
+    pool = next(r for r in records if r["method"] == "pool")
+    assert (pool["budget"], pool["options"]) == ("default", {"budget": None, "keep_ratio": 0.25})
+    capsys.readouterr()
+
+    # the same settings (another batch size too: batched answers equal one-by-one answers) skip everything
+    assert _eval(tiny_dir, out, "--batch", "1") == 0
+    assert "9 records already in" in capsys.readouterr().err and results.read_bytes() == first
+
+    def refused(*extra, match):
+        assert _eval(tiny_dir, out, *extra) == 2
+        err = capsys.readouterr().err
+        assert match in err and "another --out, or add --beside" in err, err
+        assert results.read_bytes() == first  # nothing appended, nothing rewritten
+
+    other = shutil.copytree(tiny_dir, tmp_path / "other-model")
+    refused("--model", str(other), match=f"model '{tiny_dir.resolve()}' there, '{other.resolve()}' here")
+    refused("--max-new-tokens", "3", match="max_new_tokens of imagenet-pope 2 there, 3 here (9 records)")
+    refused("--seed", "1", match="seed of imagenet-pope 0 there, 1 here")
+    with monkeypatch.context() as m:  # a changed method default changes what pool@default means
+        m.setattr(Pool, "default_keep_ratio", 0.5)
+        refused(match='options of pool@default {"budget": null, "keep_ratio": 0.25} there, '
+                      '{"budget": null, "keep_ratio": 0.5} here (3 records)')
+    with monkeypatch.context() as m:  # a data set whose builder changed (its version raised)
+        m.setitem(DATASETS, "imagenet-pope", dataclasses.replace(DATASETS["imagenet-pope"], version=2))
+        refused(match="data_version of imagenet-pope 1 there, 2 here")
+    # a sample whose content changed since (simulated by editing one record's fingerprint)
+    changed = out.parent / "changed"
+    changed.mkdir()
+    edited = [dict(r, settings=dict(r["settings"], sample="0" * 16)) if i == 4 else r for i, r in enumerate(records)]
+    (changed / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in edited))
+    assert _eval(tiny_dir, changed) == 2
+    assert ("samples of imagenet-pope changed since they were answered (question, answer, kind, meta or image): "
+            f"1 record, the first of sample {records[4]['id']!r}") in capsys.readouterr().err
+
+    # --beside: the first sibling folder with these settings (or none); a rerun finds and resumes it
+    assert _eval(tiny_dir, out, "--max-new-tokens", "3", "--beside") == 0
+    assert f"writing beside it, in {out}-2" in capsys.readouterr().err
+    assert results.read_bytes() == first
+    beside = runner.read_records(tmp_path / "ev-2" / "results.jsonl")
+    assert len(beside) == 9 and {r["settings"]["max_new_tokens"] for r in beside} == {3}
+    assert _eval(tiny_dir, out, "--max-new-tokens", "3", "--beside") == 0
+    assert "9 records already in" in capsys.readouterr().err and not (tmp_path / "ev-3").exists()
+
+
+def test_resume_refuses_records_without_settings(tiny_dir, pope_data, tmp_path, capsys):
+    old = tmp_path / "old"
+    old.mkdir()
+    row = {"data": "imagenet-pope", "id": "x", "kind": "k", "method": "none", "budget": "all", "prediction": "yes",
+           "correct": True}
+    (old / "results.jsonl").write_text(json.dumps(row) + "\n")
+    assert _eval(tiny_dir, old) == 2
+    err = capsys.readouterr().err
+    assert "holds 1 records written without their settings" in err and "--tables-only" in err
+    assert runner.read_records(old / "results.jsonl") == [row]
+
+
+def test_sample_fingerprint_is_the_content_not_the_path(tmp_path):
+    from PIL import Image
+
+    from vtprune.eval.datasets import Sample
+
+    image = Image.new("RGB", (8, 8), (10, 20, 30))
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    image.save(a)
+    image.save(b)
+    sample = Sample("1", str(a), "Is there a cat?", "yes", "yes/no")
+    assert sample.fingerprint() == dataclasses.replace(sample, image=str(b)).fingerprint()
+    assert sample.fingerprint() != dataclasses.replace(sample, answer="no").fingerprint()
+    assert sample.fingerprint() != dataclasses.replace(sample, meta={"label": "cat"}).fingerprint()
+    in_memory = dataclasses.replace(sample, image=image)
+    assert in_memory.fingerprint() != dataclasses.replace(sample, image=Image.new("RGB", (8, 8))).fingerprint()
+    Image.new("RGB", (8, 8)).save(b)
+    assert sample.fingerprint() != dataclasses.replace(sample, image=str(b)).fingerprint()
+
+
+# ------------------------------------------------------------------------------------------ data-parallel
+def test_shard_from_env_and_rank_device():
+    from vtprune.eval.parallel import Shard, rank_device, shard_from_env
+
+    assert shard_from_env({}) == Shard(0, 1, 0)
+    two = shard_from_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1"})
+    assert two == Shard(1, 2, 1) and [i for i in range(7) if two.owns(i)] == [1, 3, 5]
+    assert rank_device(two, "cuda") == "cuda:1" and rank_device(two, "cpu") == "cpu"
+    assert rank_device(Shard(), "cuda:3") == "cuda:3"
+    with pytest.raises(ValueError, match="names one GPU for 2 processes"):
+        rank_device(two, "cuda:0")
+    with pytest.raises(ValueError, match="MASTER_ADDR and MASTER_PORT not set: start the processes with torchrun"):
+        shard_from_env({"RANK": "0", "WORLD_SIZE": "2"})
+    with pytest.raises(ValueError, match="rank 2 of world size 2"):
+        shard_from_env({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"})
+    with pytest.raises(ValueError, match="RANK='x' is not an int"):
+        shard_from_env({"RANK": "x"})
+
+
+def test_torchrun_two_ranks_resume_an_interrupted_run_as_one_process_does(tiny_dir, pope_data, tmp_path):
+    """2 CPU ranks under torchrun raise the limit of a one-process run (3 -> 7 samples, odd: uneven shards)
+    that an interrupted data-parallel run left a partial file beside (two records and a cut line): the ranks
+    skip what the results and the partial file hold, answer the rest, and rank 0 merges; the file equals a
+    one-process run's with the same history, record for record and in order."""
+    import os
+    import subprocess
+    import sys
+
+    import vtprune
+
+    reference, out = tmp_path / "reference", tmp_path / "parallel"
+    assert _eval(tiny_dir, reference, limit=3) == 0
+    assert _eval(tiny_dir, reference, limit=7) == 0
+    expected = runner.read_records(reference / "results.jsonl")
+    assert len(expected) == 21
+    assert _eval(tiny_dir, out, limit=3) == 0
+    # an interrupted run's partial file: the first two records the raised limit adds, answered otherwise (so
+    # that a recomputation would show), and a line cut mid-write
+    left = [dict(r, prediction=f"kept {i}") for i, r in enumerate(expected[9:11])]
+    expected[9:11] = left
+    (out / "results.rank1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in left) + json.dumps(expected[11])[:40])
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join([str(Path(vtprune.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
+    argv = ["eval", "--data", "imagenet-pope", "--limit", "7", "--methods", "pool@default,fastv", "--budgets", "25%",
+            "--model", str(tiny_dir), "--out", str(out), "--no-progress", "--no-plots", "--max-new-tokens", "2",
+            "--batch", "2"]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "vtprune.cli", *argv], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rank 0 of 2: 11 records already in" in done.stderr and "rank 1 of 2: 11 records already in" in done.stderr
+    assert "merged 2 records of an interrupted run's ranks" in done.stderr
+    assert "merged 10 records of 2 ranks" in done.stderr  # 21 - 9 - 2: the rest, answered by the ranks
+    assert runner.read_records(out / "results.jsonl") == expected
+    assert sorted(p.name for p in out.iterdir()) == ["command.txt", "results.csv", "results.jsonl", "results.md"]
+
+
+def test_model_identity_names_the_weights_without_loading_them(tmp_path, monkeypatch):
+    import torch
+
+    from vtprune.inputs import model_identity
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ckpt").mkdir()
+    assert model_identity("ckpt", torch.bfloat16) == {"model": str(tmp_path / "ckpt"), "model_revision": None,
+                                                      "dtype": "bfloat16"}
+    assert model_identity("org/name", torch.float32)["model"] == "org/name"
+    default = pytest.importorskip("vtprune.models.default", reason="bundled model packages not installed")
+    bundled = model_identity(None, torch.float32)
+    assert bundled == model_identity("default", torch.float32)
+    assert bundled["model"] == default.DEFAULT_MODEL_ID and len(bundled["model_revision"]) == 16
+    # the fingerprint follows the trained files: another projector, another revision
+    monkeypatch.setattr(default, "PROJECTOR_PATH", tmp_path / "missing.safetensors")
+    assert model_identity(None, torch.float32)["model_revision"] != bundled["model_revision"]
+
+
+def test_one_process_merges_the_partial_files_of_an_interrupted_parallel_run(tiny_dir, pope_data, tmp_path, capsys):
+    reference, out = tmp_path / "reference", tmp_path / "out"
+    assert _eval(tiny_dir, reference, limit=2) == 0 and _eval(tiny_dir, reference, limit=3) == 0
+    assert _eval(tiny_dir, out, limit=2) == 0
+    (out / "results.jsonl").rename(out / "results.rank1.jsonl")  # every answer still in a rank's partial file
+    assert cli.main(["eval", "--tables-only", "--out", str(out), "--no-plots"]) == 2
+    assert "results.rank1.jsonl beside" in capsys.readouterr().err
+    assert _eval(tiny_dir, out, limit=3) == 0
+    err = capsys.readouterr().err
+    assert "merged 6 records of an interrupted run's ranks" in err and "6 records already in" in err
+    assert runner.read_records(out / "results.jsonl") == runner.read_records(reference / "results.jsonl")
+    assert not (out / "results.rank1.jsonl").exists()

@@ -1,8 +1,9 @@
 """Gemma 3 through the engine (a tiny random-weight ``Gemma3ForConditionalGeneration`` with its real
 processor, ``gemma3_tiny.py``): the bidirectional image blocks kept in the masks after pruning, the
-sliding-window refusals, the positions of both rotary types, ``query_pre_attn_scalar`` scaling in the
-scores, counts and KV lengths, the [CLS]-free saliency, pan-and-scan crops. Keep-all = stock and batched =
-one by one for every method: test_conformance.py.
+sliding-window layers inside their window (past it: test_gemma3_window.py), ``query_pre_attn_scalar`` scaling
+in the scores, pan-and-scan crops. The positions of both rotary types, counts and KV lengths and the
+[CLS]-free saliency: test_family_invariants.py. Keep-all = stock and batched = one by one for every method:
+test_conformance.py.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import functools
 import gemma3_tiny
 import pytest
 import torch
-from conftest import output_cache
+from family_checks import LayerSpy
 from gemma3_tiny import (
     IMAGE_TOKEN,
     LAYER_TYPES,
@@ -49,36 +50,6 @@ def model():
 
 def generate(model, x, new: int = NEW) -> torch.Tensor:
     return model.generate(**x, max_new_tokens=new, do_sample=False)[:, -new:]
-
-
-class Spy:
-    """What each decoder layer receives (after vtprune's own pre-hook), per call: hidden states, attention
-    mask, (cos, sin), position ids, and under ``run`` the layout's index."""
-
-    def __init__(self, model, run=None):
-        self.run, self.calls = run, []
-        self.handles = [layer.register_forward_pre_hook(functools.partial(self._pre, i), with_kwargs=True)
-                        for i, layer in enumerate(model.model.language_model.layers)]
-
-    def _pre(self, layer, module, args, kwargs):
-        mask = kwargs.get("attention_mask")
-        index = self.run.gen.layout.index.clone() if self.run is not None and self.run.gen.phase == "prefill" else None
-        self.calls.append(dict(layer=layer, mask=None if mask is None else mask.clone(),
-                               cos=kwargs["position_embeddings"][0].clone(), pos=kwargs["position_ids"].clone(),
-                               index=index))
-
-    def prefill(self) -> list[dict]:
-        return self.calls[:LAYERS]
-
-    def decode(self) -> list[dict]:
-        return self.calls[LAYERS:]
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
 
 
 # ---------------------------------------------------------------- the adapter's answers
@@ -142,8 +113,9 @@ def test_pruned_before_layer_0_equals_the_stock_model_on_the_kept_tokens(attn, i
     x = inputs([prompt(2, 4, 1, images), prompt(5, 9, 2, images), prompt(3, 2, 3, images)],
                [[image(10 * b + i) for i in range(images)] for b in range(3)])
     with vtprune.apply(m, "random", budget=5, seed=1) as run, torch.no_grad():
-        pruned = m(**x, position_ids=positions(x)).logits
+        logits = m(**x, position_ids=positions(x)).logits  # [B, S, V] at the original positions
     index = run.gen.layouts[0].index
+    pruned = torch.gather(logits, 1, index[..., None].expand(-1, -1, logits.shape[-1]))
     assert index.shape[1] == x["input_ids"].shape[1] - images * (N - 5)
     valid = torch.gather(x["attention_mask"], 1, index).bool()
     stock = stock_on_kept_tokens(m, x, index)
@@ -158,9 +130,9 @@ def test_masks_of_pruned_layers_are_the_stock_masks_at_the_kept_tokens(attn):
     (full: OR(causal, block); sliding: AND(window, OR(causal, block))) at the kept queries and keys, for
     every real query of the left-padded batch."""
     m, x = tiny(attn), batch()
-    with Spy(m) as stock:
+    with LayerSpy(m) as stock:
         generate(m, x)
-    with vtprune.apply(m, "fastv", budget=5, layer=2) as run, Spy(m, run) as spy:
+    with vtprune.apply(m, "fastv", budget=5, layer=2) as run, LayerSpy(m, run) as spy:
         generate(m, x)
     allowed = (lambda mask: mask) if attn == "sdpa" else (lambda mask: mask == 0)
     for layer in range(2, LAYERS):
@@ -188,47 +160,6 @@ def test_the_tiny_model_uses_its_image_blocks(model):
 
 
 # ---------------------------------------------------------------- sliding-window layers
-def test_a_pruned_sequence_that_would_outgrow_the_window_is_refused(model):
-    x = batch()
-    s = x["input_ids"].shape[1]
-    fits, over = WINDOW - s, WINDOW - s + 1
-    stock = generate(model, x, new=over)
-    with vtprune.apply(model, "fastv", budget=4):
-        generate(model, x, new=fits)
-        with pytest.raises(ValueError, match=rf"sliding-window layers attend within {WINDOW} tokens .*\(prompt {s}\) "
-                                             rf"plus {over} new tokens under pruning \(from layer 2, prefill\)"):
-            generate(model, x, new=over)
-    assert not model._forward_pre_hooks
-    with vtprune.apply(model, "none"):  # the stock sequence: the model's own sliding caches, no refusal
-        assert torch.equal(generate(model, x, new=over), stock)
-
-
-def test_packed_paths_longer_than_the_window_are_refused(model):
-    """ParVTS's two packed paths hold the question twice: a prompt that fits with its new tokens may not,
-    packed (the sliding caches would drop the packed sequence's first entries)."""
-    x = batch((1,))
-    s = x["input_ids"].shape[1]
-    new = WINDOW - s
-    with vtprune.apply(model, "parvts", budget=4) as run:
-        with pytest.raises(ValueError, match=rf"a sequence of \d+ tokens \(prompt {s}\) plus {new} new tokens under "
-                                             r"pruning \(from layer 0, prefill\)"):
-            generate(model, x, new=new)
-        generate(model, x, new=4)  # packed + 4 new tokens fit
-        assert run.report()["samples"][0]["final_budget"] == 4
-
-
-def test_decode_only_eviction_past_the_window_is_refused(model):
-    """ST3 with ratio 0 prunes nothing in the prefill and evicts from the caches while decoding: refused at
-    the first eviction when the generation would outgrow the window."""
-    x = batch((1,))
-    over = WINDOW - x["input_ids"].shape[1] + 1
-    with vtprune.apply(model, "st3", ratio=0.0, anneal_every=1) as run:
-        generate(model, x, new=NEW)
-        assert run.ledger.decode_history[-1] != [N] * LAYERS  # it evicts while decoding
-        with pytest.raises(ValueError, match=rf"plus {over} new tokens under pruning \(from layer 1, decode\)"):
-            generate(model, x, new=over)
-
-
 @pytest.mark.parametrize("method,opts", [("fastv", {"budget": 4}), ("parvts", {"budget": 4}), ("st3", {})])
 def test_inside_the_window_the_sliding_layers_change_nothing(model, method, opts):
     """The same weights with a window far beyond the generation give the same pruned output: inside the
@@ -242,31 +173,7 @@ def test_inside_the_window_the_sliding_layers_change_nothing(model, method, opts
     assert torch.equal(*outs)
 
 
-# ---------------------------------------------------------------- positions, scaling, counts
-@pytest.mark.parametrize("method,opts", [("fastv", {"budget": 5, "layer": 2}), ("parvts", {"budget": 4}),
-                                         ("random", {"budget": 4})])
-def test_kept_tokens_keep_both_rotary_types_at_original_positions(model, method, opts):
-    """Each prefill layer gets its own type's (cos, sin) (local base 10k on sliding layers, 1M on full
-    ones) and position ids gathered at the kept tokens' original indices; each decode step the stock ones."""
-    x = batch()
-    with Spy(model) as stock:
-        generate(model, x)
-    with vtprune.apply(model, method, **opts) as run, Spy(model, run) as spy:
-        out = model.generate(**x, max_new_tokens=NEW, do_sample=False, return_dict_in_generate=True)
-    prefill = list(zip(spy.prefill(), stock.prefill(), strict=True))
-    assert not torch.allclose(prefill[0][1]["cos"], prefill[2][1]["cos"])  # two rotary types
-    for got, want in prefill:
-        index = got["index"]
-        take = torch.gather(want["cos"], 1, index[..., None].expand(-1, -1, want["cos"].shape[-1]))
-        assert torch.equal(got["cos"], take) and torch.equal(got["pos"], torch.gather(want["pos"], 1, index))
-    assert any(got["index"].shape[1] < x["input_ids"].shape[1] for got, _ in prefill)
-    assert len(spy.decode()) == len(stock.decode()) == LAYERS * (NEW - 1)
-    for got, want in zip(spy.decode(), stock.decode(), strict=True):
-        assert torch.equal(got["cos"], want["cos"]) and torch.equal(got["pos"], want["pos"]), got["layer"]
-    if method == "parvts":  # layer 0 (sliding) counts every token it was fed, the packed paths included
-        assert output_cache(out).get_seq_length() != x["input_ids"].shape[1] + NEW - 1
-
-
+# ---------------------------------------------------------------- scaling
 def test_scores_use_query_pre_attn_scalar(model, monkeypatch):
     """The scoring entry receives the scale Gemma 3's attention passes, ``query_pre_attn_scalar ** -0.5``."""
     seen = []
@@ -281,48 +188,6 @@ def test_scores_use_query_pre_attn_scalar(model, monkeypatch):
         generate(model, batch(), new=2)
     head_dim = model.config.text_config.head_dim
     assert seen and set(seen) == {SCALAR**-0.5} and SCALAR**-0.5 != head_dim**-0.5
-
-
-def test_counts_and_kv_lengths(model):
-    x = batch()
-    s = x["input_ids"].shape[1]
-    with vtprune.apply(model, "fastv", budget=5, layer=3) as run:
-        generate(model, x)
-    r = run.report()
-    assert r["samples"][0]["visual_tokens_per_layer_prefill"] == [N] * 3 + [5] * 3
-    assert r["samples"][0]["visual_tokens_per_layer_last_decode"] == [N] * 3 + [5] * 3
-    assert r["kv_cache"]["entries_per_layer"] == [s + NEW - 1] * 3 + [s - N + 5 + NEW - 1] * 3
-    with vtprune.apply(model, "parvts", budget=4, discard_layer=2) as run:
-        generate(model, x)
-    r = run.report()
-    assert r["samples"][0]["visual_tokens_per_layer_prefill"] == [N] * 2 + [4] * 4
-    assert r["kv_cache"]["entries_per_layer"] == [s - N + 4 + NEW - 1] * LAYERS
-    top = torch.topk(run.gen.saliency, 4, dim=-1).indices.sort(-1).values  # subjects: the most salient tokens
-    assert torch.equal(run.gen.cache_visual[-1], torch.gather(run.gen.visual_index, 2, top))
-
-
-# ---------------------------------------------------------------- saliency
-@pytest.mark.parametrize("rows", [None, 5], ids=["one-chunk", "chunks-of-5-query-rows"])
-def test_saliency_is_the_attention_received_in_the_last_tower_layer_summed_per_pooling_window(model, monkeypatch, rows):
-    if rows is not None:
-        heads = model.config.vision_config.num_attention_heads
-        monkeypatch.setattr(gemma3, "attention_received", functools.partial(
-            gemma3.attention_received, max_elements=3 * heads * 64 * rows))
-    x = batch()
-    with vtprune.apply(model, "parvts", budget=4) as run:
-        generate(model, x, new=1)
-    tower = model.model.vision_tower
-    impl = tower.config._attn_implementation
-    tower.config._attn_implementation = "eager"
-    try:
-        with torch.no_grad():
-            weights = tower(pixel_values=x["pixel_values"], output_attentions=True).attentions[-1]  # [3, H, 64, 64]
-    finally:
-        tower.config._attn_implementation = impl
-    received = weights.float().mean(1).mean(1).view(3, 4, 2, 4, 2)  # per patch, in 4 x 4 windows of 2 x 2
-    expected = received.sum((2, 4)).view(3, 1, N)
-    assert torch.allclose(run.gen.saliency, expected, atol=1e-6)
-    assert torch.allclose(run.gen.saliency.sum(-1), torch.ones(3, 1))
 
 
 # ---------------------------------------------------------------- pan-and-scan crops

@@ -130,7 +130,7 @@ def test_owner_rule():
         return [traceback.FrameSummary(str(path), 1, name, lookup_line=False) for path, name in frames]
 
     test = (THIS_FILE, "test")
-    generate = (VTPRUNE_DIR / "engine/run.py", "_generate_batch")
+    generate = (VTPRUNE_DIR / "engine/lifecycle.py", "_batch")
     forward = (hf / "models/llama/modeling_llama.py", "forward")
     # transformers' stopping criteria inside the generate that vtprune's wrapper calls
     assert owner(stack(test, generate, (hf / "generation/utils.py", "_sample"),
@@ -198,31 +198,30 @@ def test_llava_eager_decode_loop_has_no_vtprune_sync(method, opts, case):
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
-def test_decode_position_ids_of_the_adapter_do_not_sync(family, monkeypatch):
-    """A hand-written decode loop without position_ids after ParVTS shortened layer 0's cache: the adapter
-    computes the stock decode positions (Qwen2-VL: M-RoPE, from rope_deltas) every step, without a sync."""
+def test_a_hand_written_decode_loop_gets_the_stock_positions_without_a_sync(family):
+    """A hand-written decode loop without position_ids after ParVTS shortened layer 0's cache: the cache
+    answers the stock length (``engine/conversation.py``), so the model derives the stock decode positions
+    (Qwen2-VL: M-RoPE, from rope_deltas) every step, without a sync: the loop decodes what generate does."""
     model, inputs = _model(family), _inputs(family, "single")
     inputs = {k: v for k, v in inputs.items() if k != "attention_mask"}
-    with vtprune.apply(model, "parvts", budget=4, discard_layer=2) as run:
-        adapter = type(run.adapter)
-        calls = []
-        original = adapter.decode_position_ids
-
-        def spy(self, past_length, input_ids):
-            calls.append(past_length)
-            return original(self, past_length, input_ids)
-
-        monkeypatch.setattr(adapter, "decode_position_ids", spy)
+    with vtprune.apply(model, "parvts", budget=4, discard_layer=2):
         if family.startswith("qwen"):
             model.model.rope_deltas = None
+        lengths, tokens = [], []
         with torch.no_grad(), SyncDetector(model) as det:
             out = model(**inputs, use_cache=True)
             cache, token = output_cache(out), out.logits[:, -1:].argmax(-1)
             for _ in range(NEW - 1):
+                tokens.append(int(token))
+                lengths.append(cache.get_seq_length())
                 out = model(input_ids=token, use_cache=True, **{cache_keyword(model): cache})
                 token = out.logits[:, -1:].argmax(-1)
+        tokens.append(int(token))
+        assert cache.layers[0].keys.shape[2] < inputs["input_ids"].shape[1]  # ParVTS shortened layer 0's cache
+        generated = model.generate(**inputs, max_new_tokens=NEW, do_sample=False)[0, -NEW:].tolist()
     s = inputs["input_ids"].shape[1]
-    assert calls == list(range(s, s + NEW - 1))
+    assert lengths == list(range(s, s + NEW - 1))
+    assert tokens == generated
     assert det.decode_calls == NEW - 1
     print(f"\n{family} parvts hand-written loop: prefill syncs vtprune {len(det.of('prefill'))}; "
           f"decode syncs vtprune {len(det.of('decode'))}, transformers {len(det.of('decode', 'other'))}")

@@ -1,35 +1,22 @@
-"""LLaVA-OneVision (NeXT's any-resolution packing, ``anyres_max`` downsampling, single-tile images in
+"""LLaVA-OneVision's own (NeXT's any-resolution packing, ``anyres_max`` downsampling, single-tile images in
 multi-image prompts, SigLIP without [CLS]) on a tiny random-weight ``LlavaOnevisionForConditionalGeneration``
-(models and inputs: ``onevision_tiny.py``; keep-all = stock, batched = one by one, stock after exit and no
-host sync in decode: ``test_conformance.py``)."""
+(models and inputs: ``onevision_tiny.py``). What it shares with other families (token counts, positions,
+per-layer counts, mixed sizes, saliency of one image, grids): ``test_family_invariants.py``; keep-all = stock,
+batched = one by one, stock after exit and no host sync in decode: ``test_conformance.py``."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import IMAGE_TOKEN
-from family_checks import (
-    check_fastv_counts_and_kv_lengths,
-    check_hand_written_decode_loop,
-    check_mixed_batch_runs_as_groups,
-    check_original_positions,
-    check_parvts_subjects,
-    eager_tower_attentions,
-    generate,
-    layer0_input,
-)
+from family_checks import eager_tower_attentions, generate, layer0_input, one_image_token_short
 from onevision_tiny import (
     COUNTS,
     DOWNSAMPLED,
     GRIDS,
     LAYERS,
-    MIXED,
     MULTI,
-    NEW,
     SIZE,
     VIDEO_TOKEN,
-    N,
     P,
     batch,
     inputs,
@@ -41,7 +28,6 @@ import vtprune
 from vtprune.adapters import PatchGrid, adapter_for
 from vtprune.adapters.llava_next import NEWLINE
 from vtprune.adapters.llava_onevision import MIXED as MIXED_TOKEN
-from vtprune.adapters.llava_onevision import LlavaOnevisionAdapter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -53,20 +39,10 @@ def model():
     return tiny_onevision()
 
 
-# ---------------------------------------------------------------- token counts, packing, downsampling
+# ---------------------------------------------------------------- packing, downsampling (token counts: test_family_invariants.py)
 @pytest.mark.parametrize("size", list(COUNTS))
-def test_visual_tokens_per_image_follow_its_size(model, size):
-    x = inputs([prompt(3, 4, 0)], [[size]])
-    adapter = adapter_for(model)
-    assert isinstance(adapter, LlavaOnevisionAdapter) and adapter.tokens_per_image() is None
-    visual = adapter.visual_index(x["input_ids"], x)
-    start = int((x["input_ids"][0] == IMAGE_TOKEN).nonzero()[0])
-    assert visual.tolist() == [[list(range(start, start + COUNTS[size]))]]  # hand count = processor's
-    with torch.no_grad():  # = the model's own packed feature length
-        feats = model.model.get_image_features(x["pixel_values"], x["image_sizes"],
-                                               batch_num_images=x["batch_num_images"]).pooler_output
-    assert [f.shape[0] for f in feats] == [COUNTS[size]]
-    source, _ = adapter.packing(size)
+def test_packing_is_the_base_tile_then_the_unpadded_or_downsampled_grid_with_newlines(model, size):
+    source, _ = adapter_for(model).packing(size)
     rows, cols = GRIDS[size]
     assert source[:P].tolist() == list(range(P))  # the base tile first
     assert (source == NEWLINE).nonzero().flatten().tolist() == list(range(P + cols, COUNTS[size], cols + 1))
@@ -96,8 +72,7 @@ def test_token_count_disagreement_and_video_raise(model):
     adapter = adapter_for(model)
     x = batch((0,))
     ids = x["input_ids"]
-    first = int((ids[0] == IMAGE_TOKEN).nonzero()[0])
-    short = torch.cat([ids[:, :first], ids[:, first + 1:]], 1)
+    short = one_image_token_short(ids)
     with pytest.raises(ValueError, match=r"disagree with the images: input_ids hold 45 .* need \[46\]"):
         adapter.visual_index(short, x)
     with pytest.raises(ValueError, match=r"video inputs are not supported \(got pixel_values_videos\)"):
@@ -114,32 +89,7 @@ def test_token_count_disagreement_and_video_raise(model):
         model.config.vision_feature_select_strategy = "full"
 
 
-# ---------------------------------------------------------------- positions, counts, groups
-def test_kept_tokens_keep_original_positions_in_prefill_and_decode(model):
-    check_original_positions(model, batch(), N)
-
-
-def test_hand_written_decode_loop_without_position_ids_matches_generate(model):
-    check_hand_written_decode_loop(model, batch((1,)))
-
-
-def test_fastv_counts_and_kv_lengths(model):
-    check_fastv_counts_and_kv_lengths(model, batch(), N, NEW, LAYERS)
-
-
-def test_parvts_subjects_are_patches_never_newlines(model):
-    top = check_parvts_subjects(model, batch(), N, NEW, LAYERS)
-    source, _ = adapter_for(model).packing(SIZE)
-    assert (source[top.flatten()] != NEWLINE).all()
-
-
-@pytest.mark.parametrize("method,opts", [("fastv", {"keep_ratio": 0.25}), ("parvts", {"budget": 8}),
-                                         ("visionzip", {"budget": 8}), ("pool", {"keep_ratio": 0.25}), ("none", {})])
-def test_a_batch_of_mixed_image_sizes_runs_as_groups_and_equals_one_by_one(model, method, opts):
-    prompts = [prompt(2 + b, 3 + 2 * b, 20 + b) for b in range(len(MIXED))]
-    check_mixed_batch_runs_as_groups(model, inputs, prompts, MIXED, method, opts, [46, 34, 46, 52], [[0, 2], [1], [3]])
-
-
+# ---------------------------------------------------------------- multi-image samples
 @pytest.mark.parametrize("method,opts", [("none", {}), ("parvts", {"budget": 5}), ("pool", {"budget": 6}),
                                          ("pool", {"keep_ratio": 1.0})])
 def test_multi_image_samples_batched_equal_one_by_one(model, method, opts):
@@ -164,44 +114,6 @@ def received_attention(model, pixel_values) -> torch.Tensor:
     return eager_tower_attentions(model, pixel_values)[-1].mean(1).mean(1)
 
 
-# size -> (tiles, tile grid (rows, cols), unpadded rows, unpadded cols), read off the docstring of onevision_tiny
-UNPAD = {(20, 40): (3, (1, 2), slice(0, 4), slice(0, 8)), (16, 64): (3, (1, 2), slice(1, 3), slice(0, 8)),
-         (64, 48): (5, (2, 2), slice(0, 8), slice(1, 7)), (64, 64): (5, (2, 2), slice(0, 8), slice(0, 8))}
-
-
-def hand_packed(per_tile: torch.Tensor, size) -> torch.Tensor:
-    """Per-tile saliency packed by hand: base tile, then the tiles' patch map cropped to the unpadded rows
-    and columns, bilinearly resized to the downsampled grid where ``anyres_max_2`` downsamples, -inf after
-    each row."""
-    _, (tile_rows, tile_cols), rows, cols = UNPAD[size]
-    grid = per_tile[1:].view(tile_rows, tile_cols, 4, 4).permute(0, 2, 1, 3).reshape(4 * tile_rows, 4 * tile_cols)
-    grid = grid[rows, cols]
-    if size in DOWNSAMPLED:
-        grid = F.interpolate(grid[None, None], size=GRIDS[size], mode="bilinear")[0, 0]
-    with_newlines = torch.cat([grid, torch.full((grid.shape[0], 1), float("-inf"))], 1)
-    return torch.cat([per_tile[0], with_newlines.flatten()])
-
-
-@pytest.mark.parametrize("size", [(16, 64), (64, 48), (64, 64)])
-@pytest.mark.parametrize("call", ["generate", "forward"])
-def test_saliency_is_attention_received_packed_like_the_features(model, size, call):
-    x = inputs([prompt(2, 3, 1), prompt(4, 2, 2)], [[size], [size]])
-    with vtprune.apply(model, "parvts", budget=6) as run:
-        if call == "generate":
-            generate(model, x, 1)
-        else:
-            with torch.no_grad():
-                model(**x)
-    assert run.gen.saliency.shape == (2, 1, COUNTS[size])
-    tiles = UNPAD[size][0]
-    for b in range(2):
-        per_tile = received_attention(model, x["pixel_values"][b, :tiles])
-        torch.testing.assert_close(per_tile.sum(-1), torch.ones(tiles))  # each tile's sums to 1
-        expected, ours = hand_packed(per_tile, size), run.gen.saliency[b, 0]
-        assert torch.equal(torch.isinf(ours), torch.isinf(expected))
-        torch.testing.assert_close(ours[~torch.isinf(ours)], expected[~torch.isinf(expected)], atol=1e-5, rtol=1e-5)
-
-
 def test_saliency_of_a_multi_image_sample_is_each_tile_then_minus_inf(model):
     x = inputs([prompt(3, 4, 0, images=2), prompt(2, 2, 1, images=2)], TWO)
     with vtprune.apply(model, "visionzip", budget=6) as run:
@@ -212,20 +124,7 @@ def test_saliency_of_a_multi_image_sample_is_each_tile_then_minus_inf(model):
     torch.testing.assert_close(run.gen.saliency[..., :P], per_tile, atol=1e-5, rtol=1e-5)
 
 
-# ---------------------------------------------------------------- pool: base grid + (downsampled) grid
-@pytest.mark.parametrize("size", list(GRIDS))
-def test_grids_are_the_base_tile_and_the_unpadded_or_downsampled_grid(model, size):
-    x = inputs([prompt(3, 4, 0)], [[size]])
-    adapter = adapter_for(model)
-    visual = adapter.visual_index(x["input_ids"], x)
-    rows, cols = GRIDS[size]
-    expected = (PatchGrid(4, 4), PatchGrid(rows, cols, start=P, stride=cols + 1))
-    assert adapter.visual_grids(visual, x) == expected
-    generate_kwargs = {k: x[k] for k in ("image_sizes", "batch_num_images")}  # generate pops them before the prefill
-    assert adapter.visual_grids(visual, {"generate_kwargs": generate_kwargs}) == expected
-    assert adapter.visual_grids(visual, {}) is None
-
-
+# ---------------------------------------------------------------- pool: downsampled grid, single tiles
 def test_pool_on_a_downsampled_grid_and_on_single_tiles_keeps_the_newlines(model):
     with vtprune.apply(model, "pool", budget=12) as run:
         generate(model, batch((0,)), 2)

@@ -1,22 +1,42 @@
-"""The lmms-eval plugin on the other families, end to end through lmms-eval's ``simple_evaluate`` on the
-local ``vtprune_pope_local`` task (the fixtures of ``test_lmms_eval_plugin``):
+"""The lmms-eval plugin on every family beside LLaVA-1.5 (``test_lmms_eval_plugin``), end to end through
+lmms-eval's ``simple_evaluate`` on the local ``vtprune_pope_local`` task (the fixtures of
+``test_lmms_eval_plugin``): each model id is registered over lmms-eval's stock classes, refuses an unknown
+option before loading, loads a tiny checkpoint of its family with the stock class (and vtprune's adapter), and
+prunes in an evaluation. One parametrised test per shape over :data:`FAMILIES` (what differs: the model id, the
+checkpoint, the loaders, ParVTS's budget, the visual tokens of a photo). The checkpoints:
 
 * LLaVA-NeXT: lmms-eval's stock ``llava_hf`` picks ``LlavaNextForConditionalGeneration`` from the
   checkpoint's ``model_type``, so ``vtprune_llava_hf`` covers it; a tiny random NeXT saved with a real
   ``LlavaNextProcessor`` (any-resolution tiles: the visual tokens per image follow the photo's size).
-* Qwen2-VL / Qwen2.5-VL: ``vtprune_qwen2_vl`` / ``vtprune_qwen2_5_vl`` (lmms-eval's stock Qwen classes) on
-  tiny random models with a word-level tokenizer carrying Qwen's vision tokens and the PIL image processor.
-  Without torchvision (this CPU-only venv) two test-only shims stand in (see :func:`qwen_env`): a stub
-  module so that ``qwen_vl_utils`` imports, and a processor loader that builds ``Qwen2VLProcessor`` with no
-  video processor; the stock loading of the model, the prompts, ``process_vision_info`` and the generate
-  loop run unchanged.
+* Qwen2-VL / Qwen2.5-VL / Qwen3-VL: ``vtprune_qwen2_vl`` / ``vtprune_qwen2_5_vl`` / ``vtprune_qwen3_vl``
+  (lmms-eval's stock Qwen classes) on tiny random models with a word-level tokenizer carrying Qwen's vision
+  tokens and the PIL image processor. Without torchvision (this CPU-only venv) two test-only shims stand in
+  (see :func:`qwen_env`): a stub module so that ``qwen_vl_utils`` imports, and a processor loader that builds
+  ``Qwen2VLProcessor`` / ``Qwen3VLProcessor`` with no video processor; the stock loading of the model, the
+  prompts, ``process_vision_info`` and the generate loop run unchanged.
+* Gemma 3: ``vtprune_gemma3`` (lmms-eval's stock ``gemma3``, a simple class only) on ``gemma3_tiny``'s tiny
+  Gemma 3 saved with its real ``Gemma3Processor`` and a chat template; the stock class loads it unchanged
+  (bfloat16).
+* InternVL: ``vtprune_internvl`` (lmms-eval's chat ``internvl_hf``: stock ``InternVLForConditionalGeneration``,
+  in bfloat16) on a tiny random InternVL saved with the parts of a real ``InternVLProcessor`` (word-level
+  tokenizer with InternVL's image tokens and a chat template, the PIL tiling image processor).
+* LLaVA-OneVision: ``vtprune_llava_onevision`` (lmms-eval's ``llava_hf``, chat and simple, which loads
+  ``LlavaOnevisionForConditionalGeneration`` from the checkpoint's ``model_type``) on a tiny random OneVision
+  saved the same way.
 
-Skipped only when lmms-eval (or, for the Qwen evaluations, qwen-vl-utils) is not importable.
+transformers 5 cannot load the InternVL or OneVision processor without torchvision (their video processors
+need it), so :class:`ProcessorFromParts` stands in for ``AutoProcessor`` in the lmms-eval modules that load
+them: it builds the checkpoint's real processor class from its saved parts with no video processor.
+
+Skipped only when lmms-eval (or, for the Qwen families, qwen-vl-utils) is not importable.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,9 +44,19 @@ import pytest
 pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (the `lmms` extra)")
 
 import test_lmms_eval_plugin as plugin_tests  # noqa: E402
-from conftest import WORD_CHAT_TEMPLATE, word_tokenizer  # noqa: E402
+from conftest import WORD_CHAT_TEMPLATE, processor_without_video, word_tokenizer  # noqa: E402
 
-from vtprune.lmms_eval_plugin import MODEL_ID, MODEL_IDS, QWEN2_5_VL_MODEL_ID, QWEN2_VL_MODEL_ID, manifests  # noqa: E402
+from vtprune.lmms_eval_plugin import (  # noqa: E402
+    GEMMA3_MODEL_ID,
+    INTERNVL_MODEL_ID,
+    LLAVA_ONEVISION_MODEL_ID,
+    MODEL_ID,
+    MODEL_IDS,
+    QWEN2_5_VL_MODEL_ID,
+    QWEN2_VL_MODEL_ID,
+    QWEN3_VL_MODEL_ID,
+    manifests,
+)
 from vtprune.lmms_eval_tasks import POPE_LOCAL_TASK  # noqa: E402
 
 env = plugin_tests.env  # the fixtures: working directory + entry point, task manager of the local task
@@ -58,12 +88,14 @@ def check_pruned(results: dict, rows: list[dict], method: str, budget: int) -> N
     assert t["avg_vtprune_equivalent_budget"] < t["avg_vtprune_visual_tokens_in"]
 
 
-# ---------------------------------------------------------------------------------------- LLaVA-NeXT
-def llava_next_checkpoint(path):
-    """``test_llava_next.tiny_llava_next`` saved with its real ``LlavaNextProcessor`` (word-level tokenizer,
-    32 px tiles, pinpoints up to 64 x 64 px) plus a chat template, as a llava-hf NeXT repo."""
+# ---------------------------------------------------------------------------------------- checkpoints
+@pytest.fixture(scope="module")
+def next_dir(tmp_path_factory):
+    """``next_tiny.tiny_llava_next`` saved with its real ``LlavaNextProcessor`` (word-level tokenizer, 32 px
+    tiles, pinpoints up to 64 x 64 px) plus a chat template, as a llava-hf NeXT repo."""
     from next_tiny import tiny_llava_next, tiny_processor
 
+    path = tmp_path_factory.mktemp("tiny-llava-next")
     processor = tiny_processor()
     processor.chat_template = processor.tokenizer.chat_template = WORD_CHAT_TEMPLATE
     tiny_llava_next().save_pretrained(path)
@@ -71,57 +103,12 @@ def llava_next_checkpoint(path):
     return path
 
 
-@pytest.fixture(scope="module")
-def next_dir(tmp_path_factory):
-    return llava_next_checkpoint(tmp_path_factory.mktemp("tiny-llava-next"))
-
-
-@pytest.mark.parametrize("force_simple", [False, True], ids=["chat", "simple"])
-def test_stock_llava_hf_loads_llava_next(env, next_dir, force_simple):
-    from lmms_eval.models import get_model
-    from transformers import LlavaNextForConditionalGeneration, LlavaNextProcessor
-
-    from vtprune.adapters import adapter_for
-    from vtprune.adapters.llava_next import LlavaNextAdapter
-
-    lm = get_model(MODEL_ID, force_simple=force_simple).create_from_arg_string(
-        f"pretrained={next_dir},method=parvts,budget=8", {"device": "cpu"})
-    assert type(lm.model) is LlavaNextForConditionalGeneration  # the stock loader's pick from model_type
-    assert type(lm._image_processor) is LlavaNextProcessor
-    assert isinstance(adapter_for(lm.model), LlavaNextAdapter)
-    assert lm.vtprune_method == "parvts" and lm.vtprune_options == {"budget": 8}
-
-
-@pytest.mark.parametrize("force_simple", [False, True], ids=["chat", "simple"])
-def test_llava_next_parvts(env, task_manager, next_dir, force_simple):
-    report = env / f"next-{force_simple}.jsonl"
-    results = evaluate(task_manager, f"pretrained={next_dir},method=parvts,budget=8,discard_layer=2,"
-                                     f"vtprune_report={report}", limit=N, force_simple=force_simple,
-                       gen_kwargs="max_new_tokens=2")
-    rows = read_reports(report)
-    check_pruned(results, rows, "parvts", 8)
-    assert results["config"]["model_backend"].endswith("(simple)" if force_simple else "(chat)")
-    assert results["config"]["model"] == MODEL_ID
-    # any-resolution: a COCO photo is 2 x 2 tiles (64 x 64 px pinpoint) with its unpadded grid, > 16 tokens
-    assert all(r["samples"][0]["visual_tokens_in"] > 16 for r in rows)
-    # ParVTS: layers 0-1 see every visual token, layers 2-5 the 8 subjects
-    for r in rows:
-        sample = r["samples"][0]
-        n = sample["visual_tokens_in"]
-        assert sample["visual_tokens_per_layer_prefill"] == [n, n, 8, 8, 8, 8]
-        assert sample["equivalent_budget"] == pytest.approx((2 * n + 4 * 8) / 6)
-
-
-# ---------------------------------------------------------------------------------------- Qwen2-VL / Qwen2.5-VL
-QWEN_IDS = {"qwen2_vl": QWEN2_VL_MODEL_ID, "qwen2_5_vl": QWEN2_5_VL_MODEL_ID}
 QWEN_SPECIAL = {"<|image_pad|>": 250, "<|video_pad|>": 251, "<|vision_start|>": 252, "<|vision_end|>": 253}
 # Qwen's layout: each image part is <|vision_start|> <|image_pad|> <|vision_end|> (the processor repeats the pad)
 QWEN_CHAT_TEMPLATE = (
     "{% for m in messages %}{% if m['content'] is string %}{{ m['content'] }} {% else %}"
     "{% for c in m['content'] %}{% if c['type'] == 'image' or 'image' in c %}<|vision_start|> <|image_pad|> "
     "<|vision_end|> {% elif c['type'] == 'text' %}{{ c['text'] }} {% endif %}{% endfor %}{% endif %}{% endfor %}")
-# a 640 x 480 photo -> 28 x 56 px (qwen_vl_utils, 28 px factor) -> 32 x 56 px (the processor, 8 px): 28 tokens
-QWEN_PIXELS = "min_pixels=256,max_pixels=3136"
 
 
 def qwen_tokenizer():
@@ -130,21 +117,89 @@ def qwen_tokenizer():
         "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"})
 
 
-def qwen_checkpoint(path, family: str):
-    """``qwen_tiny.tiny_qwen(family)`` saved with the parts of a real ``Qwen2VLProcessor`` (word-level
-    tokenizer with Qwen's vision tokens and a chat template, the PIL ``Qwen2VLImageProcessor`` with 4 px
-    patches merged 2 x 2)."""
+def qwen_checkpoint(path: Path, family: str, patch: int | None = None, **pixels) -> Path:
+    """``qwen_tiny.tiny_qwen(family)`` (ViT patches of ``patch`` px, the tiny default when None) saved with the
+    parts of a real ``Qwen2VLProcessor`` / ``Qwen3VLProcessor`` (word-level tokenizer with Qwen's vision tokens
+    and a chat template, the PIL ``Qwen2VLImageProcessor`` with the same patches merged 2 x 2)."""
     from qwen_tiny import MERGE, PATCH, TEMPORAL, tiny_qwen
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    tiny_qwen(family, layers=6, seed=5).save_pretrained(path)
+    patch = patch or PATCH
+    tiny_qwen(family, layers=6, seed=5, patch=patch).save_pretrained(path)
     qwen_tokenizer().save_pretrained(path)
-    Qwen2VLImageProcessorPil(patch_size=PATCH, temporal_patch_size=TEMPORAL, merge_size=MERGE,
-                             min_pixels=256, max_pixels=1024).save_pretrained(path)
+    Qwen2VLImageProcessorPil(patch_size=patch, temporal_patch_size=TEMPORAL, merge_size=MERGE,
+                             **pixels).save_pretrained(path)
     (path / "chat_template.jinja").write_text(QWEN_CHAT_TEMPLATE)
     return path
 
 
+@pytest.fixture(scope="module")
+def qwen2_vl_dir(tmp_path_factory):
+    return qwen_checkpoint(tmp_path_factory.mktemp("tiny-qwen2_vl"), "qwen2_vl", min_pixels=256, max_pixels=1024)
+
+
+@pytest.fixture(scope="module")
+def qwen2_5_vl_dir(tmp_path_factory):
+    return qwen_checkpoint(tmp_path_factory.mktemp("tiny-qwen2_5_vl"), "qwen2_5_vl", min_pixels=256, max_pixels=1024)
+
+
+@pytest.fixture(scope="module")
+def qwen3_vl_dir(tmp_path_factory):
+    """Qwen3-VL with its 16 px patches (a photo is then a few hundred tokens, not thousands)."""
+    return qwen_checkpoint(tmp_path_factory.mktemp("tiny-qwen3-vl"), "qwen3_vl", patch=16)
+
+
+GEMMA3_CHAT_TEMPLATE = WORD_CHAT_TEMPLATE.replace("<image>", "<start_of_image>")
+
+
+@pytest.fixture(scope="module")
+def gemma3_dir(tmp_path_factory):
+    """``gemma3_tiny.tiny_gemma3`` (a 128-token window: lmms-eval's prompts are longer than the tests') saved
+    with its real ``Gemma3Processor`` and a chat template, as a google/gemma-3 repo."""
+    from gemma3_tiny import tiny_gemma3, tiny_processor
+
+    path = tmp_path_factory.mktemp("tiny-gemma3")
+    processor = tiny_processor()
+    processor.chat_template = processor.tokenizer.chat_template = GEMMA3_CHAT_TEMPLATE
+    tiny_gemma3(window=128).save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+INTERNVL_CHAT_TEMPLATE = WORD_CHAT_TEMPLATE.replace("<image>", "<IMG_CONTEXT>")  # InternVL's image placeholder
+
+
+def save_checkpoint(path: Path, model, processor, processor_args: dict) -> Path:
+    """``model`` and the parts of ``processor`` (tokenizer, image processor, chat template, and its own
+    arguments in ``processor_config.json``, as a hub checkpoint holds them) saved under ``path``."""
+    model.save_pretrained(path)
+    processor.tokenizer.save_pretrained(path)
+    processor.image_processor.save_pretrained(path)
+    (path / "chat_template.jinja").write_text(processor.chat_template)
+    (path / "processor_config.json").write_text(json.dumps({"processor_class": type(processor).__name__,
+                                                            **processor_args}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def internvl_dir(tmp_path_factory):
+    from internvl_tiny import P, tiny_internvl, tiny_processor
+
+    return save_checkpoint(tmp_path_factory.mktemp("tiny-internvl"), tiny_internvl(seed=1),
+                           tiny_processor(INTERNVL_CHAT_TEMPLATE), {"image_seq_length": P})
+
+
+@pytest.fixture(scope="module")
+def onevision_dir(tmp_path_factory):
+    from onevision_tiny import ASPECT, P, tiny_onevision, tiny_processor
+
+    return save_checkpoint(tmp_path_factory.mktemp("tiny-onevision"), tiny_onevision(seed=5),
+                           tiny_processor(WORD_CHAT_TEMPLATE),
+                           {"num_image_tokens": P, "vision_feature_select_strategy": "full",
+                            "vision_aspect_ratio": ASPECT})
+
+
+# ---------------------------------------------------------------------------------------- loaders without torchvision
 class _ProcessorWithoutVideo:
     """Stand-in for ``transformers.AutoProcessor`` in lmms-eval's Qwen modules where torchvision is missing:
     transformers 5 cannot build a Qwen2-VL (or Qwen3-VL: ``processor_class``) processor without it (its video
@@ -170,6 +225,10 @@ class _ProcessorWithoutVideo:
             return getattr(transformers, cls.processor_class)(
                 image_processor=images, tokenizer=AutoTokenizer.from_pretrained(path), video_processor=None,
                 chat_template=(Path(path) / "chat_template.jinja").read_text())
+
+
+class _Qwen3ProcessorWithoutVideo(_ProcessorWithoutVideo):
+    processor_class = "Qwen3VLProcessor"
 
 
 @pytest.fixture(scope="module")
@@ -211,6 +270,22 @@ def qwen_env(env):
         yield env
 
 
+@pytest.fixture(scope="module")
+def qwen3_env(qwen_env):
+    """``qwen_env`` plus lmms-eval's Qwen3-VL modules: their ``process_vision_info`` and, without
+    torchvision, the processor loader."""
+    import lmms_eval.models.chat.qwen3_vl as chat
+    import lmms_eval.models.simple.qwen3_vl as simple
+    import qwen_vl_utils
+
+    with pytest.MonkeyPatch.context() as mp:
+        for module in (chat, simple):
+            mp.setattr(module, "process_vision_info", qwen_vl_utils.process_vision_info)
+        if not _has_torchvision():
+            mp.setattr(simple, "AutoProcessor", _Qwen3ProcessorWithoutVideo)
+        yield qwen_env
+
+
 def _has_torchvision() -> bool:
     import importlib.util
 
@@ -220,51 +295,209 @@ def _has_torchvision() -> bool:
         return False
 
 
-@pytest.fixture(scope="module", params=list(QWEN_IDS))
-def qwen_dir(request, tmp_path_factory):
-    return request.param, qwen_checkpoint(tmp_path_factory.mktemp(f"tiny-{request.param}"), request.param)
+class ProcessorFromParts:
+    """Stand-in for ``transformers.AutoProcessor`` where torchvision is missing: the checkpoint's processor
+    class (``processor_class`` of its ``processor_config.json``), built from its saved image processor,
+    tokenizer, chat template and arguments with no video processor (:func:`conftest.processor_without_video`)."""
+
+    def __init__(self, image_processor_class):
+        self.image_processor_class = image_processor_class
+
+    def from_pretrained(self, path, **kwargs):
+        import transformers
+
+        args = json.loads((Path(path) / "processor_config.json").read_text())
+        if "image_processor" in args:  # a processor saved whole (no video processor to miss): the real loader
+            return transformers.AutoProcessor.from_pretrained(path, **kwargs)
+        cls = getattr(transformers, args.pop("processor_class"))
+        return processor_without_video(cls, image_processor=self.image_processor_class.from_pretrained(path),
+                                       tokenizer=transformers.AutoTokenizer.from_pretrained(path),
+                                       chat_template=(Path(path) / "chat_template.jinja").read_text(), **args)
 
 
-def test_qwen_registered(env):
+@pytest.fixture(scope="module")
+def loaders(env):
+    """lmms-eval's InternVL and llava_hf modules loading the tiny processors offline (see the module docstring)."""
+    import lmms_eval.models.chat.internvl_hf as internvl_hf
+    import lmms_eval.models.simple.llava_hf as llava_hf
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    with pytest.MonkeyPatch.context() as mp:
+        if not _has_torchvision():
+            mp.setattr(internvl_hf, "AutoProcessor", ProcessorFromParts(GotOcr2ImageProcessorPil))
+            mp.setattr(llava_hf, "AutoProcessor", ProcessorFromParts(LlavaOnevisionImageProcessorPil))
+        yield env
+
+
+# ---------------------------------------------------------------------------------------- the families
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """One family under the plugin: its ``model_id``; the fixtures of its lmms-eval modules' loaders
+    (``loader``) and of its checkpoint (``checkpoint``); the stock classes (lmms-eval's chat and simple class
+    the plugin's derive from, None where lmms-eval has none; the model class, the lm attribute holding the
+    processor and its class, vtprune's adapter as ``module.Class``), where vtprune's mixin sits in the plugin
+    class's MRO (``mixin``: OneVision's classes derive from the llava_hf ones) and the ``device_map`` the
+    stock class ends up with; the option
+    named in the refusal of an unknown one (None: not checked); its evaluation: extra ``model_args``,
+    ParVTS's budget, ``force_simple`` values, the visual tokens of a photo (``tokens(n, simple)``); the
+    ``force_simple`` values the loading is checked with, and the method and budget it loads with."""
+
+    model_id: str
+    loader: str
+    checkpoint: str
+    stock: tuple[str | None, str | None]
+    model_class: str
+    processor: tuple[str, str]
+    adapter: str
+    device_map: str | None
+    accepted: str | None
+    budget: int
+    tokens: Callable[[int, bool], bool]
+    args: str = ""
+    backends: tuple[bool, ...] = (False, True)
+    loads: tuple[bool, ...] = (False,)
+    load_method: tuple[str, int] = ("parvts", 8)
+    mixin: int = 1
+
+
+# a 640 x 480 photo -> 28 x 56 px (qwen_vl_utils, 28 px factor) -> 32 x 56 px (the processor, 8 px): 28 tokens
+QWEN_PIXELS = "min_pixels=256,max_pixels=3136"
+# Qwen3-VL, 32 px per merged token: the simple class resizes it within max_pixels (qwen_vl_utils) to 96 x 128 px,
+# 3 x 4 tokens; the chat class passes no pixel limits per image (stock): 480 x 640 px, 15 x 20 tokens
+QWEN3_PIXELS = "min_pixels=1024,max_pixels=16384"
+QWEN3_TOKENS = {True: 12, False: 300}
+
+FAMILIES = {
+    # any-resolution: a COCO photo is 2 x 2 tiles (64 x 64 px pinpoint) with its unpadded grid, > 16 tokens
+    "llava_next": Family(MODEL_ID, "env", "next_dir", ("lmms_eval.models.chat.llava_hf.LlavaHf", "lmms_eval.models.simple.llava_hf.LlavaHf"),
+                         "LlavaNextForConditionalGeneration", ("_image_processor", "LlavaNextProcessor"),
+                         "llava_next.LlavaNextAdapter", None, None, 8, lambda n, simple: n > 16, loads=(False, True)),
+    "qwen2_vl": Family(QWEN2_VL_MODEL_ID, "qwen_env", "qwen2_vl_dir", (None, "lmms_eval.models.simple.qwen2_vl.Qwen2_VL"),
+                       "Qwen2VLForConditionalGeneration", ("processor", "Qwen2VLProcessor"), "qwen2_vl.Qwen2VLAdapter",
+                       "cpu", "max_pixels", 4, lambda n, simple: n >= 16, args=QWEN_PIXELS),
+    "qwen2_5_vl": Family(QWEN2_5_VL_MODEL_ID, "qwen_env", "qwen2_5_vl_dir",
+                         ("lmms_eval.models.chat.qwen2_5_vl.Qwen2_5_VL", "lmms_eval.models.simple.qwen2_5_vl.Qwen2_5_VL"),
+                         "Qwen2_5_VLForConditionalGeneration", ("processor", "Qwen2VLProcessor"),
+                         "qwen2_vl.Qwen2VLAdapter", "cpu", "max_pixels", 4, lambda n, simple: n >= 16, args=QWEN_PIXELS),
+    "qwen3_vl": Family(QWEN3_VL_MODEL_ID, "qwen3_env", "qwen3_vl_dir",
+                       ("lmms_eval.models.chat.qwen3_vl.Qwen3_VL", "lmms_eval.models.simple.qwen3_vl.Qwen3_VL"),
+                       "Qwen3VLForConditionalGeneration", ("processor", "Qwen3VLProcessor"), "qwen3_vl.Qwen3VLAdapter",
+                       "cpu", "system_prompt", 4, lambda n, simple: n == QWEN3_TOKENS[simple], args=QWEN3_PIXELS,
+                       load_method=("fastv", 4)),
+    # the fixed 16 tokens per image
+    "gemma3": Family(GEMMA3_MODEL_ID, "env", "gemma3_dir", (None, "lmms_eval.models.simple.gemma3.Gemma3"),
+                     "Gemma3ForConditionalGeneration", ("processor", "Gemma3Processor"), "gemma3.Gemma3Adapter", "cpu",
+                     "system_prompt", 4, lambda n, simple: n == 16, backends=(False,), load_method=("fastv", 4)),
+    # a 4:3 COCO photo: 2 x 2 tiles (the closest aspect of at most 4) + thumbnail, 16 tokens each
+    "internvl": Family(INTERNVL_MODEL_ID, "loaders", "internvl_dir", ("lmms_eval.models.chat.internvl_hf.InternVLHf", None),
+                       "InternVLForConditionalGeneration", ("processor", "InternVLProcessor"),
+                       "internvl.InternVLAdapter", "cpu", None, 8, lambda n, simple: n == 5 * 16, args="max_patches=4",
+                       backends=(False,)),
+    # a COCO photo: base tile + its unpadded grid (downsampled by anyres_max_2) with newlines
+    "llava_onevision": Family(LLAVA_ONEVISION_MODEL_ID, "loaders", "onevision_dir",
+                              ("lmms_eval.models.chat.llava_hf.LlavaHf", "lmms_eval.models.simple.llava_hf.LlavaHf"),
+                              "LlavaOnevisionForConditionalGeneration", ("_image_processor", "LlavaOnevisionProcessor"),
+                              "llava_onevision.LlavaOnevisionAdapter", None, None, 8, lambda n, simple: n > 16,
+                              mixin=2),
+}
+PLUGIN_FAMILIES = [f for f in FAMILIES if f != "llava_next"]  # llava_next runs under vtprune_llava_hf
+
+
+def is_simple(family: Family, force_simple: bool) -> bool:
+    """Whether lmms-eval picks the simple class (``force_simple`` and there is one, or there is no chat class)."""
+    chat, simple = family.stock
+    return (force_simple and simple is not None) or chat is None
+
+
+@pytest.mark.parametrize("name", PLUGIN_FAMILIES)
+def test_registered(env, name):
     from lmms_eval.models import get_model, get_model_manifest
 
     from vtprune.lmms_eval_plugin.mixin import VTPruneMixin
 
-    assert {m.model_id for m in manifests()} == set(MODEL_IDS) >= {MODEL_ID, QWEN2_VL_MODEL_ID, QWEN2_5_VL_MODEL_ID}
+    family = FAMILIES[name]
+    assert {m.model_id for m in manifests()} == set(MODEL_IDS) >= {f.model_id for f in FAMILIES.values()}
+    assert [m.model_id for m in manifests()].count(family.model_id) == 1
     for manifest in manifests():
         assert get_model_manifest(manifest.model_id) == manifest
-    assert get_model_manifest(QWEN2_VL_MODEL_ID).chat_class_path is None  # lmms-eval has no chat Qwen2-VL
-    for model_id, simple in ((QWEN2_VL_MODEL_ID, True), (QWEN2_VL_MODEL_ID, False), (QWEN2_5_VL_MODEL_ID, True),
-                             (QWEN2_5_VL_MODEL_ID, False)):
-        cls = get_model(model_id, force_simple=simple)
-        assert cls.vtprune_model_id == model_id and cls.__mro__[1] is VTPruneMixin
-        assert cls.is_simple == (simple or model_id == QWEN2_VL_MODEL_ID)
+    manifest = get_model_manifest(family.model_id)
+    assert (manifest.chat_class_path is None) == (family.stock[0] is None)  # lmms-eval has no chat class
+    assert (manifest.simple_class_path is None) == (family.stock[1] is None)  # or its simple ones are remote code
+    for force_simple in (True, False):
+        cls = get_model(family.model_id, force_simple=force_simple)
+        simple = is_simple(family, force_simple)
+        assert cls.vtprune_model_id == family.model_id and cls.is_simple == simple
+        assert VTPruneMixin in cls.__mro__ and cls.__mro__.index(VTPruneMixin) == family.mixin
+        module, stock = family.stock[simple].rsplit(".", 1)
+        assert cls.__mro__[family.mixin + 1] is getattr(importlib.import_module(module), stock)  # the stock class, next
         assert not [name for name, value in vars(cls).items() if callable(value)]  # nothing copied
 
 
-@pytest.mark.parametrize("model_id", [QWEN2_VL_MODEL_ID, QWEN2_5_VL_MODEL_ID])
-def test_qwen_bad_option_fails_before_loading(env, model_id):
+@pytest.mark.parametrize("name", PLUGIN_FAMILIES)
+def test_bad_option_fails_before_loading(env, name):
     from lmms_eval.models import get_model
 
-    with pytest.raises(TypeError, match=rf"{model_id}: method 'parvts' has no option\(s\) \['nope'\].*'max_pixels'"):
-        get_model(model_id).create_from_arg_string("pretrained=/no/such/checkpoint,method=parvts,budget=4,nope=1",
-                                                   {"device": "cpu"})
+    family = FAMILIES[name]
+    accepted = "" if family.accepted is None else f".*'{family.accepted}'"
+    with pytest.raises(TypeError, match=rf"{family.model_id}: method 'parvts' has no option\(s\) \['nope'\]{accepted}"):
+        get_model(family.model_id).create_from_arg_string("pretrained=/no/such/checkpoint,method=parvts,budget=4,nope=1",
+                                                          {"device": "cpu"})
 
 
-@pytest.mark.parametrize("force_simple", [False, True], ids=["chat", "simple"])
-def test_qwen_parvts(qwen_env, task_manager, qwen_dir, force_simple):
-    family, path = qwen_dir
-    model_id = QWEN_IDS[family]
-    report = qwen_env / f"{family}-{force_simple}.jsonl"
-    results = evaluate(task_manager, f"pretrained={path},{QWEN_PIXELS},method=parvts,budget=4,discard_layer=2,"
-                                     f"vtprune_report={report}", model=model_id, limit=N, force_simple=force_simple,
-                       gen_kwargs="max_new_tokens=2")
+@pytest.mark.parametrize("name,force_simple", [pytest.param(f, s, id=f"{f}-{'simple' if s else 'chat'}")
+                                               for f, family in FAMILIES.items() for s in family.loads])
+def test_stock_class_loads_the_checkpoint(request, name, force_simple):
+    import transformers
+    from lmms_eval.models import get_model
+
+    from vtprune.adapters import adapter_for
+
+    family = FAMILIES[name]
+    request.getfixturevalue(family.loader)
+    path = request.getfixturevalue(family.checkpoint)
+    method, budget = family.load_method
+    lm = get_model(family.model_id, force_simple=force_simple).create_from_arg_string(
+        f"pretrained={path},method={method},budget={budget}", {"device": "cpu"})
+    assert type(lm.model) is getattr(transformers, family.model_class)  # the stock loader's pick
+    attribute, processor = family.processor
+    assert type(getattr(lm, attribute)) is getattr(transformers, processor)
+    module, adapter = family.adapter.rsplit(".", 1)
+    assert isinstance(adapter_for(lm.model), getattr(importlib.import_module(f"vtprune.adapters.{module}"), adapter))
+    assert lm.vtprune_method == method and lm.vtprune_options == {"budget": budget}
+    assert lm.device_map == family.device_map  # "auto" (which moves inputs to cuda) replaced by the device
+
+
+@pytest.mark.parametrize("name,force_simple", [pytest.param(f, s, id=f"{f}-{'simple' if s else 'chat'}")
+                                               for f, family in FAMILIES.items() for s in family.backends])
+def test_parvts_in_an_evaluation(request, task_manager, name, force_simple):
+    family = FAMILIES[name]
+    work = request.getfixturevalue(family.loader)
+    path = request.getfixturevalue(family.checkpoint)
+    report = work / f"{name}-{force_simple}.jsonl"
+    args = f"{family.args}," if family.args else ""
+    budget = family.budget
+    results = evaluate(task_manager, f"pretrained={path},{args}method=parvts,budget={budget},discard_layer=2,"
+                                     f"vtprune_report={report}", model=family.model_id, limit=N,
+                       force_simple=force_simple, gen_kwargs="max_new_tokens=2")
     rows = read_reports(report)
-    check_pruned(results, rows, "parvts", 4)
-    simple = force_simple or family == "qwen2_vl"
+    check_pruned(results, rows, "parvts", budget)
+    simple = is_simple(family, force_simple)
     assert results["config"]["model_backend"].endswith("(simple)" if simple else "(chat)")
-    for r in rows:  # layers 0-1 see every visual token of the photo, layers 2-5 the 4 subjects
+    assert results["config"]["model"] == family.model_id
+    for r in rows:  # ParVTS: layers 0-1 see every visual token of the photo, layers 2-5 the subjects
         sample = r["samples"][0]
         n = sample["visual_tokens_in"]
-        assert n >= 16 and sample["visual_tokens_per_layer_prefill"] == [n, n, 4, 4, 4, 4]
-        assert sample["equivalent_budget"] == pytest.approx((2 * n + 4 * 4) / 6)
+        assert family.tokens(n, force_simple)
+        assert sample["visual_tokens_per_layer_prefill"] == [n, n] + [budget] * 4
+        assert sample["equivalent_budget"] == pytest.approx((2 * n + 4 * budget) / 6)
+
+
+def test_llava_onevision_id_refuses_other_checkpoints(env, tmp_path):
+    from lmms_eval.models import get_model
+
+    llava_dir = plugin_tests.tiny_checkpoint(tmp_path / "tiny-llava")  # a LLaVA-1.5 checkpoint
+    with pytest.raises(ValueError, match=rf"{LLAVA_ONEVISION_MODEL_ID} runs LLaVA-OneVision .* use --model {MODEL_ID}"):
+        get_model(LLAVA_ONEVISION_MODEL_ID).create_from_arg_string(f"pretrained={llava_dir}", {"device": "cpu"})

@@ -13,15 +13,19 @@ import importlib
 import importlib.metadata
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (the `lmms` extra)")
 
-from conftest import N_VISUAL, WORD_CHAT_TEMPLATE, tiny_llava, word_tokenizer  # noqa: E402
+from conftest import N_VISUAL, tiny_checkpoint  # noqa: E402
 
 from vtprune.lmms_eval_plugin import MODEL_ID, manifests  # noqa: E402
+from vtprune.lmms_eval_plugin.mixin import rank_report_path  # noqa: E402
 from vtprune.lmms_eval_plugin.options import parse_model_value, summarize  # noqa: E402
 from vtprune.lmms_eval_tasks import (  # noqa: E402
     POPE_LOCAL_JSONL,
@@ -148,22 +152,6 @@ def test_bundled_model_parvts_vs_none(env, task_manager):
 
 
 # ---------------------------------------------------------------------------------------- tiny random model
-def tiny_checkpoint(path: Path) -> Path:
-    """Save ``conftest.tiny_llava`` with a real ``LlavaProcessor`` (word-level tokenizer, 32 px CLIP
-    image processor: 16 image tokens) so that lmms-eval's stock loader reads it like a llava-hf repo."""
-    from transformers import CLIPImageProcessorPil, LlavaProcessor
-
-    template = WORD_CHAT_TEMPLATE
-    tokenizer = word_tokenizer(chat_template=template)
-    images = CLIPImageProcessorPil(size={"height": 32, "width": 32}, do_center_crop=False,
-                                   crop_size={"height": 32, "width": 32})
-    processor = LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8, chat_template=template,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
-    tiny_llava(layers=6, seed=3).save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     return tiny_checkpoint(tmp_path_factory.mktemp("tiny-llava"))
@@ -204,20 +192,63 @@ def test_tiny_random_model(env, two_tasks, tiny_dir, force_simple):
     assert all(r["samples"][0]["visual_tokens_per_layer_prefill"] == [16, 16, 4, 4, 4, 4] for r in rows)
 
 
+def test_two_ranks_under_torchrun_aggregate_every_request_and_write_a_report_per_rank(env, tiny_dir, tmp_path):
+    """lmms-eval data-parallel on 2 CPU ranks (torchrun, gloo), as on several GPUs: 5 questions, so rank 0
+    answers 3 and rank 1 answers 2 plus the padding request lmms-eval adds to even them out. The throughput
+    metrics cover the 5 real requests of both ranks, and each rank writes its own report file."""
+    work = tmp_path / "run"
+    work.mkdir()
+    pope_local.build_jsonl(work / POPE_LOCAL_JSONL, DATA, limit=5, files=("random",))
+    report = tmp_path / "reports" / "fastv.jsonl"
+    src = Path(__file__).resolve().parents[1] / "src"
+    path = [str(src), *([str(env / "site")] if (env / "site").is_dir() else []), os.environ.get("PYTHONPATH", "")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lmms_eval",
+         "--model", MODEL_ID, "--model_args",
+         f"pretrained={tiny_dir},method=fastv,budget=4,layer=2,device_map=cpu,vtprune_report={report}",
+         "--tasks", POPE_LOCAL_TASK, "--include_path", str(TASKS_DIR), "--device", "cpu", "--batch_size", "1",
+         "--output_path", str(tmp_path / "out"), "--log_samples"],
+        cwd=work, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p), "OMP_NUM_THREADS": "1",
+             "LMMS_EVAL_DATASETS_CACHE": str(tmp_path / "datasets"), "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert not report.exists()  # each rank writes its own file
+    rows = [[json.loads(line) for line in rank_report_path(report, rank, 2).read_text().splitlines()]
+            for rank in (0, 1)]
+    assert [len(r) for r in rows] == [3, 2]  # rank 1's padding request ran but is not reported
+    (results_file,) = (tmp_path / "out").rglob("*_results.json")
+    results = json.loads(results_file.read_text())
+    (samples_file,) = (tmp_path / "out").rglob(f"*_samples_{POPE_LOCAL_TASK}.jsonl")
+    assert len(samples_file.read_text().splitlines()) == 5
+    t = results["throughput"]
+    assert t["avg_vtprune_requests"] == 5  # both ranks' requests, not rank 0's 3
+    every = summarize(rows[0] + rows[1])
+    for key in ("prefill_flops_ratio", "kv_cache_ratio", "equivalent_budget", "visual_tokens_in"):
+        assert t[f"avg_vtprune_{key}"] == pytest.approx(every[key]), key
+    assert t["avg_vtprune_equivalent_budget"] == pytest.approx((2 * 16 + 4 * 4) / 6)
+
+
+def test_rank_report_path():
+    assert rank_report_path(Path("r/fastv.jsonl"), 0, 1) == Path("r/fastv.jsonl")
+    assert rank_report_path(Path("r/fastv.jsonl"), 1, 8) == Path("r/fastv.rank1.jsonl")
+    assert rank_report_path(Path("r/report"), 0, 2) == Path("r/report.rank0.jsonl")
+
+
 def test_list_option_and_errors_inside_generate(env, task_manager, tiny_dir, monkeypatch):
     from lmms_eval.models import get_model
 
-    from vtprune.engine.run import Run
+    from vtprune.engine.lifecycle import Lifecycle
 
+    monkeypatch.delenv("USE_HUB_KERNELS", raising=False)  # transformers' default (hub kernels on from 5.25)
     lm = get_model(MODEL_ID).create_from_arg_string(f"pretrained={tiny_dir},method=pdrop,layers=[2,4],ratio=0.5",
                                                     {"device": "cpu"})
     assert lm.vtprune_options == {"layers": [2, 4], "ratio": 0.5}
-    with pytest.raises(NotImplementedError, match="loglikelihood tasks are not supported with method 'pdrop'"):
-        lm.loglikelihood([])
+    # the stock class's from_pretrained ran without hub kernels, and the variable is unset again
+    assert not lm.model.use_kernels and "USE_HUB_KERNELS" not in os.environ
 
     def boom(self, *args, **kwargs):
         raise ValueError("injected failure")
-    monkeypatch.setattr(Run, "_start_generation", boom)
+    monkeypatch.setattr(Lifecycle, "start", boom)
     from lmms_eval.evaluator import simple_evaluate
 
     # the stock loop logs the error and would score an empty answer; the plugin raises after the loop

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from vtprune.eval.open_answers import caption_for, names_object, object_names, score_caption
+from vtprune.eval.datasets.scene_captions import caption_for
+from vtprune.eval.open_answers import names_object, object_names, score_caption
 
 META = {
     "subject": {"label": "tabby", "wnid": "n02123045", "bbox": [100, 100, 300, 300]},

@@ -1,11 +1,13 @@
 """Qwen2-VL, Qwen2.5-VL and Qwen3-VL through the engine (tiny random-weight models of the real classes): what
-the three Qwen-ViT families share (positions, counts, saliency, spans, mixed sizes). Qwen3-VL's own
-(DeepStack, interleaved M-RoPE, 4-row position ids): test_qwen3_vl.py."""
+the three Qwen-ViT families share with each other only (a decode loop without position ids, spans found by a
+direct forward and generate, video and mismatched images refused, mixed sizes, the adapter, pool's grid).
+What they share with other families (positions against the stock model, counts, KV lengths, two images in a
+prompt, saliency): test_family_invariants.py; Qwen3-VL's own (DeepStack, interleaved M-RoPE, 4-row position
+ids): test_qwen3_vl.py."""
 
 from __future__ import annotations
 
 import functools
-import sys
 
 import pytest
 import torch
@@ -14,27 +16,19 @@ from qwen_tiny import (
     FAMILIES,
     GRID,
     IMAGE_TOKEN,
-    MERGE,
     N_PATCHES,
     N_VISUAL,
     VIDEO_TOKEN,
     batch,
     make_prompt,
-    sample,
     tiny_qwen,
 )
-from transformers.vision_utils import get_vision_window_index
 
 import vtprune
-from vtprune.adapters import adapter_for, qwen2_vl
-from vtprune.methods.st3 import annealed, schedule
+from vtprune.adapters import adapter_for
 
 NEW = 8
 PROMPTS = [make_prompt(2, 4, 1), make_prompt(5, 9, 2), make_prompt(3, 2, 3)]
-# option variants for the positions and counts tests (keep-all = stock and batched = one by one of every
-# registered method: test_conformance.py)
-PRUNING = [("fastv", {"budget": 4}), ("st3", {}), ("parvts", {"budget": 4}), ("vtw", {"layer": 2}),
-           ("pdrop", {"layers": [1, 3]}), ("visionzip", {"budget": 4}), ("random", {"budget": 4}), ("pool", {"budget": 4})]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -51,14 +45,12 @@ def generate(model, inputs, **kw):
     return model.generate(**inputs, **kw)[:, -kw["max_new_tokens"]:]
 
 
-def spy_layers(model, seen: list, run=None) -> list:
-    """Record (layer, cos, sin, position_ids, token indices of the layer's sequence under ``run``) each
-    decoder layer receives; returns the hook handles."""
+def spy_layers(model, seen: list) -> list:
+    """Record (layer, cos, sin, position_ids) each decoder layer receives; returns the hook handles."""
     def spy(layer, module, args, kwargs):
         cos, sin = kwargs["position_embeddings"]
         pos = kwargs.get("position_ids")
-        index = run.gen.layout.index.clone() if run is not None else None
-        seen.append((layer, cos.clone(), sin.clone(), None if pos is None else pos.clone(), index))
+        seen.append((layer, cos.clone(), sin.clone(), None if pos is None else pos.clone()))
 
     return [layer.register_forward_pre_hook(functools.partial(spy, i), with_kwargs=True)
             for i, layer in enumerate(model.model.language_model.layers)]
@@ -67,43 +59,6 @@ def spy_layers(model, seen: list, run=None) -> list:
 def remove(handles):
     for h in handles:
         h.remove()
-
-
-@pytest.mark.parametrize("method,opts", PRUNING)
-def test_kept_tokens_keep_stock_positions_in_prefill_and_decode(model, method, opts):
-    """Every decoder layer receives the stock model's cos / sin / text positions at the kept token
-    indices in the prefill, and the stock ones (prompt M-RoPE position + t) at every decode step."""
-    inputs = batch(PROMPTS)
-    layers = len(model.model.language_model.layers)
-    stock, pruned = [], []
-    handles = spy_layers(model, stock)
-    try:
-        generate(model, inputs)
-    finally:
-        remove(handles)
-    with vtprune.apply(model, method, **opts) as run:
-        handles = spy_layers(model, pruned, run)
-        try:
-            out = model.generate(**inputs, max_new_tokens=NEW, do_sample=False, return_dict_in_generate=True)
-        finally:
-            remove(handles)
-    assert len(pruned) == len(stock) == layers * NEW
-    for (layer, cos, sin, pos, index), (_, cos0, sin0, pos0, _) in zip(pruned[:layers], stock[:layers], strict=True):
-        take = functools.partial(torch.gather, dim=1, index=index[..., None].expand(-1, -1, cos0.shape[-1]))
-        assert torch.equal(cos, take(cos0)) and torch.equal(sin, take(sin0)), f"prefill layer {layer}"
-        assert torch.equal(pos, torch.gather(pos0, 1, index)), f"prefill layer {layer}"
-    assert any(p[4].shape[1] < inputs["input_ids"].shape[1] for p in pruned[:layers])  # some layer was pruned
-    for (layer, cos, sin, pos, _), (_, cos0, sin0, pos0, _) in zip(pruned[layers:], stock[layers:], strict=True):
-        assert torch.equal(cos, cos0) and torch.equal(sin, sin0) and torch.equal(pos, pos0), f"decode layer {layer}"
-    # decoding continues at the prompt's last M-RoPE position + t, whatever the pruned caches hold
-    mrope, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"], inputs["image_grid_thw"],
-                                          attention_mask=inputs["attention_mask"])
-    rotary = model.model.language_model.rotary_emb
-    for t in range(1, NEW):
-        cos, _ = rotary(torch.zeros(1, dtype=torch.float32), mrope[:, :, -1:] + t)
-        assert torch.equal(pruned[t * layers][1], cos), f"decode step {t}"
-    if method == "parvts":  # layer 0's cache (which the model reads for its length) is shorter than the stock one
-        assert output_cache(out).get_seq_length() < inputs["input_ids"].shape[1] + NEW - 1
 
 
 def test_decode_without_position_ids_continues_at_original_positions(model):
@@ -128,104 +83,10 @@ def test_decode_without_position_ids_continues_at_original_positions(model):
     with vtprune.apply(model, "parvts", budget=4, discard_layer=2):
         cache = loop(pruned)
     s = inputs["input_ids"].shape[1]
-    assert cache.get_seq_length() == s - (N_VISUAL - 4) + len(fed)
+    assert cache.layers[0].get_seq_length() == s - (N_VISUAL - 4) + len(fed)
     layers = len(model.model.language_model.layers)
     for (layer, cos, *_), (_, cos0, *_) in zip(pruned[layers:], stock[layers:], strict=True):
         assert torch.equal(cos, cos0), f"decode layer {layer}"
-
-
-def test_per_layer_visual_counts(model):
-    inputs = batch(PROMPTS)
-    s = inputs["input_ids"].shape[1]
-    with vtprune.apply(model, "fastv", budget=5, layer=3) as run:
-        generate(model, inputs)
-    sample0 = run.report()["samples"][0]
-    assert sample0["visual_tokens_per_layer_prefill"] == [N_VISUAL] * 3 + [5] * 3
-    assert sample0["visual_tokens_per_layer_last_decode"] == [N_VISUAL] * 3 + [5] * 3
-    assert run.report()["kv_cache"]["entries_per_layer"] == [s + NEW - 1] * 3 + [s - N_VISUAL + 5 + NEW - 1] * 3
-
-    with vtprune.apply(model, "st3", ratio=0.3, stride=2, start_layer=1, floor_ratio=0.25, anneal_every=1) as run:
-        generate(model, inputs)
-    g = schedule(N_VISUAL, 6, 0.3, 1, 2)
-    assert g == [16, 12, 12, 9, 9, 7]
-    assert run.report()["samples"][0]["visual_tokens_per_layer_prefill"] == g
-    history = run.ledger.decode_history
-    assert len(history) == NEW - 1
-    for t, counts in enumerate(history, start=1):
-        assert counts == [g[0]] + [annealed(g[layer], t, NEW, 0.25) for layer in range(1, 6)], f"step {t}"
-
-    with vtprune.apply(model, "parvts", budget=4, discard_layer=3) as run:
-        generate(model, inputs)
-    r = run.report()
-    assert r["samples"][0]["visual_tokens_per_layer_prefill"] == [N_VISUAL] * 3 + [4] * 3
-    assert r["kv_cache"]["entries_per_layer"] == [s - N_VISUAL + 4 + NEW - 1] * 6
-    top = torch.topk(run.gen.saliency, 4, dim=-1).indices.sort(-1).values  # subjects: the most salient tokens
-    assert torch.equal(run.gen.cache_visual[5], torch.gather(run.gen.visual_index, 2, top))
-
-
-def test_two_images_in_one_prompt_each_pruned_separately(model):
-    prompts = [make_prompt(2, 3, 5, images=2), make_prompt(4, 6, 6, images=2)]
-    inputs = batch(prompts, images=2)
-    stock = generate(model, inputs)
-    with vtprune.apply(model, "none"):
-        assert torch.equal(generate(model, inputs), stock)
-    for method in ("fastv", "parvts"):
-        with vtprune.apply(model, method, budget=3) as run:
-            together = generate(model, inputs)
-            gen, report = run.gen, run.report()
-            for i in range(2):
-                assert torch.equal(generate(model, sample(inputs, i, images=2))[0], together[i]), (method, i)
-        first = gen.visual_index[:, 1, 0]
-        assert (gen.visual_index[:, 0, -1] < first).all()  # two spans, in prompt order
-        full = 2 if method == "fastv" else 3  # FastV prunes at layer 2, ParVTS discards at layer 3
-        assert report["samples"][1]["visual_tokens_per_layer_prefill"] == [2 * N_VISUAL] * full + [6] * (6 - full)
-        kept = gen.cache_visual[5]
-        assert kept.shape == (2, 2, 3)
-        assert (kept[:, 0] < first[:, None]).all() and (kept[:, 1] >= first[:, None]).all()  # three from each image
-
-
-@pytest.mark.parametrize("rows", [None, 5], ids=["one-chunk", "chunks-of-5-query-rows"])
-def test_saliency_equals_eager_attention_received_in_last_full_block(model, monkeypatch, rows):
-    if rows is not None:
-        heads = model.config.vision_config.num_heads
-        monkeypatch.setattr(qwen2_vl, "attention_received", functools.partial(
-            qwen2_vl.attention_received, max_elements=heads * N_PATCHES * rows))
-    inputs = batch(PROMPTS)
-    with vtprune.apply(model, "parvts", budget=4) as run:
-        generate(model, inputs, max_new_tokens=1)
-    visual = model.model.visual
-    full = getattr(visual, "fullatt_block_indexes", None)
-    block = len(visual.blocks) - 1 if full is None else max(full)
-    # the tower's own eager attention weights, per block and image
-    modeling = sys.modules[type(visual.blocks[0].attn).__module__]
-    eager, weights, current = modeling.eager_attention_forward, {}, {}
-
-    def recording(module, *args, **kwargs):
-        out, w = eager(module, *args, **kwargs)
-        weights.setdefault(current["block"], []).append(w)
-        return out, w
-
-    monkeypatch.setattr(modeling, "eager_attention_forward", recording)
-    handles = [b.register_forward_pre_hook(lambda m, a, i=i: current.update(block=i)) for i, b in enumerate(visual.blocks)]
-    impl = visual.config._attn_implementation
-    visual.config._attn_implementation = "eager"
-    try:
-        with torch.no_grad():
-            visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
-    finally:
-        visual.config._attn_implementation = impl
-        remove(handles)
-    per_image = weights[block]
-    assert len(per_image) == 3 and all(w.shape[-1] == N_PATCHES for w in per_image)
-    received = torch.cat([w[0].float().mean(0).mean(0) for w in per_image])  # mean over heads and queries
-    tokens = received.view(-1, MERGE * MERGE).sum(-1)  # the merger's groups of 2 x 2 patches
-    if full is not None:  # Qwen2.5-VL: back from window order to the visual tokens' order
-        window_index, _ = get_vision_window_index(inputs["image_grid_thw"], MERGE, visual.window_size, visual.patch_size)
-        assert not torch.equal(window_index, torch.arange(len(window_index)))
-        tokens = tokens[torch.argsort(window_index)]
-    expected = tokens.view(3, 1, N_VISUAL)
-    assert torch.allclose(run.gen.saliency, expected, atol=1e-6)
-    assert torch.allclose(run.gen.saliency.sum(-1), torch.ones(3, 1))
 
 
 def test_direct_forward_and_generate_find_the_same_spans(model):

@@ -23,14 +23,17 @@ def apply(model: torch.nn.Module, method: str | Method = "none", *,
         model: a supported HF multimodal model (see ``vtprune.adapters``), any dtype / device.
         method: a method name (``vtprune.METHODS``: ``none``, ``parvts``, ``st3``, ``fastv``, ...) or an
             instance (``vtprune.ParVTS(budget=64)``).
-        on_report / on_error / profile: the run's seams (see :class:`Run`).
+        on_report: the run's seam called with each generation's report (see :class:`Run`).
+        on_error: the run's seam called with an exception raised inside ``generate`` (see :class:`Run`).
+        profile: keep a host-time profile of the run (see :class:`Run`).
         **options: the method's options (e.g. ``budget=64`` visual tokens per image, or
             ``keep_ratio=0.125``), see each method's docstring.
 
     Raises:
         TypeError: unsupported model class, or an option the method does not have.
         ValueError: unknown method, or an option value out of range (budget vs this model's
-            visual tokens per image, layers vs its depth). Nothing is attached then.
+            visual tokens per image, layers vs its depth), or an attention implementation or hub kernels
+            the run cannot hook (:meth:`Run.attach`). Nothing is attached then.
     """
     m = make_method(method, **options)
     return Run(model, m, on_report=on_report, on_error=on_error, profile=profile).attach()
@@ -47,6 +50,6 @@ def check(model: torch.nn.Module, method: str | Method = "none", *, visual_token
         the model's depth are checked).
 
     Raises:
-        As :func:`apply`.
+        As :func:`apply`, except what only attaching checks (the attention implementation, hub kernels).
     """
     return check_model(model, make_method(method, **options), visual_tokens)

@@ -60,12 +60,30 @@ def is_default_model(model_id: str | None) -> bool:
     return model_id == DEFAULT_MODEL_ID
 
 
+def model_identity(model_id: str | None, dtype) -> dict[str, str | None]:
+    """What names the weights that :func:`load_model` loads for ``model_id`` in ``dtype``, without loading them:
+    ``model`` (the bundled model's id, a local directory's absolute path, else the HuggingFace id as given),
+    ``model_revision`` (the bundled weights' fingerprint, ``vtprune.models.default.weights_fingerprint``;
+    None for other models: a local directory is named by its path alone) and ``dtype`` (``"float32"``).
+    """
+    name = str(dtype).removeprefix("torch.")
+    if is_default_model(model_id):
+        from vtprune.models import DEFAULT_MODEL_ID
+        from vtprune.models.default import weights_fingerprint
+
+        return {"model": DEFAULT_MODEL_ID, "model_revision": weights_fingerprint(), "dtype": name}
+    assert model_id is not None  # None names the bundled model
+    path = Path(model_id).expanduser()
+    return {"model": str(path.resolve()) if path.exists() else model_id, "model_revision": None, "dtype": name}
+
+
 def load_model(model_id: str | None, dtype, device: str):
     """Load ``(model, processor)`` in eval mode on ``device``.
 
     ``model_id`` naming the bundled model (see :func:`is_default_model`) loads it with
     :func:`vtprune.models.load_default`; anything else is a local path or HuggingFace id loaded with
-    ``AutoModelForImageTextToText`` / ``AutoProcessor`` (from the local cache when offline).
+    ``AutoModelForImageTextToText`` / ``AutoProcessor`` (from the local cache when offline). No hub kernels
+    are attached (:mod:`vtprune.models.loading`).
 
     Raises:
         ImportError: weight packages of the bundled model missing; FileNotFoundError: no such local
@@ -77,13 +95,15 @@ def load_model(model_id: str | None, dtype, device: str):
         return load_default(dtype=dtype, device=device)
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from vtprune.models.loading import NO_HUB_KERNELS
+
     assert model_id is not None  # None names the bundled model
     path = Path(model_id).expanduser()
     if path.exists():
         model_id = str(path)
     elif model_id.startswith(("/", ".", "~")) or model_id.count("/") > 1:
         raise FileNotFoundError(f"model directory not found: {model_id}")
-    model = AutoModelForImageTextToText.from_pretrained(model_id, dtype=dtype)
+    model = AutoModelForImageTextToText.from_pretrained(model_id, dtype=dtype, **NO_HUB_KERNELS)
     processor = AutoProcessor.from_pretrained(model_id)
     # cast: transformers types PreTrainedModel.to through functools.wraps(nn.Module.to), which mypy cannot bind
     return cast("torch.nn.Module", model).to(device).eval(), processor

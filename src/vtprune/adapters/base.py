@@ -115,13 +115,6 @@ class Adapter:
         grid = self.visual_grid(visual, inputs)
         return None if grid is None else (PatchGrid(*grid),)
 
-    def decode_position_ids(self, past_length: int, input_ids: torch.Tensor) -> torch.Tensor | None:
-        """Position ids the stock model derives for a decode call without ``position_ids``, given the
-        stock cache length ``past_length`` (tokens); the engine passes them when pruning shortened layer
-        0's cache. Default (Llama convention): ``past_length + arange(n)``, LongTensor [1, n]."""
-        n = input_ids.shape[1]
-        return torch.arange(past_length, past_length + n, device=input_ids.device)[None]
-
     def visual_index(self, input_ids: torch.Tensor, inputs: dict | None = None) -> torch.Tensor:
         """Original indices of every image's visual tokens.
 
@@ -178,7 +171,8 @@ class Adapter:
 
     def sliding_window(self, layer: int) -> int | None:
         """The sliding window (tokens) of decoder layer ``layer``'s attention, or None for full attention
-        (the default). The engine refuses a pruned sequence that would outgrow a sliding-window cache."""
+        (the default). The engine applies it by original position in the masks of pruned layers and follows
+        what the layer's sliding-window cache drops (:mod:`vtprune.engine.window`)."""
         return None
 
     def take_language_model_inputs(self, kwargs: dict) -> Any:

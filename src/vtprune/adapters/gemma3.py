@@ -21,10 +21,10 @@ What the engine needs from this family, and where it comes from:
 * Masks: the language model receives a dict of 4-D masks (``full_attention``, ``sliding_attention``), each
   layer picks its own; the engine builds each pruned layer's mask itself (padding from the model call's 2-D
   ``attention_mask``).
-* Sliding-window layers (``layer_types``): their cache keeps the last ``sliding_window - 1`` entries.
-  :meth:`Gemma3Adapter.sliding_window` tells the engine each layer's window; it refuses (ValueError) a
-  pruned or packed sequence that, with the new tokens, would outgrow it (inside the window the sliding mask
-  equals the causal one, so the engine's masks are exact).
+* Sliding-window layers (``layer_types``): a query sees the keys less than ``sliding_window`` positions
+  back, and their cache keeps the last ``sliding_window - 1`` entries. :meth:`Gemma3Adapter.sliding_window`
+  tells the engine each layer's window, which the masks of pruned layers apply by original position and
+  whose cache evictions the engine follows (:mod:`vtprune.engine.window`).
 * Positions: 1-D ``position_ids``; each layer type has its own rotary embedding (local base 10k, global
   1M), and the engine gathers each layer's (cos, sin) from that layer's own call, at the original indices.
 * Attention scale ``query_pre_attn_scalar ** -0.5`` (not ``head_dim ** -0.5``): the scoring entry reads the

@@ -232,6 +232,11 @@ class InternVLAdapter(Adapter):
             if tiles is None or ids is None:
                 return
             counts = [c // self.tokens_per_tile for mine in self.image_counts(ids, {}) for c in mine]
+            if sum(counts) > tiles.shape[0] and sum(counts) % tiles.shape[0] == 0:
+                # generate ran the tower once per prompt, then expanded the batch (beams, several
+                # sequences: each row repeated, adjacent): deal the tiles over the prompts once
+                repeat = sum(counts) // tiles.shape[0]
+                counts = [c // self.tokens_per_tile for mine in self.image_counts(ids[::repeat], {}) for c in mine]
             if sum(counts) != tiles.shape[0]:
                 raise RuntimeError(f"InternVL saliency: captured [CLS] attention for {tiles.shape[0]} tiles, the "
                                    f"prompt's images need {sum(counts)}")

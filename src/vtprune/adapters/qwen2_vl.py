@@ -12,10 +12,9 @@ the engine gathers both at the original token indices, so kept tokens keep their
 positions. During ``generate`` the decode positions come from the ``position_ids`` that
 ``generate`` extends by one per step (original prompt positions + t), never from the cache length.
 A direct forward call without ``position_ids`` makes the model derive them from
-``past_key_values.get_seq_length()`` (the cache of decoder layer 0) plus ``rope_deltas``;
-once ParVTS has discarded its non-subject path, layer 0's cache is shorter than the stock one and
-those positions would be shifted, so the engine passes the stock ones from
-:meth:`Qwen2VLAdapter.decode_position_ids` instead.
+``past_key_values.get_seq_length()`` plus ``rope_deltas``; a cache vtprune filled answers the stock
+length there (:mod:`vtprune.engine.conversation`), even after ParVTS has shortened layer 0's cache, so
+those positions are the stock ones.
 """
 
 from __future__ import annotations
@@ -161,18 +160,6 @@ class Qwen2VLAdapter(Adapter):
     def _refuse_video(self, input_ids: torch.Tensor, inputs: dict) -> None:
         refuse_video(input_ids, inputs, VIDEO_KEYS, getattr(self.model.config, "video_token_id", None),
                      "Pass images (pixel_values + image_grid_thw) instead")
-
-    def decode_position_ids(self, past_length: int, input_ids: torch.Tensor) -> torch.Tensor | None:
-        """The M-RoPE position ids the stock model gives a decode call that has no ``position_ids``:
-        ``past_length + arange(n) + rope_deltas``, LongTensor [3, B, n], with ``past_length`` the
-        stock cache length (prompt + tokens fed back). None before any prefill set ``rope_deltas``."""
-        deltas = self.model.model.rope_deltas
-        if deltas is None:
-            return None
-        b, n = input_ids.shape
-        pos = torch.arange(past_length, past_length + n, device=input_ids.device).view(1, 1, n).expand(3, b, n)
-        deltas = deltas.repeat_interleave(b // deltas.shape[0], dim=0).to(input_ids.device)
-        return pos + deltas
 
     # ------------------------------------------------------------------ saliency
     def saliency_block(self) -> int:

@@ -15,7 +15,8 @@ What differs, and how it is handled:
   decoder layers receive the rotary (cos, sin) [B, S, head_dim] and the text positions [B, S], which the
   engine gathers at the kept tokens' original indices, as for Qwen2-VL; an image's positions advance the
   text by ``max(h, w) / merge`` (the model's ``get_rope_index``), and decode positions come from
-  ``generate`` (or, in a hand-written loop, from :meth:`Qwen2VLAdapter.decode_position_ids`).
+  ``generate`` (or, in a hand-written loop, from the model itself: a cache vtprune filled answers the
+  stock length, :mod:`vtprune.engine.conversation`).
 * DeepStack. The tower also returns one feature per visual token at each of its
   ``deepstack_visual_indexes`` blocks (through its own merger), and ``Qwen3VLTextModel.forward`` adds level
   i to the hidden states at the visual positions after decoder layer i (``_deepstack_process``), i.e. into

@@ -1,9 +1,11 @@
-"""``vtprune eval``: accuracy of methods x budgets on data sets (resumable; tables + plots)."""
+"""``vtprune eval``: accuracy of methods x budgets on data sets (resumable; tables + plots; data-parallel
+under ``torchrun``). User guide: docs/evaluation-runner.md."""
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 from pathlib import Path
 
 from vtprune.cli.common import (
@@ -13,12 +15,13 @@ from vtprune.cli.common import (
     load_from_args,
     log,
     method_list,
+    one_line,
     parse_list,
     quiet,
     user_errors,
 )
 from vtprune.eval.datasets.registry import DATASETS
-from vtprune.inputs import is_default_model
+from vtprune.inputs import default_device, is_default_model, model_identity, resolve_dtype
 
 DEFAULT_EVAL_METHODS = ("parvts", "st3", "fastv", "vtw", "pdrop", "visionzip", "random", "pool")
 DEFAULT_EVAL_BUDGETS = ("50%", "25%", "12.5%", "6.25%")
@@ -29,7 +32,10 @@ def add_parser(sub) -> None:
     e = sub.add_parser("eval", help="accuracy of methods x budgets on a data set (resumable; tables + plots)",
                        description="Answer every sample of the data sets under the unpruned model and every "
                                    "method x budget; append one JSON line per answer to OUT/results.jsonl (a rerun "
-                                   "skips what is done) and write results.csv, results.md and two plots.")
+                                   "with the same settings skips what is done; one with other settings is refused) "
+                                   "and write results.csv, results.md and two plots. Under torchrun "
+                                   "--nproc_per_node N, each process answers every N-th sample and the first "
+                                   "merges them (docs/evaluation-runner.md).")
     e.add_argument("--data", type=parse_list(str), default=None,
                    help=f"comma-separated data sets ({', '.join(sorted(DATASETS))}); required unless --tables-only")
     e.add_argument("--split", default="test", help="data split (default test)")
@@ -47,6 +53,10 @@ def add_parser(sub) -> None:
                    help="greedy tokens per answer (default: each data set's own: 8 for short answers, 40 for captions)")
     e.add_argument("--seed", type=int, default=0, help="seed of the data sets' random choices (default 0)")
     e.add_argument("--out", default=None, help="output folder (default eval-results/<data>-<model>/)")
+    e.add_argument("--beside", action="store_true",
+                   help="when --out holds answers of other settings (model, dtype, tokens, data set version, "
+                        "method options), write into the first of OUT-2, OUT-3, ... that holds this run's "
+                        "settings or nothing, instead of stopping")
     e.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
     e.add_argument("--tables-only", action="store_true",
                    help="answer nothing: rewrite the tables and plots of --out from every record in its "
@@ -58,7 +68,7 @@ def add_parser(sub) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     """``vtprune eval``: check everything cheap first, then load the model, run, write, print."""
     from vtprune.api import check
-    from vtprune.eval import datasets, runner
+    from vtprune.eval import datasets, parallel, runner
 
     if args.tables_only:
         return _tables_only(args)
@@ -75,17 +85,54 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for name, s in samples.items():
         if not s:
             raise UsageError(f"data set {name!r} ({args.split}) has no samples")
-    label = "default" if is_default_model(args.model) else Path(args.model).name
-    out = Path(args.out) if args.out else Path("eval-results") / f"{'+'.join(args.data)}-{label}"
+    with user_errors(ValueError):
+        shard = parallel.shard_from_env()
+        args.device = parallel.rank_device(shard, args.device or default_device())
+    with user_errors(ImportError, OSError):
+        identity = model_identity(args.model, resolve_dtype(args.dtype, args.device))
+    settings = runner.RunSettings(model=str(identity["model"]), dtype=str(identity["dtype"]),
+                                  model_revision=identity["model_revision"],
+                                  data={name: (args.split, args.seed) for name in samples})
+    with user_errors(ValueError, TypeError, FileNotFoundError):
+        plan = runner.RunPlan(settings, samples, conds, args.max_new_tokens)
+    out = _output_folder(args, plan)
     model, processor = load_from_args(args)
-    with quiet(), user_errors(ValueError, TypeError):
+    with quiet(), user_errors(ValueError, TypeError), parallel.process_group(shard):
         for cond in conds:  # every option against this model, before the first answer
             check(model, cond.name, **dict(cond.options))
         records = runner.run_eval(model, processor, samples, conds, out / "results.jsonl", batch_size=args.batch,
-                                  max_new_tokens=args.max_new_tokens, progress=not args.no_progress, log=log)
+                                  max_new_tokens=args.max_new_tokens, progress=not args.no_progress, log=log,
+                                  settings=settings, shard=shard)
+    if not shard.main:
+        return 0  # rank 0 writes the tables of the merged records
     records = [r for r in records if r["data"] in samples]
     (out / "command.txt").write_text(f"{datetime.date.today()}  vtprune {' '.join(getattr(args, 'argv', []))}\n")
     return _write_tables(records, out, plots=not args.no_plots)
+
+
+def _output_folder(args: argparse.Namespace, plan) -> Path:
+    """``--out`` (default ``eval-results/<data>-<model>``) if it holds no answers or only answers of this run's
+    settings (:func:`vtprune.eval.runner.check_resume`); otherwise, with ``--beside``, the first of ``OUT-2``,
+    ``OUT-3``, ... that does. Raises UsageError (without ``--beside``) naming what differs and what to do."""
+    from vtprune.eval import runner
+
+    label = "default" if is_default_model(args.model) else Path(args.model).name
+    base = Path(args.out) if args.out else Path("eval-results") / f"{'+'.join(args.data)}-{label}"
+    siblings = (base.with_name(f"{base.name}-{n}") for n in itertools.count(2))
+    for out in itertools.chain([base], siblings if args.beside else []):
+        try:
+            runner.check_resume(out / "results.jsonl", plan)
+        except runner.ResumeError as e:
+            if not args.beside:
+                raise UsageError(f"{one_line(e)}. Write this run elsewhere: another --out, or add --beside to write "
+                                 f"into the first of {base}-2, {base}-3, ... that holds this run's settings or "
+                                 "nothing" + ("; or table the old records as they are with --tables-only"
+                                              if e.unrecorded and not e.differences else "")) from e
+            continue
+        if out != base:
+            log(f"{base} holds answers of other settings; writing beside it, in {out}")
+        return out
+    raise AssertionError("unreachable: a folder without results.jsonl always matches")
 
 
 def _tables_only(args: argparse.Namespace) -> int:
@@ -96,6 +143,10 @@ def _tables_only(args: argparse.Namespace) -> int:
         raise UsageError("--tables-only needs --out, the folder that holds results.jsonl")
     path = Path(args.out) / "results.jsonl"
     records = runner.read_records(path)
+    parts = runner.partial_paths(path)
+    if parts:
+        log(f"warning: {', '.join(p.name for p in parts)} beside {path} hold the answers of an interrupted "
+            "data-parallel run, not tabled here: rerun the same eval to merge them")
     if args.data:
         records = [r for r in records if r["data"] in args.data]
     if not records:

@@ -19,7 +19,8 @@ glue (``integrations/flash_attention.py``) with three adjustments:
 - the glue loads its kernels by ``module.config._attn_implementation``, which names ``vtprune_<impl>`` while
   a run is attached; during the call the config names the original implementation again;
 - a 4-D mask (the engine builds one only for layers that hold several paths packed in one
-  sequence, where a path must not see the other: not "causal + padding") goes to transformers' SDPA
+  sequence, where a path must not see the other, and for sliding-window layers whose window, by original
+  position, hides keys: not "causal + padding") goes to transformers' SDPA
   kernel (``sdpa_attention_forward``) with that boolean mask instead, for that call only. FlashAttention
   has no arbitrary masks; the fallback is ours (reconstructed), not part of any method.
 """

@@ -1,7 +1,8 @@
 """Every hook a run attaches, in one place, and removed together (also on an exception).
 
 A run attaches: a forward pre-hook and a forward hook on the model (phase detection, timers), a forward
-pre-hook on the language model (the decode mask), a forward pre-hook on each decoder layer (the method's
+pre-hook on the language model (the decode mask) and a forward hook on it (outside ``generate``, a pruned
+prefill's output back at the original positions), a forward pre-hook on each decoder layer (the method's
 stages and the layer's rewrite), a listener on each decoder layer's attention module (scoring beside
 the kernel, :mod:`vtprune.engine.attention`), the adapter's saliency hooks on the vision tower when the
 method needs them, and the language model's attention implementation switched to the scoring entry.
@@ -22,6 +23,26 @@ from torch import nn
 
 from vtprune.engine import attention
 from vtprune.engine.profile import HostProfile
+
+
+def hub_kernel_replacements(model: nn.Module, hooked: list[nn.Module]) -> list[str]:
+    """The modules among ``hooked`` (those a run hooks) whose ``forward`` a hub kernel replaced, as
+    ``"name (repository)"`` with the name ``model.named_modules()`` gives it; empty when none did.
+
+    Hub kernels (the ``kernels`` package; transformers >= 5.25's ``from_pretrained`` attaches them by
+    default, ``use_kernels=True``) replace the ``forward`` of layers whose class is marked for it with one
+    downloaded for the model's device; ``kernels.get_kernelized_layers`` lists them. A replaced decoder layer
+    or attention module need not call the attention implementation the run scores through, nor take the
+    arguments the run rewrites. Kernels on other modules (norms, activations, the rotary function) leave
+    those seams as they are. Without the ``kernels`` package (transformers < 5.25) no module is replaced.
+    """
+    try:
+        from kernels import get_kernelized_layers
+    except ImportError:
+        return []
+    ids = {id(m) for m in hooked}
+    return [f"{name or '(the model)'} ({layer.repo})" for name, layer in get_kernelized_layers(model).layers.items()
+            if id(layer.module) in ids]
 
 
 class Hooks:

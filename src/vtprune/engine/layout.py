@@ -95,7 +95,8 @@ def gather_position_embeddings(pe, index: torch.Tensor):
 
 
 def build_mask(
-    q: Layout, k: Layout, valid: torch.Tensor, dtype: torch.dtype | None = None, blocks: torch.Tensor | None = None
+    q: Layout, k: Layout, valid: torch.Tensor, dtype: torch.dtype | None = None, blocks: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Attention mask between the query slots ``q`` and key slots ``k``.
 
@@ -108,10 +109,14 @@ def build_mask(
         blocks: LongTensor [B, S] of block ids of the prompt's tokens (>= 0: the tokens of one block attend
             to each other in both directions, as Gemma 3's image tokens; -1: causal only), or None;
             tokens past the prompt are causal.
+        window: a sliding window W (tokens): a query at index p sees only keys at indices > p - W, by
+            original index, as transformers' ``sliding_window_overlay`` (applied to the blocks too); None:
+            no window.
 
     Returns:
         [B, 1, nq, nk] mask: (causal or same block) and not padding (and, with groups, the same group or
-        group 0). Rows of padding queries are all False, as in transformers' own masks.
+        group 0) (and, with a window, within it). Rows of padding queries are all False, as in
+        transformers' own masks.
     """
     qi, ki = q.index.to(valid.device), k.index.to(valid.device)
     allowed = ki[:, None, :] <= qi[:, :, None]
@@ -120,6 +125,8 @@ def build_mask(
         full[:, : blocks.shape[1]] = blocks.to(valid.device)
         bq, bk = torch.gather(full, 1, qi), torch.gather(full, 1, ki)
         allowed |= (bq[:, :, None] >= 0) & (bq[:, :, None] == bk[:, None, :])
+    if window is not None:
+        allowed &= ki[:, None, :] > qi[:, :, None] - window
     allowed &= torch.gather(valid, 1, ki)[:, None, :]
     if k.group is not None or q.group is not None:
         kg = k.group if k.group is not None else torch.zeros_like(ki)

@@ -88,10 +88,18 @@ class Ledger:
     step, the visual tokens in every layer's cache; decode work is derived from those at report time
     (nothing is counted per layer inside the decode loop)."""
 
-    def __init__(self, dims: Dims, pads: list[int], prompt_length: int, n_images: int, n_visual: int):
+    def __init__(self, dims: Dims, pads: list[int], prompt_length: int, n_images: int, n_visual: int,
+                 context: list[list[int]] | None = None, context_unpruned: list[int] | None = None):
+        """``prompt_length`` tokens (padded) of this call's prompt, ``pads`` its padding per sample; for a later
+        turn on a cache (:mod:`vtprune.engine.conversation`) ``context[l][b]`` the earlier turns' entries in
+        layer l's cache for sample b and ``context_unpruned[b]`` the earlier turns' tokens (what the stock
+        cache holds): they add keys to every query of this call, pruned and unpruned alike."""
         self.dims, self.pads, self.prompt_length = dims, pads, prompt_length
         self.n_images, self.n_visual = n_images, n_visual
         b = len(pads)
+        self.context = context or [[0] * b for _ in range(dims.layers)]
+        self.context_unpruned = context_unpruned or [0] * b
+        self.context_pads = [0] * b  # padding among the earlier turns' tokens (kept in every layer's cache)
         self.prefill_fastv, self.prefill_exact = [0] * b, [0] * b
         self.prefill_visual: list[list[int]] = [[] for _ in range(b)]  # per sample, per layer
         self.prefill_tokens: list[list[int]] = [[] for _ in range(b)]  # per sample, per layer: real tokens, all paths
@@ -112,9 +120,11 @@ class Ledger:
         """Record one prefill layer: per sample (shared prefix, path-1 tail, path-2 tail) real tokens
         (a single path is (n, 0, 0)) and visual tokens present."""
         for b, (p, a, c) in enumerate(counts):
-            pairs = p * (p + 1) // 2 + a * p + a * (a + 1) // 2 + c * p + c * (c + 1) // 2
+            ctx = self.context[len(self.prefill_tokens[b])][b]  # earlier turns' keys of this layer
+            pairs = p * (p + 1) // 2 + a * p + a * (a + 1) // 2 + c * p + c * (c + 1) // 2 + (p + a + c) * ctx
             self.prefill_exact[b] += self.dims.exact(p + a + c, pairs)
-            self.prefill_fastv[b] += self.dims.fastv(p + a, p + a) + (self.dims.fastv(p + c, p + c) if c else 0)
+            self.prefill_fastv[b] += (self.dims.fastv(p + a, ctx + p + a)
+                                      + (self.dims.fastv(p + c, ctx + p + c) if c else 0))
             self.prefill_visual[b].append(visual[b])
             self.prefill_tokens[b].append(p + a + c)
             self.prefill_paths[b].append(2 if c else 1)
@@ -123,30 +133,31 @@ class Ledger:
         """Record one decode step: visual tokens (all images) in each layer's cache during it."""
         self.decode_history.append(list(visual))
 
-    def _decode_flops(self, pad: int) -> tuple[int, int]:
-        """(FastV, exact) FLOPs of all decode steps of the sample with ``pad`` padding tokens. At step t
-        a layer's cache holds the prompt's text tokens, its visual tokens and the t tokens fed back."""
-        text = self.prompt_length - self.n_images * self.n_visual - pad
+    def _decode_flops(self, b: int) -> tuple[int, int]:
+        """(FastV, exact) FLOPs of all decode steps of sample ``b``. At step t layer l's cache holds the
+        earlier turns' entries, the prompt's text tokens, its visual tokens and the t tokens fed back."""
+        text = self.prompt_length - self.n_images * self.n_visual - self.pads[b]
         fastv = exact = 0
         for t, visual in enumerate(self.decode_history, start=1):
-            for v in visual:
-                fastv += self.dims.fastv(1, text + v + t)
-                exact += self.dims.exact(1, text + v + t)
+            for layer, v in enumerate(visual):
+                kv = self.context[layer][b] + text + v + t
+                fastv += self.dims.fastv(1, kv)
+                exact += self.dims.exact(1, kv)
         return fastv, exact
 
     def summary(self, kv_bytes_per_token: int, cache_lengths: list[int]) -> list[dict]:
         """Per-sample report dicts (see :meth:`vtprune.engine.run.Run.report`)."""
         dims, out = self.dims, []
         for b, pad in enumerate(self.pads):
-            n0 = self.prompt_length - pad
-            base_prefill_f = dims.layers * dims.fastv(n0, n0)
-            base_prefill_e = dims.layers * dims.exact(n0, n0 * (n0 + 1) // 2)
-            base_dec_f = sum(dims.layers * dims.fastv(1, n0 + j) for j in range(1, self.steps + 1))
-            base_dec_e = sum(dims.layers * dims.exact(1, n0 + j) for j in range(1, self.steps + 1))
-            kv_entries = sum(n - pad for n in cache_lengths)
-            kv_entries0 = dims.layers * (n0 + self.steps)
+            n0, c0 = self.prompt_length - pad, self.context_unpruned[b]
+            base_prefill_f = dims.layers * dims.fastv(n0, c0 + n0)
+            base_prefill_e = dims.layers * dims.exact(n0, n0 * (n0 + 1) // 2 + n0 * c0)
+            base_dec_f = sum(dims.layers * dims.fastv(1, c0 + n0 + j) for j in range(1, self.steps + 1))
+            base_dec_e = sum(dims.layers * dims.exact(1, c0 + n0 + j) for j in range(1, self.steps + 1))
+            kv_entries = sum(n - pad - self.context_pads[b] for n in cache_lengths)
+            kv_entries0 = dims.layers * (c0 + n0 + self.steps)
             vis = self.prefill_visual[b]
-            decode_f, decode_e = self._decode_flops(pad)
+            decode_f, decode_e = self._decode_flops(b)
             total_f = self.prefill_fastv[b] + decode_f
             total_f0 = base_prefill_f + base_dec_f
             out.append({
@@ -156,8 +167,9 @@ class Ledger:
                 "visual_tokens_per_layer_last_decode": list(self.decode_visual) or list(vis),
                 "tokens_per_layer_prefill": list(self.prefill_tokens[b]),
                 "paths_per_layer_prefill": list(self.prefill_paths[b]),
-                "equivalent_budget": sum(vis) / len(vis) / self.n_images if vis else float(self.n_visual),
-                "final_budget": vis[-1] / self.n_images if vis else self.n_visual,
+                # a text-only prompt has no visual token: 0
+                "equivalent_budget": sum(vis) / len(vis) / self.n_images if vis and self.n_images else float(self.n_visual),
+                "final_budget": vis[-1] / self.n_images if vis and self.n_images else self.n_visual,
                 "flops": {
                     "prefill": _pair(self.prefill_fastv[b], base_prefill_f, self.prefill_exact[b], base_prefill_e),
                     "decode": _pair(decode_f, base_dec_f, decode_e, base_dec_e),

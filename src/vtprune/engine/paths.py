@@ -12,38 +12,10 @@ Source: the packed two-path layout is this project's (reconstructed; METHODS.md,
 
 from __future__ import annotations
 
-import dataclasses
-from typing import cast
-
 import torch
 
 from vtprune.engine.layout import PAD, Layout, select_kv
-from vtprune.engine.state import Generation
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class PackedPaths:
-    """What the packed paths hold.
-
-    Attributes:
-        question_slots: path -> LongTensor [B, Q], the slot of each question token in that path
-            (0 where the path holds no copy or the sample has fewer than Q question tokens).
-        question_valid: BoolTensor [B, Q], True at a real question token.
-        slot_visual: BoolTensor [B, n], True at a slot that holds a visual token.
-        visual: path -> LongTensor [B, I, k_g], the visual tokens of that path (original indices).
-        question_in: the paths that hold a copy of the question.
-    """
-
-    question_slots: dict[int, torch.Tensor]
-    question_valid: torch.Tensor
-    slot_visual: torch.Tensor
-    visual: dict[int, torch.Tensor]
-    question_in: tuple[int, ...]
-
-    @property
-    def question_count(self) -> int:
-        """Q, the question tokens per sample (padded to the batch's longest)."""
-        return self.question_valid.shape[1]
+from vtprune.engine.state import Generation, PackedPaths
 
 
 def split(state: Generation, first: torch.Tensor, question_in: tuple[int, ...] = (1, 2)) -> None:
@@ -92,7 +64,8 @@ def split(state: Generation, first: torch.Tensor, question_in: tuple[int, ...] =
     slot_visual = torch.gather(is_visual, 1, index) & (group != PAD)
     state.paths = PackedPaths(question_slots=q_slots, question_valid=q_valid, slot_visual=slot_visual,
                               visual={1: vis_1, 2: vis_2}, question_in=question_in)
-    state.set_layout(Layout(index, group), index)  # layer 0's input: the token embeddings at `index`
+    # layer 0's input: the token embeddings at `index` (slot i of the call's input holds token offset + i)
+    state.set_layout(Layout(index, group), index - state.offset)
 
 
 def question_rows(paths: PackedPaths) -> torch.Tensor:
@@ -113,10 +86,12 @@ def question_visual_lse(state: Generation, layer: int) -> tuple[torch.Tensor, to
     if logits is None:
         raise RuntimeError(f"no question rows were scored at layer {layer}")
     q = paths.question_count  # logits: [B, H, 2Q, k], rows of path 1, then of path 2
-    layout = cast(Layout, state.layouts[layer])  # a scored prefill layer: its layout is recorded
+    layout = state.prefill_keys(layer)  # earlier turns' entries (group 0, never visual here) then the layout
     assert layout.group is not None  # packed: the paths run
     group = layout.group.to(logits.device)
     visual = paths.slot_visual.to(logits.device)
+    if visual.shape[1] < group.shape[1]:
+        visual = torch.cat([visual.new_zeros(visual.shape[0], group.shape[1] - visual.shape[1]), visual], dim=1)
     out = []
     for i, g in enumerate((1, 2)):
         keys = (visual & (group == g))[:, None, None, :]
@@ -144,7 +119,7 @@ def merge(state: Generation, keep_path: int, question_from: int) -> None:
     """End the paths before the current layer: keep the shared prefix, the visual tokens of path
     ``keep_path`` and the question tokens of path ``question_from``. The KV caches of the earlier layers
     keep the same entries; everything else of the other path is dropped from the hidden states and the
-    caches."""
+    caches (when the call has a cache)."""
     paths, group = state.paths_state(), state.layout.group
     assert group is not None  # packed: the paths run
     is_q = torch.zeros_like(group, dtype=torch.bool)
@@ -157,7 +132,8 @@ def merge(state: Generation, keep_path: int, question_from: int) -> None:
     src, index = torch.gather(src, 1, order), torch.gather(index, 1, order)
     state.visual = paths.visual[keep_path]
     for layer in range(state.layer):
-        select_kv(state.cache.layers[layer], src)
+        if state.cache is not None:  # None: a forward call with use_cache=False
+            select_kv(state.cache.layers[layer], state.prefill_kv_slots(layer, src))
         state.layouts[layer] = Layout(index)
         state.layer_visual[layer] = state.visual
     state.paths = None

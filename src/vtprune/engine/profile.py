@@ -1,11 +1,12 @@
 """An opt-in host-time profile of a run (``vtprune.apply(..., profile=True)``): what vtprune itself costs.
 
 It times, with ``time.perf_counter``, every call of the engine's hooks (the model, language-model and
-decoder-layer pre-hooks, the model's forward hook and the attention listener; the method's own work in
-them included) and of the ``generate`` wrapper outside the model's own ``generate``; and every
-partial-attention scoring call (:func:`vtprune.engine.attention.row_logits`) between two device
-synchronisations, so that its time on a GPU is the kernels' and not only their launch. Those
-synchronisations perturb a timed run: profile an extra, untimed generation (as ``vtprune bench`` does).
+decoder-layer pre-hooks, the model's and the language model's forward hooks and the attention listener;
+the method's own work in them included) and of the ``generate`` wrapper outside the model's own
+``generate``; and every partial-attention scoring call (:func:`vtprune.engine.attention.row_logits`)
+between two device synchronisations, so that its time on a GPU is the kernels' and not only their launch.
+Those synchronisations perturb a timed run: profile an extra, untimed generation (as ``vtprune bench``
+does).
 """
 
 from __future__ import annotations

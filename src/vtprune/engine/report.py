@@ -76,6 +76,35 @@ class Report(Mapping):
         return out
 
     @classmethod
+    def of(cls, method, plan, gen, ledger, timers: dict, generate_ms: float | None, device: str) -> Report:
+        """The report of generation ``gen`` (:class:`vtprune.engine.state.Generation`) of ``method`` with
+        ``plan``: per sample from ``ledger`` (:class:`vtprune.engine.ledger.Ledger`), the KV bytes measured
+        on the cache (when the engine let it go, or now), the ``timers``' spans (ms) and the whole generate
+        call's ``generate_ms`` (None outside ``generate``: prefill + decode)."""
+        dims = ledger.dims
+        lengths, measured, elsize = gen.kv_measured if gen.kv_measured is not None else kv_of(gen.cache, dims.layers)
+        per_token = 2 * dims.kv_heads * dims.head_dim * elsize  # bytes of one token's K and V in one layer
+        samples = ledger.summary(per_token, lengths)
+        steps = ledger.steps
+        unpruned = dims.layers * gen.batch_size * (gen.prompt_length + steps) * per_token
+        prefill_ms, decode_ms = timers["prefill"].ms(), timers["decode"].ms()
+        return cls(
+            method=method.name,
+            options=method.options(),
+            plan=plan.to_dict() if plan is not None else None,
+            samples=samples,
+            kv_cache={"bytes": measured, "bytes_unpruned": unpruned, "ratio": measured / unpruned if unpruned else 1.0,
+                      "entries_per_layer": lengths},
+            timing={
+                "prefill_ms": sum(prefill_ms),
+                "decode_ms_per_token": sum(decode_ms) / len(decode_ms) if decode_ms else None,
+                "end_to_end_ms": generate_ms if generate_ms is not None else sum(prefill_ms) + sum(decode_ms),
+                "new_tokens": steps + 1,
+                "device": device,
+            },
+        )
+
+    @classmethod
     def merge(cls, parts: list[tuple[list[int], Report]], batch: int) -> Report:
         """One report for a batch that ran as groups: ``parts`` holds each group's sample indices and
         report. ``samples`` back in the caller's order, KV bytes summed, ``entries_per_layer`` per group
@@ -102,3 +131,17 @@ class Report(Mapping):
         }
         return cls(method=first.method, options=first.options, plan=parts[-1][1].plan, samples=samples,
                    kv_cache=kv, timing=timing)
+
+
+def kv_of(cache, layers: int) -> tuple[list[int], int, int]:
+    """(entries per layer, bytes of K and V, bytes per element) of the first ``layers`` layers of ``cache``
+    that hold tensors (a prefill that raised leaves the later layers empty)."""
+    lengths, measured, elsize = [], 0, 0
+    if cache is not None:
+        for layer in cache.layers[:layers]:
+            if getattr(layer, "keys", None) is None:
+                continue
+            lengths.append(layer.keys.shape[2])
+            measured += layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+            elsize = layer.keys.element_size()
+    return lengths, measured, elsize

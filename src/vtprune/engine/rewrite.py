@@ -12,6 +12,9 @@ stock one, a mask for its cache. Masks per attention implementation:
 * FlashAttention (``flash_attention_2`` / ``_3``): None or a [B, k] padding mask of the layer's keys
   (left padding), and a [B, 1, q, k] boolean mask only on layers that hold packed paths, which the scoring
   entry runs with SDPA instead (FlashAttention takes no arbitrary mask; :mod:`vtprune.engine.attention`).
+
+A sliding-window layer's mask also applies its window by original index once the tokens outnumber it, and
+hides the entries evicted while decoding that its cache still holds (:mod:`vtprune.engine.window`).
 """
 
 from __future__ import annotations
@@ -39,8 +42,8 @@ class LayerRewrite:
         """Forget the cached positions and masks (a new generation)."""
         # keyed by object ids; each value keeps its layout alive, so an id is never reused within a generation
         self._positions: dict[tuple, tuple[Any, Any, Layout]] = {}
-        self._masks: dict[int, tuple[torch.Tensor | None, Layout]] = {}
-        self._decode: dict[int, torch.Tensor | None] = {}
+        self._masks: dict[tuple, tuple[torch.Tensor | None, Layout, Any]] = {}
+        self._decode: dict[tuple, torch.Tensor | None] = {}
 
     def new_step(self) -> None:
         """A decode step starts: the keys have grown, cached decode masks are stale."""
@@ -56,15 +59,19 @@ class LayerRewrite:
         pe_in, pos_in = kwargs.get("position_embeddings"), kwargs.get("position_ids")
         key = (id(lay), _identity(pe_in), _identity(pos_in))
         if key not in self._positions:
-            self._positions[key] = (gather_position_embeddings(pe_in, lay.index) if pe_in is not None else None,
-                                    gather_tokens(pos_in, lay.index) if pos_in is not None else None, lay)
-        if id(lay) not in self._masks:
-            self._masks[id(lay)] = (self.mask(gen, lay, lay), lay)
+            at = lay.index - gen.offset  # the inputs cover this call's tokens only (offset .. S-1)
+            self._positions[key] = (gather_position_embeddings(pe_in, at) if pe_in is not None else None,
+                                    gather_tokens(pos_in, at) if pos_in is not None else None, lay)
+        prior = gen.prior[gen.layer] if gen.offset else None
+        window = gen.windows.window(gen, gen.layer) if gen.windows is not None else None
+        mask_key = (id(lay), id(prior), window)
+        if mask_key not in self._masks:
+            self._masks[mask_key] = (self.mask(gen, lay, gen.prefill_keys(gen.layer, lay), window), lay, prior)
         pe, pos, _ = self._positions[key]
         kwargs["position_embeddings"] = pe
         if "position_ids" in kwargs:
             kwargs["position_ids"] = pos
-        kwargs["attention_mask"] = self._masks[id(lay)][0]
+        kwargs["attention_mask"] = self._masks[mask_key][0]
 
     def decode_mask_needed(self, gen: Generation) -> bool:
         """Whether a decode layer whose cache is not the stock one needs a mask of the engine's: with
@@ -73,28 +80,33 @@ class LayerRewrite:
 
     def decode(self, gen: Generation, layer: int, kwargs: dict) -> None:
         """Set ``attention_mask`` of a decode layer's call whose cache is not the stock one."""
-        mask = None
-        if self.decode_mask_needed(gen):
-            index = gen.cache_index[layer]
-            key = id(index)
+        mask, windows = None, gen.windows
+        window = windows.window(gen, layer) if windows is not None else None
+        group = windows.key_group(gen, layer) if windows is not None else None
+        if self.decode_mask_needed(gen) or window is not None or group is not None:
+            key = (id(gen.cache_index[layer]), *(windows.mask_key(layer, window) if windows is not None else ()))
             if key not in self._decode:
-                keys = Layout(gen.key_index(layer))
+                keys = Layout(gen.key_index(layer), group)
                 query = Layout(torch.full((gen.batch_size, 1), gen.total_length() - 1, device=keys.index.device))
-                self._decode[key] = self.mask(gen, query, keys)
+                self._decode[key] = self.mask(gen, query, keys, window)
             mask = self._decode[key]
         kwargs["attention_mask"] = mask
 
-    def mask(self, gen: Generation, query: Layout, keys: Layout) -> torch.Tensor | None:
+    def mask(self, gen: Generation, query: Layout, keys: Layout, window: int | None = None) -> torch.Tensor | None:
         """The attention mask of a layer whose queries / keys are ``query`` / ``keys`` (module docstring):
         None, a [B, n_k] padding mask (FlashAttention) or a [B, 1, n_q, n_k] mask (boolean, or additive
         in the model dtype for eager). Prompt tokens that attend to each other in both directions
-        (``gen.blocks``, Gemma 3's image tokens) need the full mask in the prefill, as packed paths do."""
+        (``gen.blocks``, Gemma 3's image tokens) need the full mask in the prefill, as packed paths and a
+        sliding ``window`` (tokens, by original index) do."""
         packed = query.group is not None or keys.group is not None
         blocks = gen.blocks if gen.phase == "prefill" else None
-        if self.flash and not packed and blocks is None:
+        full = packed or blocks is not None or window is not None
+        if self.flash and not full:
             return padding_mask(keys.index, gen.valid) if gen.has_padding else None
-        if packed or blocks is not None or gen.has_padding or self.impl != "sdpa":
-            return build_mask(query, keys, gen.valid, self.dtype if self.impl == "eager" else None, blocks)
+        # SDPA's causal kernel aligns queries to the first keys: exact only when they are the same tokens
+        behind = gen.phase == "prefill" and keys.length != query.length  # earlier turns' entries first
+        if full or gen.has_padding or behind or self.impl != "sdpa":
+            return build_mask(query, keys, gen.valid, self.dtype if self.impl == "eager" else None, blocks, window)
         return None
 
 

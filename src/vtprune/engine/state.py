@@ -13,16 +13,40 @@ L decoder layers. Token indices are those of ``engine/layout.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import torch
 
 from vtprune.engine.layout import Layout, gather_tokens, locate, select_kv
+from vtprune.engine.window import SlidingWindows
 
-if TYPE_CHECKING:
-    from vtprune.engine.paths import PackedPaths
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PackedPaths:
+    """What the packed paths hold.
+
+    Attributes:
+        question_slots: path -> LongTensor [B, Q], the slot of each question token in that path
+            (0 where the path holds no copy or the sample has fewer than Q question tokens).
+        question_valid: BoolTensor [B, Q], True at a real question token.
+        slot_visual: BoolTensor [B, n], True at a slot that holds a visual token.
+        visual: path -> LongTensor [B, I, k_g], the visual tokens of that path (original indices).
+        question_in: the paths that hold a copy of the question.
+    """
+
+    question_slots: dict[int, torch.Tensor]
+    question_valid: torch.Tensor
+    slot_visual: torch.Tensor
+    visual: dict[int, torch.Tensor]
+    question_in: tuple[int, ...]
+
+    @property
+    def question_count(self) -> int:
+        """Q, the question tokens per sample (padded to the batch's longest)."""
+        return self.question_valid.shape[1]
 
 
 class Generation:
@@ -49,12 +73,25 @@ class Generation:
             tensors the caller dropped, alive), kv_measured: what :meth:`Run.report` needs of the cache,
             measured when the engine let it go (``(entries per layer, bytes, bytes per element)``),
         blocks: LongTensor [B, S] of the prompt's bidirectional block ids (the adapter's
-            ``attention_blocks``; -1 outside a block) or None when every token is causal.
+            ``attention_blocks``; -1 outside a block) or None when every token is causal,
+        offset: tokens of the conversation already in the KV cache when this generation started (0 for a
+            fresh prompt; a later turn on a cache an earlier generation of the run filled,
+            :mod:`vtprune.engine.conversation`): the prompt of this call is tokens ``offset .. S-1``,
+        prior: per layer, the original indices of the entries that layer's cache held before this call
+            (LongTensor [B, c_l], None = all ``offset`` of them): earlier turns' tokens, visual or not,
+            which this generation never prunes again,
+        inert: the prompt holds no visual token (a text-only turn): the method is not asked anything,
+        windows: the sliding-window layers' bookkeeping (:mod:`vtprune.engine.window`; what their cache
+            layers dropped, from the front of the lists above), or None when the model has none.
     """
 
     def __init__(self, *, visual_index: torch.Tensor, text_index: torch.Tensor, valid: torch.Tensor,
                  num_layers: int, max_new_tokens: int | None,
-                 grids_source: Callable[[], tuple | None] | None = None, blocks: torch.Tensor | None = None):
+                 grids_source: Callable[[], tuple | None] | None = None, blocks: torch.Tensor | None = None,
+                 offset: int = 0, prior: list[torch.Tensor | None] | None = None,
+                 windows: SlidingWindows | None = None):
+        self.offset = offset
+        self.prior: list[torch.Tensor | None] = prior if prior is not None else [None] * num_layers
         self.visual_index = visual_index
         self.text_index = text_index
         self.valid = valid
@@ -64,14 +101,18 @@ class Generation:
         self.max_new_tokens = max_new_tokens
         self.grids_source = grids_source
         self.blocks = blocks
+        self.windows = windows
         self.saliency: torch.Tensor | None = None
         self.pads = (~valid).sum(1).tolist()  # per-sample left padding (one host sync, prefill only)
         self.has_padding = any(self.pads)
+        self.inert = self.n_images == 0
         self.phase = "prefill"
         self.layer = 0
         self.step = 0
-        self.layout = Layout(self.prompt_index())
-        self.stock = True
+        self.layout = Layout(self.call_index())
+        # stock while no layer's sequence or cache differs from the stock model's: an earlier turn that
+        # pruned left caches that differ
+        self.stock = all(p is None for p in self.prior)
         self.stock_at = [True] * num_layers  # per layer: still the stock sequence at prefill
         self.visual = visual_index
         self.paths: PackedPaths | None = None
@@ -116,12 +157,14 @@ class Generation:
 
     def key_index(self, layer: int) -> torch.Tensor:
         """Token indices of ``layer``'s keys at this step, LongTensor [B, n]: the prefill sequence of
-        that layer (prefill), or its KV cache after this step's update (decode)."""
+        that layer (prefill), or its KV cache after this step's update (decode; without what a
+        sliding-window cache layer dropped)."""
         if self.phase == "prefill":
-            return cast(Layout, self.layouts[layer]).index  # a scored prefill layer: its layout is recorded
+            return self.prefill_keys(layer).index  # a scored prefill layer: its layout is recorded
         prompt = self.cache_prompt_index(layer)
         fed = torch.arange(self.prompt_length, self.total_length(), device=prompt.device)
-        return torch.cat([prompt, fed.expand(self.batch_size, -1)], dim=1)
+        listed = torch.cat([prompt, fed.expand(self.batch_size, -1)], dim=1)
+        return listed if self.windows is None else self.windows.keys(layer, listed)
 
     def visual_attention(self, layer: int) -> torch.Tensor:
         """Attention of the last scored query at ``layer`` to the visual tokens currently present
@@ -156,6 +199,30 @@ class Generation:
             raise RuntimeError("no paths run at this layer")
         return self.paths
 
+    def set_saliency(self, chunks: list[torch.Tensor]) -> None:
+        """Set :attr:`saliency` from what the adapter's saliency hooks gave during the vision forward:
+        FloatTensors [n, N_v], images in the order of the batch's images. When ``generate`` ran the vision
+        tower once per sample and then expanded the batch (``num_beams``, ``num_return_sequences``:
+        ``repeat_interleave``, so a sample's copies are adjacent), the saliency is expanded the same way.
+
+        Raises:
+            RuntimeError: nothing was given (the vision tower did not run under vtprune in this call).
+            ValueError: the saliency does not match the prompt's images.
+        """
+        if not chunks:
+            raise RuntimeError("the method needs a visual saliency but the vision tower did not run under vtprune in "
+                               "this call (precomputed vision features, e.g. mm_encoder_outputs, carry none): pass "
+                               "pixel_values, or choose a method (option) that needs no saliency")
+        sal = torch.cat(chunks, dim=0)
+        rows = self.batch_size * self.n_images
+        given = sal.shape[0]
+        if sal.shape[1:] == (self.n_visual,) and 0 < given < rows and given % self.n_images == 0 and rows % given == 0:
+            sal = sal.view(-1, self.n_images, self.n_visual).repeat_interleave(rows // given, dim=0).flatten(0, 1)
+        if sal.shape != (rows, self.n_visual):
+            raise ValueError(f"mismatched images: saliency for {tuple(sal.shape)} image tokens, prompt holds "
+                             f"{self.batch_size} x {self.n_images} images of {self.n_visual} tokens")
+        self.saliency = sal.view(self.batch_size, self.n_images, self.n_visual)
+
     # ------------------------------------------------------------------ acting (through actions)
     def keep_visual(self, keep: torch.Tensor, hidden: torch.Tensor | None = None) -> None:
         """See :class:`vtprune.engine.decisions.KeepVisual`."""
@@ -175,7 +242,10 @@ class Generation:
             raise ValueError("keep_visual(hidden=...) replaces hidden states, which exist only in the prefill")
         layer = self.layer
         new_vis = torch.gather(self.cache_visual[layer], 2, keep.to(self.cache_visual[layer].device))
-        old_index, new_index = self.cache_prompt_index(layer), self.index_with(new_vis)
+        if self.windows is not None and self.windows.hide(self, layer, new_vis):
+            self.stock = False  # hidden entries: this layer's mask differs from the stock one
+            return
+        old_index, new_index = self.cache_prompt_index(layer), self.with_prior(layer, self.index_with(new_vis))
         n_old, fed = old_index.shape[1], self.step - 1  # tokens fed back before this step are cached
         fed_slots = torch.arange(n_old, n_old + fed, device=new_index.device).expand(self.batch_size, -1)
         select_kv(self.cache.layers[layer], torch.cat([locate(old_index, new_index), fed_slots], 1))
@@ -196,8 +266,61 @@ class Generation:
 
     # ------------------------------------------------------------------ helpers of the engine
     def prompt_index(self) -> torch.Tensor:
-        """Every prompt token, in order: LongTensor [B, S]."""
+        """Every prompt token, earlier turns' included, in order: LongTensor [B, S]."""
         return torch.arange(self.prompt_length, device=self.valid.device).expand(self.batch_size, -1)
+
+    def call_index(self) -> torch.Tensor:
+        """The tokens this call's prefill runs (``offset .. S-1``), in order: LongTensor [B, S - offset]."""
+        return torch.arange(self.offset, self.prompt_length, device=self.valid.device).expand(self.batch_size, -1)
+
+    def prior_index(self, layer: int) -> torch.Tensor:
+        """Original indices of the entries ``layer``'s cache held before this call: LongTensor [B, c_l]."""
+        prior = self.prior[layer]
+        if prior is not None:
+            return prior
+        return torch.arange(self.offset, device=self.valid.device).expand(self.batch_size, -1)
+
+    def with_prior(self, layer: int, index: torch.Tensor) -> torch.Tensor:
+        """``index`` ([B, n], tokens of this call) preceded by ``layer``'s earlier entries: the layer's keys."""
+        if self.offset == 0:
+            return index
+        return torch.cat([self.prior_index(layer).to(index.device), index], dim=1)
+
+    def prefill_keys(self, layer: int, layout: Layout | None = None) -> Layout:
+        """The keys of prefill layer ``layer`` whose sequence is ``layout`` (default: the layer's recorded
+        one): the entries of earlier turns (group 0), then the sequence."""
+        lay = layout if layout is not None else cast(Layout, self.layouts[layer])
+        if self.offset == 0:
+            return lay
+        index = self.with_prior(layer, lay.index)
+        group = None
+        if lay.group is not None:
+            zeros = torch.zeros(lay.group.shape[0], index.shape[1] - lay.length, dtype=lay.group.dtype,
+                                device=lay.group.device)
+            group = torch.cat([zeros, lay.group], dim=1)
+        return Layout(index, group)
+
+    def prefill_kv_slots(self, layer: int, src: torch.Tensor) -> torch.Tensor:
+        """Slots of ``layer``'s cache to keep when its prefill sequence keeps slots ``src`` ([B, m]): the
+        earlier turns' entries come first in the cache and are all kept."""
+        if self.offset == 0:
+            return src
+        c = self.prior_index(layer).shape[1]
+        head = torch.arange(c, device=src.device).expand(src.shape[0], -1)
+        return torch.cat([head, src + c], dim=1)
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Follow ``generate``'s reordering of the cache's batch rows (beam search): row i now holds what
+        row ``rows[i]`` held (LongTensor [B])."""
+        for layer in range(self.num_layers):
+            index = self.cache_index[layer]
+            if index is not None:
+                self.cache_index[layer] = index[rows.to(index.device)]
+            vis = self.cache_visual[layer]
+            if vis is not self.visual_index:
+                self.cache_visual[layer] = vis[rows.to(vis.device)]
+        if self.windows is not None:
+            self.windows.reorder(rows)
 
     def cache_prompt_index(self, layer: int) -> torch.Tensor:
         """Prompt tokens in ``layer``'s KV cache after the prefill, LongTensor [B, n_l]."""

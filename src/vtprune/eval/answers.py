@@ -9,10 +9,7 @@
   answer text the same way; anything else is unparsed).
 * :func:`is_correct`: yes/no references compare the parsed yes/no; others compare normalised strings
   (exactly, or with ``relaxed=True`` the reference as a whole-word phrase inside the prediction).
-* :func:`score`: what a record stores: ``(correct, fields)``, dispatching on the sample's
-  ``meta["scorer"]``: ``"names"`` (an open answer that must name the object: its label or a WordNet
-  synonym, :func:`vtprune.eval.open_answers.names_object`), ``"caption"`` (a scene caption scored per field,
-  :func:`vtprune.eval.open_answers.score_caption`; correct when every field is), else :func:`is_correct`.
+* what a record stores, dispatching on the sample's scorer, is :func:`vtprune.eval.scorer.score`.
 * :func:`pope_metrics`: accuracy, precision, recall, F1 and yes-ratio over (prediction, label) pairs,
   "yes" the positive class (POPE, Li et al., EMNLP 2023, Sec. 3).
 """
@@ -83,26 +80,6 @@ def is_correct(prediction: str, sample: Sample | str, relaxed: bool = False) -> 
     if pred == gold:
         return True
     return relaxed and bool(gold) and f" {gold} " in f" {pred} "
-
-
-def score(prediction: str, sample: Sample) -> tuple[bool, dict[str, bool] | None]:
-    """``(correct, fields)`` of ``prediction`` for ``sample`` (see the module docstring); ``fields`` is
-    None except for captions.
-
-    Raises:
-        TypeError: a non-str prediction. ValueError: an unknown ``meta["scorer"]``.
-    """
-    from vtprune.eval import open_answers
-
-    scorer = sample.meta.get("scorer")
-    if scorer is None:
-        return bool(is_correct(prediction, sample)), None
-    if scorer == "names":
-        return bool(open_answers.names_object(prediction, sample.meta["label"], sample.meta.get("wnid"))), None
-    if scorer == "caption":
-        fields = open_answers.score_caption(prediction, sample.meta)
-        return all(fields.values()), fields
-    raise ValueError(f"unknown scorer {scorer!r} in sample {sample.id}; accepted: names, caption")
 
 
 def pope_metrics(pairs: Iterable[tuple[str | None, str]]) -> dict[str, float | int]:

@@ -3,9 +3,9 @@
 * :func:`names_object`: whether an answer to "What is in the image?" names an ImageNet class: its label
   or one of its WordNet 3.0 lemmas (synonyms, e.g. "tabby cat" for "tabby") occurs in the normalised
   answer as whole words (:func:`vtprune.eval.answers.normalize_answer`).
-* :func:`caption_for`: the caption the bundled model is taught for "Describe the image." on a scene
-  (:mod:`vtprune.eval.datasets.scenes`), from the scene's ``meta``: "A tabby on a blue striped background, with a
-  small red circle and a small green square at the edges."
+* :func:`caption_for` (defined with the data set, :mod:`vtprune.eval.datasets.scene_captions`): the caption the
+  bundled model is taught for "Describe the image." on a scene, from the scene's ``meta``: "A tabby on a blue
+  striped background, with a small red circle and a small green square at the edges."
 * :func:`score_caption`: a caption's three fields against the scene's ``meta`` (the generator's truth):
   ``subject`` (the subject's label or a synonym is named), ``background`` (the colour of a coloured
   background, parsed from "on a(n) {colour} [striped|checkered|speckled] background"; for a photo
@@ -22,14 +22,9 @@ from collections.abc import Iterable
 
 from vtprune.eval.answers import normalize_answer
 
-TEXTURE_WORDS = {"flat": "", "stripes": " striped", "checkerboard": " checkered", "noise": " speckled"}
 CAPTION_FIELDS = ("subject", "background", "shapes")
 _BACKGROUND = re.compile(r"\bon an? ([a-z]+)(?: striped| checkered| speckled)? background\b")
 _SHAPE = re.compile(r"\bsmall ([a-z]+) (circle|square|triangle)s?\b")
-
-
-def _article(word: str) -> str:
-    return "an" if word[:1].lower() in "aeiou" else "a"
 
 
 def object_names(wnid: str | None, label: str) -> list[str]:
@@ -60,33 +55,6 @@ def names_object(prediction: str, label: str, wnid: str | None = None, names: It
     """
     pred = f" {normalize_answer(prediction)} "
     return any(f" {n} " in pred for n in (names if names is not None else object_names(wnid, label)))
-
-
-def _reading_order(shapes: list[dict]) -> list[dict]:
-    return sorted(shapes, key=lambda o: (o["bbox"][1], o["bbox"][0]))
-
-
-def caption_for(meta: dict) -> str:
-    """The one-sentence caption of a scene from its ``meta`` (subject, background, shapes in reading
-    order: top to bottom, then left to right). See the module docstring.
-
-    Raises:
-        KeyError: ``meta`` lacks ``subject`` / ``background`` / ``shapes``.
-    """
-    label = meta["subject"]["label"]
-    bg = meta["background"]
-    if bg["kind"] == "photo":
-        where = "in front of a photo"
-    else:
-        where = f"on {_article(bg['color'])} {bg['color']}{TEXTURE_WORDS[bg['kind']]} background"
-    shapes = [f"a small {o['color']} {o['shape']}" for o in _reading_order(meta["shapes"])]
-    if not shapes:
-        edge = "with no shapes at the edges"
-    elif len(shapes) == 1:
-        edge = f"with {shapes[0]} at the edge"
-    else:
-        edge = "with " + ", ".join(shapes[:-1]) + f" and {shapes[-1]} at the edges"
-    return f"{_article(label).capitalize()} {label} {where}, {edge}."
 
 
 def score_caption(caption: str, meta: dict, names: Iterable[str] | None = None) -> dict[str, bool]:

@@ -8,13 +8,18 @@ The stock class loads the checkpoint (``AutoConfig`` -> ``LlavaForConditionalGen
 
 ``pretrained=vtprune-default`` (also ``default`` or ``vtprune/smol-efficientnet-llava``) is the bundled
 offline model (:func:`vtprune.models.load_default`): it is built once into its cache directory with
-``save_pretrained`` and the stock loader then reads that directory like any local checkpoint. It needs the
+``save_pretrained`` and the stock loader then reads that directory like any local checkpoint.
+
+``loglikelihood`` (lmms-eval's ``loglikelihood`` / ``multiple_choice`` tasks; lmms-eval runs them with the
+simple class only, ``--force_simple``: its chat classes build messages for generation only) runs
+:func:`llava_hf_loglikelihood`, the stock loop mended for transformers 5, under the method. It needs the
 chat interface (its image token is ``<empty_output>`` and its prompt a few-shot template), so the simple
 class refuses it.
 """
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 from lmms_eval.models.chat.llava_hf import LlavaHf as StockLlavaHfChat
@@ -54,6 +59,66 @@ def bundled_checkpoint() -> str:
     return str(directory)
 
 
+def llava_hf_loglikelihood(lm: Any, requests: list) -> list[tuple[float, bool]]:
+    """lmms-eval 0.7.3's ``llava_hf`` ``loglikelihood`` loop (simple class; the chat one inherits it) mended to
+    run on transformers 5 and to score what it means to score. ``lm`` is the lmms-eval model object.
+
+    Per request, as the stock loop: the prompt is ``<image>`` per image, a newline and the context, as the
+    user turn of the chat template (the tokenizer's, or ``chat_template``, or lmms-eval's Vicuna template),
+    the continuation as the assistant turn; one forward call with ``labels`` = the prompt-and-continuation
+    tokens after the prompt. Mended (the stock lines in parentheses):
+
+    * the prompt's length is counted on the prompt processed with its images, i.e. with each ``<image>``
+      expanded to the image's tokens (stock: the prompt without images, which transformers 5's processors
+      refuse, ``ValueError: Found 1 <image> tokens in the text but no images were passed``; transformers 4's
+      left ``<image>`` unexpanded, so the labels also covered most of the image tokens and the context);
+    * ``is_greedy`` compares the continuation with the argmax of the logits that predict it, one position
+      earlier (stock: the logits at the continuation's own positions).
+
+    Returns:
+        Per request ``(loss, is_greedy)``: the mean negative log-likelihood (nats per token) of the
+        continuation's tokens given the prompt and images, the value these lmms-eval classes return as the
+        "log-likelihood" (its ``multiple_choice`` scoring takes the argmin for them), and whether greedy
+        decoding gives every continuation token.
+
+    Raises:
+        ValueError: a request's loss is not finite (under pruning: the continuation's first token follows
+            a visual token the method pruned, whose output does not exist, see :mod:`vtprune.engine.outputs`).
+    """
+    import torch
+    from lmms_eval.models.simple.llava_hf import DEFAULT_IMAGE_TOKEN, VICUNA_CHAT_TEMPLATE
+
+    results = []
+    for context, doc_to_target, doc_to_visual, doc_id, task, split in [r.args for r in requests]:
+        doc = lm.task_dict[task][split][doc_id]
+        continuation = doc_to_target if isinstance(doc_to_target, str) else doc_to_target(doc)
+        visuals = lm.flatten([doc_to_visual(doc)])
+        user = f"{' '.join([DEFAULT_IMAGE_TOKEN] * len(visuals))}\n{context}"
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": continuation}]
+        if lm.chat_template is not None:
+            lm.tokenizer.chat_template = lm.chat_template
+        elif lm.tokenizer.chat_template is None:
+            lm.tokenizer.chat_template = VICUNA_CHAT_TEMPLATE
+        prompt = lm.tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+        whole = lm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+        inputs = lm._image_processor(text=[whole], images=visuals, return_tensors="pt").to(lm._device, lm.model.dtype)
+        n_prompt = lm._image_processor(text=[prompt], images=visuals, return_tensors="pt")["input_ids"].shape[1]
+        ids = inputs["input_ids"]
+        labels = ids.clone()
+        labels[:, :n_prompt] = -100
+        with torch.inference_mode():
+            out = lm.model(**inputs, labels=labels)
+        loss = float(out["loss"].item())
+        if not math.isfinite(loss):
+            raise ValueError(f"{lm.vtprune_model_id}: the log-likelihood of request {doc_id} of task {task!r} is "
+                             f"{loss} under method {lm.vtprune_method!r}: the logits that predict its continuation "
+                             "include a position without an output (a visual token the method pruned, when the "
+                             "prompt ends with an image)")
+        greedy = out["logits"][:, n_prompt - 1:-1].argmax(dim=-1)
+        results.append((loss, bool((greedy == ids[:, n_prompt:]).all())))
+    return results
+
+
 class _LlavaHfVTPrune(VTPruneMixin):
     """The LLaVA-specific part shared by the chat and simple classes: the bundled model."""
 
@@ -71,6 +136,10 @@ class _LlavaHfVTPrune(VTPruneMixin):
                                  "lmms-eval's chat interface; run without --force_simple")
             stock = {**stock, "pretrained": bundled_checkpoint()}
         return stock
+
+    def vtprune_loglikelihood(self, requests) -> list:
+        """:func:`llava_hf_loglikelihood` (the stock loop fails on transformers 5)."""
+        return llava_hf_loglikelihood(self, requests)
 
     def after_stock_init(self) -> None:
         if self.vtprune_bundled:  # as load_default: its few-shot template, left padding
@@ -93,4 +162,5 @@ class VTPruneLlavaHfSimple(_LlavaHfVTPrune, StockLlavaHfSimple):
     checkpoints only (the bundled model is refused with a ValueError)."""
 
 
-__all__ = ["VTPruneLlavaHf", "VTPruneLlavaHfSimple", "bundled_checkpoint", "is_bundled", "BUNDLED_NAMES"]
+__all__ = ["VTPruneLlavaHf", "VTPruneLlavaHfSimple", "bundled_checkpoint", "is_bundled", "llava_hf_loglikelihood",
+           "BUNDLED_NAMES"]

@@ -19,6 +19,7 @@ from lmms_eval.models.chat.llava_hf import LlavaHf as StockLlavaHfChat
 from lmms_eval.models.simple.llava_hf import LlavaHf as StockLlavaHfSimple
 
 from vtprune.lmms_eval_plugin import LLAVA_ONEVISION_MODEL_ID
+from vtprune.lmms_eval_plugin.llava_hf import llava_hf_loglikelihood
 from vtprune.lmms_eval_plugin.mixin import VTPruneMixin
 
 MODEL_CLASS = "LlavaOnevisionForConditionalGeneration"
@@ -27,6 +28,11 @@ MODEL_CLASS = "LlavaOnevisionForConditionalGeneration"
 class _OnevisionOnly(VTPruneMixin):
     vtprune_model_id = LLAVA_ONEVISION_MODEL_ID
     model: Any  # the stock class's loaded model
+
+    def vtprune_loglikelihood(self, requests) -> list:
+        """:func:`~vtprune.lmms_eval_plugin.llava_hf.llava_hf_loglikelihood` (the stock loop fails on
+        transformers 5)."""
+        return llava_hf_loglikelihood(self, requests)
 
     def after_stock_init(self) -> None:
         """Raises ValueError when the checkpoint is not a LLaVA-OneVision one (the stock loader took it)."""

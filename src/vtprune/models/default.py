@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
+from .loading import NO_HUB_KERNELS
+
 if TYPE_CHECKING:
     from transformers import BaseImageProcessor
 
@@ -121,6 +123,18 @@ def _sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def weights_fingerprint() -> str:
+    """A short fingerprint (16 hex digits of a SHA-256) of what makes the bundled model's answers: the
+    trained projector and LoRA files (their contents), the tower's token options, the chat template and the
+    GGUF file's name. Evaluation records carry it (:mod:`vtprune.eval.runner`), so that answers of a
+    retrained projector are never mixed with older ones. Reads only the bundled files (no weight package).
+    """
+    parts = [json.dumps(TOWER_OPTIONS, sort_keys=True), CHAT_TEMPLATE, GGUF_FILE,
+             _sha256(PROJECTOR_PATH) if PROJECTOR_PATH.is_file() else "no-projector",
+             *(_sha256(ADAPTER_DIR / n) if (ADAPTER_DIR / n).is_file() else f"no-{n}" for n in ADAPTER_FILES)]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
 def load_language_model(dtype: torch.dtype = torch.float32):
     """Load SmolLM2-135M-Instruct (dequantised from the GGUF file) and its tokenizer.
 
@@ -142,11 +156,11 @@ def load_language_model(dtype: torch.dtype = torch.float32):
     ).hexdigest()[:16]
     cdir = cache_root() / f"smollm2-{key}"
     if (cdir / "model.safetensors").is_file():
-        lm = LlamaForCausalLM.from_pretrained(cdir, dtype=dtype)
+        lm = LlamaForCausalLM.from_pretrained(cdir, dtype=dtype, **NO_HUB_KERNELS)
         tok = AutoTokenizer.from_pretrained(cdir)
         return lm, tok
     tok = AutoTokenizer.from_pretrained(gdir, gguf_file=gfile)
-    lm = LlamaForCausalLM.from_pretrained(gdir, gguf_file=gfile, dtype=torch.float32)
+    lm = LlamaForCausalLM.from_pretrained(gdir, gguf_file=gfile, dtype=torch.float32, **NO_HUB_KERNELS)
     # The GGUF-loaded model is flagged as quantised and refuses save_pretrained: write it by hand.
     cfg = lm.config.to_dict()
     cfg.pop("quantization_config", None)
@@ -158,11 +172,23 @@ def load_language_model(dtype: torch.dtype = torch.float32):
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
     tok.save_pretrained(tmp)
-    if cdir.exists():
-        shutil.rmtree(cdir, ignore_errors=True)
-    os.replace(tmp, cdir)
-    lm = LlamaForCausalLM.from_pretrained(cdir, dtype=dtype)
+    if cdir.exists() and not (cdir / "model.safetensors").is_file():
+        shutil.rmtree(cdir, ignore_errors=True)  # an incomplete cache
+    _publish(tmp, cdir)
+    lm = LlamaForCausalLM.from_pretrained(cdir, dtype=dtype, **NO_HUB_KERNELS)
     return lm, tok
+
+
+def _publish(tmp: Path, cdir: Path) -> None:
+    """Move the freshly written cache folder ``tmp`` into place as ``cdir``. When another process published
+    ``cdir`` first (several test workers, or two loads at once, on a fresh machine), keep theirs: replacing
+    it could pull it away under their load. Raises OSError when ``cdir`` could not be published at all."""
+    try:
+        os.replace(tmp, cdir)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not cdir.exists():
+            raise
 
 
 def build_image_processor():
@@ -359,8 +385,8 @@ def load_default(dtype: torch.dtype = torch.float32, device: str | torch.device 
         device: target device.
 
     Returns:
-        ``(model, processor)``: a stock ``transformers.LlavaForConditionalGeneration`` (eval mode) and a
-        stock ``transformers.LlavaProcessor``.  Each image becomes ``N = 196`` visual tokens
+        ``(model, processor)``: a stock ``transformers.LlavaForConditionalGeneration`` (eval mode, no hub
+        kernels: :mod:`vtprune.models.loading`) and a stock ``transformers.LlavaProcessor``.  Each image becomes ``N = 196`` visual tokens
         (448 px / 32 px per token = 14x14) of id ``model.config.image_token_id`` (``<empty_output>``).
 
     Raises:
@@ -382,7 +408,7 @@ def load_default(dtype: torch.dtype = torch.float32, device: str | torch.device 
     cdir = default_cache_dir()
     if is_saved_checkpoint(cdir):
         try:
-            model = LlavaForConditionalGeneration.from_pretrained(cdir, dtype=dtype)
+            model = LlavaForConditionalGeneration.from_pretrained(cdir, dtype=dtype, **NO_HUB_KERNELS)
             processor = LlavaProcessor.from_pretrained(cdir)
             processor.chat_template = CHAT_TEMPLATE
             processor.tokenizer.padding_side = "left"
@@ -396,9 +422,7 @@ def load_default(dtype: torch.dtype = torch.float32, device: str | torch.device 
     try:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        if cdir.exists():
-            shutil.rmtree(cdir, ignore_errors=True)
-        os.replace(tmp, cdir)
+        _publish(tmp, cdir)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
     return model.to(dtype=dtype, device=device).eval(), processor

@@ -12,6 +12,8 @@ repository checkout (read in place, never copied). Our own sets are stored as JS
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
 import logging
 import os
@@ -54,6 +56,40 @@ class Sample:
             return self.image.convert("RGB")
         with Image.open(self.image) as im:
             return im.convert("RGB")
+
+    def image_digest(self) -> str:
+        """SHA-256 (hex) of the image's content: a file's bytes (cached by path, size and modification time),
+        or an in-memory image's mode, size and pixels; not its path.
+
+        Raises:
+            FileNotFoundError: ``image`` names a missing file.
+        """
+        if isinstance(self.image, Image.Image):
+            h = hashlib.sha256(f"{self.image.mode}{self.image.size}".encode())
+            h.update(self.image.tobytes())
+            return h.hexdigest()
+        st = os.stat(self.image)
+        return _file_digest(str(self.image), st.st_size, st.st_mtime_ns)
+
+    def fingerprint(self, image_digest: str | None = None) -> str:
+        """16 hex digits of a SHA-256 over what the model is asked and scored on: the question, the answer,
+        the kind, ``meta`` and the image's content (:meth:`image_digest`; pass it when known already: the
+        questions of one image share it). The same sample read from a moved data root keeps its fingerprint.
+
+        Raises:
+            FileNotFoundError: ``image`` names a missing file.
+        """
+        h = hashlib.sha256(json.dumps([self.question, self.answer, self.kind, self.meta], sort_keys=True,
+                                      default=str).encode())
+        h.update((image_digest or self.image_digest()).encode())
+        return h.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=4096)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    """SHA-256 of a file's bytes, cached by (path, size, mtime): many samples share an image."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 # ----------------------------------------------------------------------------------------- data root

@@ -15,28 +15,37 @@ Builder = Callable[[str, "int | None", Path, int], list[Sample]]
 @dataclasses.dataclass(frozen=True)
 class DatasetEntry:
     """A registered set: its builder ``(split, limit, root, seed) -> samples`` (may stop early at
-    ``limit``), the splits it has, and the greedy tokens its answers need (``max_new_tokens``)."""
+    ``limit``), the splits it has, the greedy tokens its answers need (``max_new_tokens``) and its
+    ``version``: an int raised whenever the builder's samples change (which samples, their order, a
+    question, an answer or what the scorer reads in ``meta``), so that an evaluation folder written from
+    the older samples is refused rather than resumed (:mod:`vtprune.eval.runner`)."""
 
     build: Builder
     splits: tuple[str, ...]
     max_new_tokens: int = 8
+    version: int = 1
 
 
 DATASETS: dict[str, DatasetEntry] = {}
 """Name -> :class:`DatasetEntry`, in registration order."""
 
 
-def register_dataset(name: str, splits: tuple[str, ...] = ("test",), max_new_tokens: int = 8) -> Callable[[Builder], Builder]:
+def register_dataset(name: str, splits: tuple[str, ...] = ("test",), max_new_tokens: int = 8,
+                     version: int = 1) -> Callable[[Builder], Builder]:
     """Decorator: register ``builder(split, limit, root, seed) -> list[Sample]`` as data set ``name``, whose
-    answers need ``max_new_tokens`` greedy tokens (8: a word or yes / no).
+    answers need ``max_new_tokens`` greedy tokens (8: a word or yes / no), at ``version`` (raise it when the
+    builder's samples change: :class:`DatasetEntry`).
 
     Raises:
-        ValueError: ``name`` is registered already by another builder.
+        ValueError: ``name`` is registered already by another builder; ``version`` not an int >= 1.
     """
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"data set {name!r}: version must be an int >= 1, got {version!r}")
+
     def add(builder: Builder) -> Builder:
         if name in DATASETS and DATASETS[name].build is not builder:
             raise ValueError(f"data set {name!r} is registered already")
-        DATASETS[name] = DatasetEntry(builder, tuple(splits), max_new_tokens)
+        DATASETS[name] = DatasetEntry(builder, tuple(splits), max_new_tokens, version)
         return builder
     return add
 

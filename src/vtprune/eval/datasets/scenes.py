@@ -224,7 +224,7 @@ def iter_scenes(split: str = "test", n: int | None = None, root: Path | None = N
 
 def _samples(split: str, s: int, image, meta: dict, questions) -> list[Sample]:
     """The scene's questions as samples; "What is in the image?" is an open answer that must name the subject
-    (its label or a WordNet synonym: ``scorer`` ``"names"``, :func:`vtprune.eval.answers.score`)."""
+    (its label or a WordNet synonym: ``scorer`` ``"names"``, :func:`vtprune.eval.scorer.score`)."""
     subject = meta["subject"]
     names = {"scorer": "names", "label": subject["label"], "wnid": subject["wnid"]}
     return [Sample(id=f"scenes/{split}/{s}/{q}", image=image, question=question, answer=answer, kind=kind,
