@@ -52,11 +52,6 @@ class CacheRecord:
     length: int
     index: list[torch.Tensor | None]
 
-    @property
-    def stock(self) -> bool:
-        """Whether every layer holds every token of the conversation (nothing was pruned)."""
-        return all(i is None for i in self.index)
-
 
 _RECORDS: weakref.WeakKeyDictionary[Cache, CacheRecord] = weakref.WeakKeyDictionary()
 

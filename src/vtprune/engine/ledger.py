@@ -89,7 +89,8 @@ class Ledger:
     (nothing is counted per layer inside the decode loop)."""
 
     def __init__(self, dims: Dims, pads: list[int], prompt_length: int, n_images: int, n_visual: int,
-                 context: list[list[int]] | None = None, context_unpruned: list[int] | None = None):
+                 context: list[list[int]] | None = None, context_unpruned: list[int] | None = None,
+                 context_pads: list[int] | None = None):
         """``prompt_length`` tokens (padded) of this call's prompt, ``pads`` its padding per sample; for a later
         turn on a cache (:mod:`vtprune.engine.conversation`) ``context[l][b]`` the earlier turns' entries in
         layer l's cache for sample b and ``context_unpruned[b]`` the earlier turns' tokens (what the stock
@@ -99,7 +100,7 @@ class Ledger:
         b = len(pads)
         self.context = context or [[0] * b for _ in range(dims.layers)]
         self.context_unpruned = context_unpruned or [0] * b
-        self.context_pads = [0] * b  # padding among the earlier turns' tokens (kept in every layer's cache)
+        self.context_pads = context_pads or [0] * b
         self.prefill_fastv, self.prefill_exact = [0] * b, [0] * b
         self.prefill_visual: list[list[int]] = [[] for _ in range(b)]  # per sample, per layer
         self.prefill_tokens: list[list[int]] = [[] for _ in range(b)]  # per sample, per layer: real tokens, all paths

@@ -61,6 +61,7 @@ class Lifecycle:
         self.generate_ms: float | None = None
         self.group_report: Report | None = None
         self._unfollow: Callable[[], None] | None = None  # undoes following the cache's beam reordering
+        self._record: conversation.CacheRecord | None = None  # of the cache the generation in progress writes
         self._original: Callable | None = None
         self._had_generate = False
 
@@ -186,19 +187,25 @@ class Lifecycle:
                 full = torch.arange(length, device=gen.valid.device).expand(gen.batch_size, -1) if listed is None else listed
                 listed = full[:, length - held.shape[-2]:]
             index.append(listed)
-        conversation.keep(gen.cache, conversation.CacheRecord(
-            owner=id(self.run), method=self.run.method.name, batch=gen.batch_size,
-            length=gen.prompt_length + gen.step, index=index))
+        record = conversation.CacheRecord(owner=id(self.run), method=self.run.method.name, batch=gen.batch_size,
+                                          length=gen.prompt_length + gen.step, index=index)
+        conversation.keep(gen.cache, record)
+        self._record = record  # later decode steps on this cache (outside generate) count on it
 
     def follow(self, gen: Generation, cache) -> None:
         """Before prefill layer 0: ``cache`` is the one the model writes (or None): record it as ``gen``'s and,
         inside ``generate``, follow its beam reordering for ``gen``."""
         gen.cache = cache
         if cache is None:
+            self._record = None
             return
-        conversation.keep(cache, conversation.CacheRecord(
-            owner=id(self.run), method=self.run.method.name, batch=gen.batch_size, length=gen.prompt_length,
-            index=[None] * gen.num_layers))
+        record = conversation.record_of(cache)
+        if record is None:  # a fresh cache; a continuation's keeps its entries until this call ends (remember)
+            record = conversation.CacheRecord(owner=id(self.run), method=self.run.method.name, batch=gen.batch_size,
+                                              length=gen.prompt_length, index=[None] * gen.num_layers)
+            conversation.keep(cache, record)
+        record.length = gen.prompt_length
+        self._record = record
         if self.calls is not None:
             if self._unfollow is not None:
                 self._unfollow()
@@ -206,9 +213,8 @@ class Lifecycle:
 
     def count_step(self, gen: Generation) -> None:
         """After a decode step of ``gen``: its cache has seen one more token (what ``get_seq_length`` says)."""
-        record = conversation.record_of(gen.cache)
-        if record is not None:
-            record.length = gen.prompt_length + gen.step
+        if self._record is not None:
+            self._record.length = gen.prompt_length + gen.step
 
     # ------------------------------------------------------------------ phase detection
     def phase(self, args, kwargs) -> tuple[str, conversation.CacheRecord | None]:
@@ -312,9 +318,8 @@ class Lifecycle:
         context_pads = (~valid[:, :gen.offset]).sum(1).tolist()
         context = [torch.gather(valid, 1, gen.prior_index(layer).to(valid.device)).sum(1).tolist()
                    for layer in range(gen.num_layers)]
-        ledger = Ledger(dims, pads, n, gen.n_images, gen.n_visual, context, [gen.offset - p for p in context_pads])
-        ledger.context_pads = context_pads
-        return ledger
+        return Ledger(dims, pads, n, gen.n_images, gen.n_visual, context, [gen.offset - p for p in context_pads],
+                      context_pads)
 
 
 __all__ = ["Lifecycle"]
