@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from families import FAMILIES
+from test_conformance import BATCH, METHODS, inputs, model, options
 
 import vtprune
 from vtprune.engine.layout import Layout
@@ -28,22 +29,6 @@ from vtprune.engine.outputs import restore_lm_output, restore_positions
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-BATCH = (0, 1, 2)
-METHODS = sorted(vtprune.METHODS)
-
-
-def options(method: str, kind: str) -> dict:
-    return dict(vtprune.METHODS[method].examples[kind])
-
-
-@functools.cache
-def model(family: str):
-    return FAMILIES[family].build("sdpa")
-
-
-@functools.cache
-def inputs(family: str, idx: tuple[int, ...]) -> dict:
-    return FAMILIES[family].batch(idx)
 
 
 def labels_of(x: dict) -> torch.Tensor:
@@ -61,12 +46,12 @@ def forward(m, x: dict, **kwargs):
 @functools.cache
 def stock(family: str, idx: tuple[int, ...]):
     x = inputs(family, idx)
-    return forward(model(family), x, labels=labels_of(x))
+    return forward(model(family, "sdpa"), x, labels=labels_of(x))
 
 
 def under(family: str, method: str, kind: str, idx: tuple[int, ...] = BATCH, **kwargs):
     """The forward's output under the method and the original indices the last decoder layer held, [B, n]."""
-    m, x = model(family), inputs(family, idx)
+    m, x = model(family, "sdpa"), inputs(family, idx)
     with vtprune.apply(m, method, **options(method, kind)) as run:
         out = forward(m, x, labels=labels_of(x), **kwargs)
     layout = run.gen.layouts[-1]
@@ -130,7 +115,7 @@ def test_without_a_kv_cache(family, method):
 @pytest.mark.parametrize("method", METHODS)
 def test_generate_reads_the_last_position(method):
     """generate gets no restored output (its prefill keeps one position) and the same next-token logits."""
-    m, x = model("llava"), inputs("llava", BATCH)
+    m, x = model("llava", "sdpa"), inputs("llava", BATCH)
     out, _, _ = under("llava", method, "prune")
     with vtprune.apply(m, method, **options(method, "prune")), torch.no_grad():
         gen = m.generate(**x, max_new_tokens=1, do_sample=False, output_logits=True, return_dict_in_generate=True)
@@ -138,7 +123,7 @@ def test_generate_reads_the_last_position(method):
 
 
 def test_hidden_states_last_entry_is_restored():
-    m, x = model("llava"), inputs("llava", BATCH)
+    m, x = model("llava", "sdpa"), inputs("llava", BATCH)
     with vtprune.apply(m, "fastv", **options("fastv", "prune")) as run:
         out = forward(m, x, output_hidden_states=True)
     length = x["input_ids"].shape[1]
