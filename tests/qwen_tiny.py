@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import conftest
 from conftest import left_pad
 from PIL import Image
 from transformers import (
@@ -112,3 +113,78 @@ def sample(inputs: dict, i: int, images: int = 1) -> dict:
     one["pixel_values"] = inputs["pixel_values"][i * images * N_PATCHES:(i + 1) * images * N_PATCHES]
     one["image_grid_thw"] = inputs["image_grid_thw"][i * images:(i + 1) * images]
     return one
+
+
+# ---------------------------------------------------------------- video
+FRAMES = 4  # frames per video: 2 temporal patches of TEMPORAL frames
+MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # the processors' defaults
+
+
+def video_pixels(videos: list[np.ndarray]) -> dict:
+    """``pixel_values_videos`` [n_patches, 3 * TEMPORAL * PATCH**2] and ``video_grid_thw`` [n_videos, 3] of uint8
+    videos [frames, height, width, 3] (heights and widths multiples of PATCH * MERGE, frames of TEMPORAL), laid
+    out as ``Qwen2VLVideoProcessor`` lays them out (rescale, normalise with the CLIP mean / std, then each
+    temporal patch of ``TEMPORAL`` frames cut into PATCH x PATCH patches in merge-window order). The real video
+    processor needs torchvision, which the CPU venv lacks (PyPI's torchvision needs a CUDA build of torch);
+    ``test_qwen_video.py`` checks this layout against it where torchvision imports."""
+    rows, grids = [], []
+    for video in videos:
+        f, h, w, c = video.shape
+        x = (video.astype(np.float32) / 255.0 - np.array(MEAN, np.float32)) / np.array(STD, np.float32)
+        x = x.transpose(0, 3, 1, 2)  # [F, C, H, W]
+        t, gh, gw = f // TEMPORAL, h // PATCH, w // PATCH
+        x = x.reshape(t, TEMPORAL, c, gh // MERGE, MERGE, PATCH, gw // MERGE, MERGE, PATCH)
+        x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+        rows.append(torch.from_numpy(np.ascontiguousarray(x.reshape(t * gh * gw, c * TEMPORAL * PATCH * PATCH))))
+        grids.append((t, gh, gw))
+    return {"pixel_values_videos": torch.cat(rows), "video_grid_thw": torch.tensor(grids)}
+
+
+def random_video(seed: int, frames: int = FRAMES, size: tuple[int, int] = (32, 32)) -> np.ndarray:
+    """A random uint8 video [frames, height, width, 3] (synthetic frames: no file, no download)."""
+    return np.random.default_rng(seed).integers(0, 256, (frames, *size, 3), dtype=np.uint8)
+
+
+def video_tokens(family: str, grid: tuple[int, int, int], g: torch.Generator) -> list[int]:
+    """The prompt tokens of one video of ``grid`` (t, h, w) in patches, as the family's processor writes them:
+    Qwen2-VL / 2.5-VL ``<vision_start> <video_pad> x N <vision_end>``; Qwen3-VL, per temporal patch, a
+    timestamp (2 text tokens here) then ``<vision_start> <video_pad> x (h w / merge**2) <vision_end>``."""
+    t, h, w = grid
+    per_frame = h * w // MERGE**2
+    if family != "qwen3_vl":
+        return [VISION_START] + [VIDEO_TOKEN] * (t * per_frame) + [VISION_END]
+    out = []
+    for _ in range(t):
+        out += torch.randint(3, 240, (2,), generator=g).tolist() + [VISION_START] + [VIDEO_TOKEN] * per_frame + [VISION_END]
+    return out
+
+
+def video_batch(family: str, idx: tuple[int, ...], parts: tuple[str, ...] = ("video",), frames: int = FRAMES) -> dict:
+    """Left-padded inputs of the standard prompts ``idx`` (``conftest.STANDARD_PROMPTS``), each holding
+    ``parts`` in order (``"video"``: a 32 x 32 px video of ``frames`` frames, ``"image"``: a 32 x 32 px image),
+    each part followed by 2 text tokens; sample i's videos and images depend only on i (so a sample alone is
+    the same sample). ``mm_token_type_ids`` marks image tokens 1 and video tokens 2, as the processor does."""
+    prompts, videos, images = [], [], []
+    for i in idx:
+        prefix, question, seed = conftest.STANDARD_PROMPTS[i]
+        g = torch.Generator().manual_seed(seed)
+        ids = [1] + torch.randint(3, 240, (prefix,), generator=g).tolist()
+        for j, part in enumerate(parts):
+            if part == "video":
+                videos.append(random_video(100 + 10 * i + j, frames))
+                ids += video_tokens(family, (frames // TEMPORAL, 8, 8), g)
+            else:
+                images.append((100 + 10 * i + j))
+                ids += [VISION_START] + [IMAGE_TOKEN] * N_VISUAL + [VISION_END]
+            ids += torch.randint(3, 240, (2,), generator=g).tolist()
+        prompts.append(ids + torch.randint(3, 240, (question,), generator=g).tolist())
+    ids, mask = left_pad(prompts)
+    out = {"input_ids": ids, "attention_mask": mask,
+           "mm_token_type_ids": (ids == IMAGE_TOKEN).int() + 2 * (ids == VIDEO_TOKEN).int()}
+    if videos:
+        out.update(video_pixels(videos))
+    if images:
+        pix = [pixels([(32, 32)], seed=s) for s in images]
+        out.update(pixel_values=torch.cat([p["pixel_values"] for p in pix]),
+                   image_grid_thw=torch.cat([p["image_grid_thw"] for p in pix]))
+    return out

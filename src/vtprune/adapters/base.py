@@ -17,19 +17,24 @@ from torch import nn
 
 class SampleGroup(NamedTuple):
     """Samples of a ``generate`` call that run as one batch (:meth:`Adapter.batch_groups`): their
-    indices in the call, and the indices (sample-major, among all images of the call) of their images."""
+    indices in the call, and the indices (sample-major, among all images / videos of the call) of their
+    images and of their videos."""
 
     samples: list[int]
     images: list[int]
+    videos: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
 class PatchGrid:
-    """A ``rows x cols`` patch grid inside one image's visual tokens.
+    """A ``rows x cols`` patch grid inside one image's visual tokens, or a ``frames x rows x cols`` grid
+    inside one video's.
 
-    Patch (r, c) is visual token ``start + r * stride + c`` of the image (an index among its N_v visual
-    tokens, not a sequence position). ``stride`` defaults to ``cols``; with ``stride > cols`` the last
-    ``stride - cols`` tokens of every row are separators, not patches (LLaVA-NeXT's ``image_newline``).
+    Patch (r, c) of frame f is visual token ``start + f * rows * stride + r * stride + c`` of the image or
+    video (an index among its N_v visual tokens, not a sequence position). ``stride`` defaults to ``cols``;
+    with ``stride > cols`` the last ``stride - cols`` tokens of every row are separators, not patches
+    (LLaVA-NeXT's ``image_newline``). ``frames`` (default 1) is the temporal extent: a video's frames (its
+    temporal patches, for Qwen's tower), one ``rows x stride`` block after the other.
 
     Raises:
         ValueError: a non-positive size, a negative start, or ``stride < cols``.
@@ -39,12 +44,13 @@ class PatchGrid:
     cols: int
     start: int = 0
     stride: int = 0  # 0: cols
+    frames: int = 1
 
     def __post_init__(self):
         if self.stride == 0:
             object.__setattr__(self, "stride", self.cols)
-        if self.rows < 1 or self.cols < 1 or self.start < 0 or self.stride < self.cols:
-            raise ValueError(f"invalid patch grid {self}: rows, cols >= 1, start >= 0, stride >= cols")
+        if self.rows < 1 or self.cols < 1 or self.start < 0 or self.stride < self.cols or self.frames < 1:
+            raise ValueError(f"invalid patch grid {self}: rows, cols, frames >= 1, start >= 0, stride >= cols")
 
     @property
     def separators(self) -> int:
@@ -53,12 +59,13 @@ class PatchGrid:
 
     @property
     def tokens(self) -> int:
-        """Visual tokens the grid spans, separators included (``rows * stride``)."""
-        return self.rows * self.stride
+        """Visual tokens the grid spans, separators included (``frames * rows * stride``)."""
+        return self.frames * self.rows * self.stride
 
-    def token(self, row: torch.Tensor | int, col: torch.Tensor | int):
-        """Index among the image's visual tokens of patch (row, col); ``col = cols`` is the row's first separator."""
-        return self.start + row * self.stride + col
+    def token(self, row: torch.Tensor | int, col: torch.Tensor | int, frame: torch.Tensor | int = 0):
+        """Index among the image's (video's) visual tokens of patch (row, col) of ``frame``; ``col = cols``
+        is the row's first separator."""
+        return self.start + frame * self.rows * self.stride + row * self.stride + col
 
 
 class Adapter:
@@ -95,6 +102,39 @@ class Adapter:
     def image_token_id(self) -> int:
         """The placeholder token id of visual tokens (default ``model.config.image_token_id``)."""
         return self.model.config.image_token_id
+
+    @property
+    def video_token_id(self) -> int | None:
+        """The placeholder token id of video tokens, or None for a family whose videos vtprune does not
+        schedule (the default: video inputs are refused, :meth:`refuse_video`)."""
+        return None
+
+    @property
+    def visual_token_ids(self) -> tuple[int, ...]:
+        """Every placeholder id whose tokens are visual tokens: the image token's, then the video token's
+        where the adapter schedules videos."""
+        return (self.image_token_id,) if self.video_token_id is None else (self.image_token_id, self.video_token_id)
+
+    saliency_modalities: tuple[str, ...] = ("image", "video")
+    """The order in which the model runs its vision tower on a call's images and videos (transformers runs
+    ``get_image_features`` before ``get_video_features``, in ``generate`` and in ``forward``): the saliency
+    hooks' output comes in this order, all images (sample-major) then all videos, and the engine puts it in
+    the prompt's order (:func:`saliency_rows`)."""
+
+    def visual_kinds(self, input_ids: torch.Tensor, inputs: dict | None = None) -> tuple[str, ...] | None:
+        """The kind (``"image"`` or ``"video"``) of each of the I visual units that :meth:`visual_index`
+        returns for the same call, in prompt order (the same in every sample of a batch: :meth:`visual_index`
+        refuses otherwise), or None when every unit is an image (the default: a family without video)."""
+        if self.video_token_id is None:
+            return None
+        return units_of(input_ids, {"image": self.image_token_id, "video": self.video_token_id},
+                        self.unit_counts(inputs or {}))[1]
+
+    def unit_counts(self, inputs: dict) -> dict[str, list[int] | None]:
+        """Visual tokens of each image and each video of a call, in the order of the call's tensors
+        (sample-major), by kind; a kind's entry is None when the call does not say (families that schedule
+        video override this)."""
+        return {"image": None, "video": None}
 
     def tokens_per_image(self) -> int | None:
         """Visual tokens per image when fixed by the config (used to split adjacent images), else None."""
@@ -226,6 +266,104 @@ def refuse_video(input_ids: torch.Tensor, inputs: dict, keys: tuple[str, ...], v
     if given:
         raise ValueError("vtprune schedules image tokens only; video inputs are not supported "
                          f"(got {', '.join(given)}). {instead}")
+
+
+def saliency_rows(kinds: tuple[str, ...], samples: int, order: tuple[str, ...] = ("image", "video")) -> torch.Tensor:
+    """Where each visual unit's saliency lies in what the vision tower gave.
+
+    The tower runs once per modality, in ``order``: all images of the call (sample-major), then all videos.
+    The engine wants the units in prompt order, sample by sample.
+
+    Args:
+        kinds: each sample's units' kinds in prompt order (``"image"`` / ``"video"``), the same in every sample.
+        samples: the samples of the call the tower ran on.
+        order: the modalities in the order the tower ran on them.
+
+    Returns:
+        LongTensor [samples * I]: row r (sample r // I, unit r % I) of the prompt-ordered saliency is row
+        ``out[r]`` of the tower's output.
+    """
+    per_kind = {k: [i for i, kind in enumerate(kinds) if kind == k] for k in order}
+    base, rows = 0, torch.empty(samples * len(kinds), dtype=torch.long)
+    for k in order:
+        units = per_kind[k]
+        for b in range(samples):
+            for j, i in enumerate(units):
+                rows[b * len(kinds) + i] = base + b * len(units) + j
+        base += samples * len(units)
+    return rows
+
+
+def units_per_sample(input_ids: torch.Tensor, token_ids: dict[str, int], counts: dict[str, list[int] | None]
+                     ) -> list[list[tuple[str, torch.Tensor]]]:
+    """Each sample's images and videos in prompt order: (kind, LongTensor of its original token indices).
+
+    Each kind's tokens (``input_ids == token_ids[kind]``) are dealt, in order, to that kind's units, whose
+    token counts ``counts[kind]`` are in the order of the call's tensors (sample-major, as the processors
+    emit them); a unit need not be contiguous (Qwen3-VL writes a timestamp before each frame of a video).
+    With ``counts[kind]`` None each contiguous run of the kind's tokens is one unit. Units are ordered by
+    their first token.
+
+    Raises:
+        ValueError: a sample without visual tokens; a kind whose tokens do not add up to its units' counts.
+    """
+    per_sample: list[list[tuple[int, str, torch.Tensor]]] = [[] for _ in range(input_ids.shape[0])]
+    for kind, token in token_ids.items():
+        hits = (input_ids == token).cpu()
+        given = counts.get(kind)
+        queue = list(given or [])
+        if given is not None and int(hits.sum()) != sum(given):
+            raise ValueError(f"{kind} tokens disagree with the {kind}s: input_ids hold {int(hits.sum())} tokens {token} "
+                             f"({kind}_token_id), the {len(given)} {kind}s give {given} = {sum(given)} visual tokens; "
+                             "build the prompt with the model's processor from the same inputs")
+        for b, row in enumerate(hits):
+            pos = row.nonzero().flatten()
+            if given is None:
+                cuts = ((pos[1:] != pos[:-1] + 1).nonzero().flatten() + 1).tolist()
+                chunks = list(torch.tensor_split(pos, cuts)) if pos.numel() else []
+            else:
+                chunks, at = [], 0
+                while at < pos.numel():
+                    n = queue.pop(0)
+                    if at + n > pos.numel():
+                        raise ValueError(f"{kind} tokens disagree with the {kind}s: sample {b} holds {pos.numel()} "
+                                         f"{kind} tokens, which the {kind}s' counts {given} do not tile")
+                    chunks.append(pos[at:at + n])
+                    at += n
+            per_sample[b] += [(int(c[0]), kind, c) for c in chunks]
+    for b, units in enumerate(per_sample):
+        if not units:
+            kinds = " or ".join(f"{k} tokens ({k}_token_id={t})" for k, t in token_ids.items())
+            raise ValueError(f"sample {b} has no {kinds}; vtprune schedules visual tokens, so every prompt must contain "
+                             "the placeholder (use the model's processor)")
+        units.sort(key=lambda u: u[0])
+    return [[(kind, c) for _, kind, c in units] for units in per_sample]
+
+
+def units_of(input_ids: torch.Tensor, token_ids: dict[str, int], counts: dict[str, list[int] | None]
+             ) -> tuple[torch.Tensor, tuple[str, ...]]:
+    """A batch's images and videos as the engine schedules them (:func:`units_per_sample`, arguments as there).
+
+    Returns:
+        (LongTensor [B, I, N_v] of original indices, ascending per unit; the I units' kinds).
+
+    Raises:
+        ValueError: as :func:`units_per_sample`; samples with different kinds or numbers of units, or units
+            of different token counts (vtprune schedules a batch as [B, I, N_v]: give the images and videos of
+            one prompt the same number of visual tokens, or run them in separate calls).
+    """
+    per_sample = units_per_sample(input_ids, token_ids, counts)
+    kinds = [tuple(k for k, _ in units) for units in per_sample]
+    sizes = [[c.numel() for _, c in units] for units in per_sample]
+    if any(k != kinds[0] for k in kinds) or any(n != sizes[0] for n in sizes) or len(set(sizes[0])) != 1:
+        raise ValueError(
+            "mismatched images / videos: every sample of a batch must hold the same kinds of visual inputs in the same "
+            "order, each with the same number of visual tokens (vtprune schedules a batch as [B, I, N_v]); got "
+            f"{[list(zip(k, n, strict=True)) for k, n in zip(kinds, sizes, strict=True)]} (kind, visual tokens) per "
+            "sample. Resize the images to one size and sample the videos to one number of frames and size, or run "
+            "them in separate calls")
+    index = torch.stack([torch.stack([c for _, c in units]) for units in per_sample])
+    return index.to(input_ids.device), kinds[0]
 
 
 def images_per_sample(input_ids: torch.Tensor, image_token_id: int, counts: list[int]) -> list[list[int]]:

@@ -21,22 +21,19 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import cast
 
 import torch
 from transformers.vision_utils import get_vision_window_index
 
 from vtprune.adapters.base import (
     Adapter,
+    PatchGrid,
     SampleGroup,
-    images_per_sample,
-    refuse_video,
     register_adapter,
     select_rows,
-    visual_spans,
+    units_of,
+    units_per_sample,
 )
-
-VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw")
 
 
 @register_adapter
@@ -70,96 +67,142 @@ class Qwen2VLAdapter(Adapter):
         return self.model.config.vision_config.spatial_merge_size
 
     # ------------------------------------------------------------------ visual positions
+    @property
+    def video_token_id(self) -> int | None:
+        """``<|video_pad|>`` (``config.video_token_id``): one per LLM visual token of a video."""
+        return getattr(self.model.config, "video_token_id", None)
+
+    def _token_ids(self) -> dict[str, int]:
+        ids = {"image": self.image_token_id}
+        if self.video_token_id is not None:
+            ids["video"] = self.video_token_id
+        return ids
+
     def visual_index(self, input_ids: torch.Tensor, inputs: dict | None = None) -> torch.Tensor:
-        """Original indices of every image's visual tokens, LongTensor [B, I, N_v] (see
-        :meth:`Adapter.visual_index`). Images are assigned to samples in the order of
-        ``image_grid_thw`` (sample-major, as the processor emits them).
+        """Original indices of every image's and video's visual tokens, LongTensor [B, I, N_v] (see
+        :meth:`Adapter.visual_index`), the units in prompt order (:meth:`visual_kinds` says which is which).
+        Images are dealt to samples in the order of ``image_grid_thw``, videos in that of ``video_grid_thw``
+        (sample-major, as the processor emits them); a video is one unit, all its frames' tokens (Qwen3-VL
+        writes a timestamp between frames: its tokens need not be contiguous).
 
         Raises:
-            ValueError: video inputs; a prompt whose image tokens do not match the images' token
-                counts; images of different token counts in one batch (vtprune needs them equal; a
-                ``generate`` batch of mixed sizes is split by :meth:`batch_groups` before it gets here).
+            ValueError: a prompt whose image / video tokens do not match the grids' token counts; images or
+                videos of different token counts in one batch (vtprune needs them equal; a ``generate`` batch
+                whose samples differ is split by :meth:`batch_groups` before it gets here).
         """
-        inputs = inputs or {}
-        self._refuse_video(input_ids, inputs)
-        counts = self.tokens_per_image_of(inputs)
-        if counts is None:
-            return visual_spans(input_ids, self.image_token_id)
-        n_tokens = int((input_ids == self.image_token_id).sum())
-        if n_tokens != sum(counts):
-            raise ValueError(
-                f"the prompt holds {n_tokens} image tokens (image_token_id={self.image_token_id}) but its images give "
-                f"{sum(counts)} visual tokens ({counts} per image, from image_grid_thw); build the prompt with the "
-                "model's processor"
-            )
-        if len(set(counts)) != 1:
-            raise ValueError(
-                "mismatched images: every image of a batch must give the same number of visual tokens (resize the "
-                f"images to one size); got {counts} visual tokens per image"
-            )
-        index = visual_spans(input_ids, self.image_token_id, counts[0])
-        if index.shape[0] * index.shape[1] != len(counts) or index.shape[2] != counts[0]:
-            raise ValueError(
-                f"the image tokens of the prompt form {index.shape[0]} x {index.shape[1]} spans of {index.shape[2]}, "
-                f"which does not match {len(counts)} images of {counts[0]} visual tokens each"
-            )
-        return index
+        return units_of(input_ids, self._token_ids(), self.unit_counts(inputs or {}))[0]
+
+    def unit_counts(self, inputs: dict) -> dict[str, list[int] | None]:
+        """Visual tokens of each image and each video of a call (:meth:`tokens_per_image_of`,
+        :meth:`tokens_per_video_of`)."""
+        return {"image": self.tokens_per_image_of(inputs), "video": self.tokens_per_video_of(inputs)}
 
     # ------------------------------------------------------------------ batches of mixed image sizes
-    def image_counts_per_sample(self, input_ids: torch.Tensor, inputs: dict) -> list[list[int]] | None:
-        """Each sample's images' token counts (dynamic resolution: they follow each image's size), from
-        ``image_grid_thw``; None without it or with video inputs. Raises ValueError as
-        :func:`~vtprune.adapters.base.images_per_sample`."""
-        if inputs.get("image_grid_thw") is None or any(inputs.get(k) is not None for k in VIDEO_KEYS):
+    def batch_groups(self, input_ids: torch.Tensor, inputs: dict) -> list[SampleGroup] | None:
+        """For a ``generate`` call: its samples grouped by the kinds and token counts of their images and
+        videos (dynamic resolution: the counts follow each image's size and each video's frames and size),
+        or None when all samples are alike or the call carries no grids. Raises ValueError as
+        :func:`~vtprune.adapters.base.units_per_sample`."""
+        counts = self.unit_counts(inputs)
+        if all(c is None for c in counts.values()):
             return None
-        # not None: image_grid_thw is given
-        return images_per_sample(input_ids, self.image_token_id, cast(list[int], self.tokens_per_image_of(inputs)))
+        per_sample = units_per_sample(input_ids, self._token_ids(), counts)
+        keys = [tuple((kind, c.numel()) for kind, c in units) for units in per_sample]
+        if len(set(keys)) == 1:
+            return None
+        groups: dict[tuple, list[int]] = {}
+        for b, key in enumerate(keys):
+            groups.setdefault(key, []).append(b)
+        owner = {k: [b for b, units in enumerate(per_sample) for kind, _ in units if kind == k] for k in ("image", "video")}
+        return [SampleGroup(samples, [i for i, b in enumerate(owner["image"]) if b in samples],
+                            tuple(i for i, b in enumerate(owner["video"]) if b in samples)) for samples in groups.values()]
 
     def select_samples(self, inputs: dict, group: SampleGroup) -> dict:
-        """``inputs`` restricted to ``group``: per-sample tensors by sample, ``image_grid_thw`` by the
-        group's images, ``pixel_values`` (patches of all images, concatenated) by those images' patch rows."""
-        patches = inputs["image_grid_thw"].prod(-1).tolist()
-        rows = torch.arange(sum(patches)).split(patches)  # each image's patch rows
-        return select_rows(inputs, group.samples, {"image_grid_thw": torch.tensor(group.images),
-                                                   "pixel_values": torch.cat([rows[i] for i in group.images])})
+        """``inputs`` restricted to ``group``: per-sample tensors by sample, ``image_grid_thw`` /
+        ``video_grid_thw`` (and Qwen2.5-VL's ``second_per_grid_ts``) by the group's images / videos,
+        ``pixel_values`` / ``pixel_values_videos`` (patches of all images / videos, concatenated) by their
+        patch rows; a kind the group holds none of is dropped from the call."""
+        by: dict[str, torch.Tensor] = {}
+        dropped = []
+        for grid_key, pixel_key, units in (("image_grid_thw", "pixel_values", list(group.images)),
+                                           ("video_grid_thw", "pixel_values_videos", list(group.videos))):
+            grid = inputs.get(grid_key)
+            if grid is None:
+                continue
+            if not units:
+                dropped += [grid_key, pixel_key] + (["second_per_grid_ts"] if grid_key == "video_grid_thw" else [])
+                continue
+            patches = grid.prod(-1).tolist()
+            rows = torch.arange(sum(patches)).split(patches)  # each unit's patch rows
+            by[grid_key] = torch.tensor(units)
+            by[pixel_key] = torch.cat([rows[i] for i in units])
+            if grid_key == "video_grid_thw" and inputs.get("second_per_grid_ts") is not None:
+                by["second_per_grid_ts"] = torch.tensor(units)
+        out = select_rows(inputs, group.samples, by)
+        return {k: v for k, v in out.items() if k not in dropped}
 
     def visual_grid(self, visual: torch.Tensor, inputs: dict | None = None) -> tuple[int, int] | None:
-        """(rows, cols) of each image's merged patches, row-major as the merger emits them: from
-        ``image_grid_thw`` (h, w / merge size) or, inside ``generate`` (whose prefill call carries no
-        grid), from the (t, h, w) M-RoPE position ids of the visual tokens. None when the images of the
-        call differ in shape, an image has several frames, or neither is given."""
+        """(rows, cols) of each image's merged patches, row-major as the merger emits them, or None when the
+        units are videos (:meth:`visual_grids` gives their frames x rows x cols grid), differ in shape, or
+        neither grids nor M-RoPE positions are given (see :meth:`unit_shape`)."""
+        shape = self.unit_shape(visual, inputs)
+        return (shape[1], shape[2]) if shape is not None and shape[0] == 1 else None
+
+    def visual_grids(self, visual: torch.Tensor, inputs: dict | None = None) -> tuple[PatchGrid, ...] | None:
+        """One grid per unit: ``rows x cols`` merged patches for an image, ``frames x rows x cols`` for a
+        video (its temporal patches, ``temporal_patch_size`` frames each, one after the other), or None as
+        :meth:`unit_shape`."""
+        shape = self.unit_shape(visual, inputs)
+        return None if shape is None else (PatchGrid(shape[1], shape[2], frames=shape[0]),)
+
+    def unit_shape(self, visual: torch.Tensor, inputs: dict | None = None) -> tuple[int, int, int] | None:
+        """(frames, rows, cols) of every visual unit of the call in merged patches (frames: temporal patches,
+        1 for an image), from ``image_grid_thw`` / ``video_grid_thw`` or, inside ``generate`` (whose prefill
+        call carries no grid), from the units' (t, h, w) M-RoPE position ids: the distinct temporal positions
+        are the frames, the distinct h / w positions of the first frame its rows / cols. None when the units
+        differ in shape or neither is given. ``visual``: :meth:`visual_index`'s result [B, I, N_v]."""
         inputs = inputs or {}
-        grid, m = inputs.get("image_grid_thw"), self.merge_size
+        grids = [g for g in (inputs.get("image_grid_thw"), inputs.get("video_grid_thw")) if g is not None]
+        m = self.merge_size
         shapes: set[tuple[int, ...]]
-        if grid is not None:
-            shapes = {(int(t), int(h) // m, int(w) // m) for t, h, w in grid.tolist()}
+        if grids:
+            shapes = {(int(t), int(h) // m, int(w) // m) for g in grids for t, h, w in g.tolist()}
         else:
             pos = inputs.get("position_ids")
             if pos is None or pos.dim() != 3 or pos.shape[0] < 3:
                 return None
             thw, index = pos[-3:], visual.to(pos.device)
-            shapes = {tuple(int(r.max() - r.min() + 1) for r in thw[:, b, index[b, i]])
-                      for b in range(index.shape[0]) for i in range(index.shape[1])}
+            shapes = set()
+            for b in range(index.shape[0]):
+                for i in range(index.shape[1]):
+                    t, h, w = thw[:, b, index[b, i]]
+                    first = t == t.min()
+                    shapes.add((int(t.unique().numel()), int(h[first].unique().numel()), int(w[first].unique().numel())))
         if len(shapes) != 1:
             return None
         t, h, w = shapes.pop()
-        return (h, w) if t == 1 and h * w == visual.shape[-1] else None
+        return (t, h, w) if t * h * w == visual.shape[-1] else None
 
     def tokens_per_image_of(self, inputs: dict) -> list[int] | None:
         """Visual tokens of each image of a prefill call, in order, or None when the call carries
         neither ``image_grid_thw`` nor precomputed image features."""
-        grid = inputs.get("image_grid_thw")
+        return self._tokens_of(inputs, "image_grid_thw", "image")
+
+    def tokens_per_video_of(self, inputs: dict) -> list[int] | None:
+        """Visual tokens of each video of a prefill call (``t * h * w / merge**2`` for ``video_grid_thw`` row
+        (t, h, w)), in order, or None when the call carries neither ``video_grid_thw`` nor precomputed video
+        features."""
+        return self._tokens_of(inputs, "video_grid_thw", "video")
+
+    def _tokens_of(self, inputs: dict, grid_key: str, modality: str) -> list[int] | None:
+        grid = inputs.get(grid_key)
         if grid is not None:
             return (grid.prod(-1) // self.merge_size**2).tolist()
-        image = (inputs.get("mm_encoder_outputs") or {}).get("image")
-        features = getattr(image, "pooler_output", None)
+        encoded = (inputs.get("mm_encoder_outputs") or {}).get(modality)
+        features = getattr(encoded, "pooler_output", None)
         if isinstance(features, list | tuple):
             return [f.shape[0] for f in features]
         return None
-
-    def _refuse_video(self, input_ids: torch.Tensor, inputs: dict) -> None:
-        refuse_video(input_ids, inputs, VIDEO_KEYS, getattr(self.model.config, "video_token_id", None),
-                     "Pass images (pixel_values + image_grid_thw) instead")
 
     # ------------------------------------------------------------------ saliency
     def saliency_block(self) -> int:

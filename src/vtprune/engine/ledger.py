@@ -90,13 +90,15 @@ class Ledger:
 
     def __init__(self, dims: Dims, pads: list[int], prompt_length: int, n_images: int, n_visual: int,
                  context: list[list[int]] | None = None, context_unpruned: list[int] | None = None,
-                 context_pads: list[int] | None = None):
+                 context_pads: list[int] | None = None, kinds: tuple[str, ...] | None = None):
         """``prompt_length`` tokens (padded) of this call's prompt, ``pads`` its padding per sample; for a later
         turn on a cache (:mod:`vtprune.engine.conversation`) ``context[l][b]`` the earlier turns' entries in
         layer l's cache for sample b and ``context_unpruned[b]`` the earlier turns' tokens (what the stock
-        cache holds): they add keys to every query of this call, pruned and unpruned alike."""
+        cache holds): they add keys to every query of this call, pruned and unpruned alike. ``kinds``: each
+        of the ``n_images`` visual units' kind (``"image"`` / ``"video"``; default all images)."""
         self.dims, self.pads, self.prompt_length = dims, pads, prompt_length
         self.n_images, self.n_visual = n_images, n_visual
+        self.kinds = tuple(kinds) if kinds is not None else ("image",) * n_images
         b = len(pads)
         self.context = context or [[0] * b for _ in range(dims.layers)]
         self.context_unpruned = context_unpruned or [0] * b
@@ -158,6 +160,7 @@ class Ledger:
             kv_entries = sum(n - pad - self.context_pads[b] for n in cache_lengths)
             kv_entries0 = dims.layers * (c0 + n0 + self.steps)
             vis = self.prefill_visual[b]
+            videos = self.kinds.count("video")
             decode_f, decode_e = self._decode_flops(b)
             total_f = self.prefill_fastv[b] + decode_f
             total_f0 = base_prefill_f + base_dec_f
@@ -165,6 +168,9 @@ class Ledger:
                 "visual_tokens_in": self.n_images * self.n_visual,
                 "prompt_tokens": n0,
                 "visual_tokens_per_layer_prefill": vis,
+                # every unit keeps the same number of tokens ([B, I, n]): a kind's share is its units' share
+                "visual_kinds": list(self.kinds),
+                "video_tokens_per_layer_prefill": [v * videos // self.n_images for v in vis] if videos else [0] * len(vis),
                 "visual_tokens_per_layer_last_decode": list(self.decode_visual) or list(vis),
                 "tokens_per_layer_prefill": list(self.prefill_tokens[b]),
                 "paths_per_layer_prefill": list(self.prefill_paths[b]),

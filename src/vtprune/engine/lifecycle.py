@@ -282,13 +282,16 @@ class Lifecycle:
         valid = torch.ones(batch, offset + n, dtype=torch.bool, device=device)
         if attention_mask is not None:
             valid[:, offset + n - attention_mask.shape[1]:] = attention_mask.bool()
-        has_image = (input_ids == run.adapter.image_token_id).any(dim=1).tolist()
+        ids = torch.tensor(run.adapter.visual_token_ids, device=device)
+        has_image = torch.isin(input_ids, ids).any(dim=1).tolist()
         if any(has_image) and not all(has_image):
-            raise ValueError(f"vtprune: a batch mixes prompts with images (samples {[b for b, h in enumerate(has_image) if h]}) "
-                             "and without; vtprune schedules a batch's visual tokens together: run text-only prompts "
-                             "in their own generate call")
+            raise ValueError(f"vtprune: a batch mixes prompts with images or videos (samples "
+                             f"{[b for b, h in enumerate(has_image) if h]}) and without; vtprune schedules a batch's "
+                             "visual tokens together: run text-only prompts in their own generate call")
+        kinds = None
         if any(has_image):
             local = run.adapter.visual_index(input_ids, inputs)
+            kinds = run.adapter.visual_kinds(input_ids, inputs)
             run.plan = run.plan_for(local.shape[-1])
         else:  # a text-only prompt (or turn): it runs as stock
             local = torch.zeros(batch, 0, 0, dtype=torch.long, device=device)
@@ -302,7 +305,7 @@ class Lifecycle:
                          num_layers=run.dims.layers, max_new_tokens=self.max_new_tokens,
                          grids_source=functools.partial(run.adapter.visual_grids, local, without_cache(inputs)),
                          blocks=blocks, offset=offset, prior=list(record.index) if record is not None else None,
-                         windows=SlidingWindows(run.windows) if any(run.windows) else None)
+                         windows=SlidingWindows(run.windows) if any(run.windows) else None, kinds=kinds)
         run.gen, run.view = gen, GenerationView(gen)
         run.ledger = self._ledger(gen, n)
         run.timers = {"prefill": Timer(device), "decode": Timer(device)}
@@ -312,14 +315,14 @@ class Lifecycle:
         """The ledger of ``gen``, whose call prefills ``n`` tokens (after ``gen.offset`` of earlier turns)."""
         dims = self.run.dims
         if not gen.offset:
-            return Ledger(dims, gen.pads, n, gen.n_images, gen.n_visual)
+            return Ledger(dims, gen.pads, n, gen.n_images, gen.n_visual, kinds=gen.kinds)
         valid = gen.valid
         pads = (~valid[:, gen.offset:]).sum(1).tolist()
         context_pads = (~valid[:, :gen.offset]).sum(1).tolist()
         context = [torch.gather(valid, 1, gen.prior_index(layer).to(valid.device)).sum(1).tolist()
                    for layer in range(gen.num_layers)]
         return Ledger(dims, pads, n, gen.n_images, gen.n_visual, context, [gen.offset - p for p in context_pads],
-                      context_pads)
+                      context_pads, kinds=gen.kinds)
 
 
 __all__ = ["Lifecycle"]

@@ -25,8 +25,10 @@ class Report(Mapping):
             ``visual_tokens_per_layer_last_decode``, ``tokens_per_layer_prefill`` (the sample's real tokens
             in each layer's prefill sequence, text and visual, every packed path counted),
             ``paths_per_layer_prefill`` (1, or 2 where two paths run packed in one sequence),
-            ``equivalent_budget`` (mean over layers of the visual
-            tokens present, per image), ``final_budget``, ``flops`` (``prefill`` / ``decode``, pruned and
+            ``visual_kinds`` (each visual unit's kind, ``"image"`` or ``"video"``, in prompt order; a video is one
+            unit: every frame's tokens), ``video_tokens_per_layer_prefill`` (the video units' share of
+            ``visual_tokens_per_layer_prefill``; zeros without video), ``equivalent_budget`` (mean over layers of
+            the visual tokens present, per image or video), ``final_budget``, ``flops`` (``prefill`` / ``decode``, pruned and
             unpruned, both conventions; ``total_fastv_ratio``), ``kv_cache`` (bytes vs unpruned).
         kv_cache: ``bytes`` measured on the batch's cache tensors, ``bytes_unpruned``, ``ratio``,
             ``entries_per_layer`` (or ``entries_per_layer_by_group`` when merged).

@@ -297,7 +297,7 @@ class Run:
         """Before prefill layer 0: the cache the model writes, and the saliency the vision tower gave."""
         self.life.follow(gen, find_cache(args, kwargs))
         if self.method.needs_saliency and not gen.inert:
-            gen.set_saliency(self.saliency_sink)
+            gen.set_saliency(self.saliency_sink, self.adapter.saliency_modalities)
             self.saliency_sink.clear()
 
     def _record_prefill(self) -> None:

@@ -20,6 +20,7 @@ from typing import Any, cast
 
 import torch
 
+from vtprune.adapters.base import saliency_rows
 from vtprune.engine.layout import Layout, gather_tokens, locate, select_kv
 from vtprune.engine.window import SlidingWindows
 
@@ -82,20 +83,25 @@ class Generation:
             which this generation never prunes again,
         inert: the prompt holds no visual token (a text-only turn): the method is not asked anything,
         windows: the sliding-window layers' bookkeeping (:mod:`vtprune.engine.window`; what their cache
-            layers dropped, from the front of the lists above), or None when the model has none.
+            layers dropped, from the front of the lists above), or None when the model has none,
+        kinds: the kind of each of the I visual units, ``"image"`` or ``"video"`` (the same in every sample;
+            a video is one unit: all its frames' tokens, so its budget is per video).
     """
 
     def __init__(self, *, visual_index: torch.Tensor, text_index: torch.Tensor, valid: torch.Tensor,
                  num_layers: int, max_new_tokens: int | None,
                  grids_source: Callable[[], tuple | None] | None = None, blocks: torch.Tensor | None = None,
                  offset: int = 0, prior: list[torch.Tensor | None] | None = None,
-                 windows: SlidingWindows | None = None):
+                 windows: SlidingWindows | None = None, kinds: tuple[str, ...] | None = None):
         self.offset = offset
         self.prior: list[torch.Tensor | None] = prior if prior is not None else [None] * num_layers
         self.visual_index = visual_index
         self.text_index = text_index
         self.valid = valid
         self.batch_size, self.n_images, self.n_visual = visual_index.shape
+        self.kinds = kinds if kinds is not None else ("image",) * self.n_images
+        if len(self.kinds) != self.n_images:
+            raise ValueError(f"{len(self.kinds)} visual kinds given for {self.n_images} visual units")
         self.prompt_length = valid.shape[1]
         self.num_layers = num_layers
         self.max_new_tokens = max_new_tokens
@@ -199,9 +205,11 @@ class Generation:
             raise RuntimeError("no paths run at this layer")
         return self.paths
 
-    def set_saliency(self, chunks: list[torch.Tensor]) -> None:
+    def set_saliency(self, chunks: list[torch.Tensor], order: tuple[str, ...] = ("image", "video")) -> None:
         """Set :attr:`saliency` from what the adapter's saliency hooks gave during the vision forward:
-        FloatTensors [n, N_v], images in the order of the batch's images. When ``generate`` ran the vision
+        FloatTensors [n, N_v], one per tower run, the runs in the modality ``order`` (the adapter's
+        ``saliency_modalities``: all images of the call, sample-major, then all videos), put in the prompt's
+        order of images and videos (:attr:`kinds`). When ``generate`` ran the vision
         tower once per sample and then expanded the batch (``num_beams``, ``num_return_sequences``:
         ``repeat_interleave``, so a sample's copies are adjacent), the saliency is expanded the same way.
 
@@ -216,6 +224,8 @@ class Generation:
         sal = torch.cat(chunks, dim=0)
         rows = self.batch_size * self.n_images
         given = sal.shape[0]
+        if len(set(self.kinds)) > 1 and given % self.n_images == 0:  # images and videos: to prompt order
+            sal = sal[saliency_rows(self.kinds, given // self.n_images, order).to(sal.device)]
         if sal.shape[1:] == (self.n_visual,) and 0 < given < rows and given % self.n_images == 0 and rows % given == 0:
             sal = sal.view(-1, self.n_images, self.n_visual).repeat_interleave(rows // given, dim=0).flatten(0, 1)
         if sal.shape != (rows, self.n_visual):
