@@ -8,9 +8,9 @@ Images are random 32 x 32 px RGB pictures made into pixel values by the real ima
 
 from __future__ import annotations
 
+import conftest
 import numpy as np
 import torch
-import conftest
 from conftest import left_pad
 from PIL import Image
 from transformers import (
@@ -174,7 +174,7 @@ def video_batch(family: str, idx: tuple[int, ...], parts: tuple[str, ...] = ("vi
                 videos.append(random_video(100 + 10 * i + j, frames))
                 ids += video_tokens(family, (frames // TEMPORAL, 8, 8), g)
             else:
-                images.append((100 + 10 * i + j))
+                images.append(100 + 10 * i + j)
                 ids += [VISION_START] + [IMAGE_TOKEN] * N_VISUAL + [VISION_END]
             ids += torch.randint(3, 240, (2,), generator=g).tolist()
         prompts.append(ids + torch.randint(3, 240, (question,), generator=g).tolist())

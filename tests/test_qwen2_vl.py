@@ -16,7 +16,6 @@ from qwen_tiny import (
     FAMILIES,
     GRID,
     IMAGE_TOKEN,
-    N_PATCHES,
     N_VISUAL,
     batch,
     make_prompt,
