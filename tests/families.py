@@ -1,5 +1,7 @@
 """Every supported model family as a tiny random-weight model of its real class plus its inputs: what the
-conformance matrix (``test_conformance.py``) runs each registered method on.
+conformance matrix (``test_conformance.py``) runs each registered method on. A ``*_video`` entry is a family
+whose prompts hold a video instead of an image (Qwen2.5-VL, Qwen3-VL; Qwen2-VL shares Qwen2.5-VL's code path
+and is covered in ``test_qwen_video.py``).
 
 A :class:`Family` builds the model for an attention implementation and a batch of the three standard
 prompts, each sample with its own image whose content does not depend on the batch it is in (so a sample
@@ -13,6 +15,7 @@ conformance options (``test_conformance.py`` on CPU, ``test_cuda.py`` on a CUDA 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import conftest
@@ -74,6 +77,10 @@ FAMILIES: dict[str, Family] = {
                          qwen_tiny.N_VISUAL),
     "qwen3_vl": Family("qwen3_vl", lambda attn: _attn(qwen_tiny.tiny_qwen("qwen3_vl"), attn), _qwen_batch,
                        qwen_tiny.N_VISUAL),
+    "qwen2_5_vl_video": Family("qwen2_5_vl_video", lambda attn: _attn(qwen_tiny.tiny_qwen("qwen2_5_vl"), attn),
+                               functools.partial(qwen_tiny.video_batch, "qwen2_5_vl"), qwen_tiny.N_VIDEO),
+    "qwen3_vl_video": Family("qwen3_vl_video", lambda attn: _attn(qwen_tiny.tiny_qwen("qwen3_vl"), attn),
+                             functools.partial(qwen_tiny.video_batch, "qwen3_vl"), qwen_tiny.N_VIDEO),
     "gemma3": Family("gemma3", gemma3_tiny.tiny_gemma3, gemma3_tiny.batch, gemma3_tiny.N),
     "internvl": Family("internvl", lambda attn: internvl_tiny.tiny_internvl(attn), internvl_tiny.batch, internvl_tiny.N),
     "llava_onevision": Family("llava_onevision", lambda attn: onevision_tiny.tiny_onevision(attn), onevision_tiny.batch,

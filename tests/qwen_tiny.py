@@ -117,6 +117,7 @@ def sample(inputs: dict, i: int, images: int = 1) -> dict:
 
 # ---------------------------------------------------------------- video
 FRAMES = 4  # frames per video: 2 temporal patches of TEMPORAL frames
+N_VIDEO = FRAMES // TEMPORAL * N_VISUAL  # 32 visual tokens per 32 x 32 px video of FRAMES frames
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # the processors' defaults
 
 

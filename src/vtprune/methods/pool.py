@@ -24,6 +24,10 @@ class Pool(SelectBeforeLLM):
     those of ``adaptive_avg_pool2d``. Each pooled token takes the original position (RoPE) of the patch
     at its window's centre, so positions stay original.
 
+    A video's grid (``frames x rows x cols``: its frames, or Qwen's temporal patches) is pooled in time and
+    space with ``adaptive_avg_pool3d`` to ``c x a x b`` (:func:`pooled_shape`: both shrink by the same
+    factor); each pooled token sits at its window's centre frame, row and column.
+
     Images made of several grids (LLaVA-NeXT: the base tile, then the high-resolution grid whose rows
     each end with a newline token): the budget is split over the grids in proportion to the tokens
     each spans (each first gets the least it can be pooled to), every grid is pooled on its own, and a
@@ -53,16 +57,18 @@ class Pool(SelectBeforeLLM):
         loose = outside_grids(grids, n)
         keeps, values = [loose], [x[:, :, loose.to(x.device)]]
         for g, share in zip(grids, split_budget(plan.keep, grids, loose.numel()), strict=True):
-            a, b = pooled_grid(share, g.rows, g.cols, min(g.separators, 1))
-            rows, cols = torch.meshgrid(torch.arange(g.rows), torch.arange(g.cols), indexing="ij")
-            cells = x[:, :, g.token(rows, cols).flatten().to(x.device)]  # [B, I, rows * cols, d]
-            grid = cells.float().reshape(bsz * imgs, g.rows, g.cols, d).permute(0, 3, 1, 2)
-            pooled = F.adaptive_avg_pool2d(grid, (a, b)).permute(0, 2, 3, 1).reshape(bsz, imgs, a * b, d)
-            centre = window_centres(g.rows, g.cols, a, b)
-            keeps.append(g.token(centre // g.cols, centre % g.cols))
+            c, a, b = pooled_shape(share, g)
+            frames, rows, cols = torch.meshgrid(torch.arange(g.frames), torch.arange(g.rows), torch.arange(g.cols),
+                                                indexing="ij")
+            cells = x[:, :, g.token(rows, cols, frames).flatten().to(x.device)]  # [B, I, F * rows * cols, d]
+            grid = cells.float().reshape(bsz * imgs, g.frames, g.rows, g.cols, d).permute(0, 4, 1, 2, 3)
+            pooled = F.adaptive_avg_pool3d(grid, (c, a, b)).permute(0, 2, 3, 4, 1).reshape(bsz, imgs, c * a * b, d)
+            centre = window_centres(g.rows, g.cols, a, b)  # [a * b] among one frame's patches
+            frame = torch.tensor(axis_centres(g.frames, c)).repeat_interleave(a * b)
+            keeps.append(g.token(centre.repeat(c) // g.cols, centre.repeat(c) % g.cols, frame))
             values.append(pooled.to(x.dtype))
             if g.separators:  # the newline closing each pooled row's centre row
-                newline = g.token(centre[::b] // g.cols, g.cols)
+                newline = g.token(centre[::b].repeat(c) // g.cols, g.cols, frame[::b])
                 keeps.append(newline)
                 values.append(x[:, :, newline.to(x.device)])
         keep = torch.cat(keeps).to(view.visual_index.device).expand(bsz, imgs, -1)
@@ -88,7 +94,7 @@ def outside_grids(grids, n_visual: int) -> torch.Tensor:
 
 def least_pooled(g) -> int:
     """The fewest tokens grid ``g`` pools to: the smallest ``a * (b + 1 if separators else b)`` that
-    :func:`pooled_grid` accepts."""
+    :func:`pooled_grid` accepts (a video's frames pool down to one)."""
     extra = min(g.separators, 1)
     return min(a * (b + extra) for a in range(1, g.rows + 1) for b in range(1, g.cols + 1)
                if aspect_fits(a, b, g.rows, g.cols))
@@ -140,11 +146,42 @@ def pooled_grid(budget: int, h: int, w: int, row_extra: int = 0) -> tuple[int, i
     return best[1]
 
 
+def pooled_shape(budget: int, g) -> tuple[int, int, int]:
+    """The pooled (frames, rows, cols) of grid ``g`` within ``budget`` tokens (separators counted).
+
+    An image (``g.frames == 1``): ``(1, *pooled_grid(...))``. A video of F frames: the c in 1 .. F whose
+    ``c x a x b`` (``(a, b)`` :func:`pooled_grid` within ``budget // c``) keeps the most tokens, ties to the c
+    nearest ``F * r``, ``r = (budget / (F * rows * cols)) ** (1/3)`` (time and space shrunk by the same
+    factor). Source: reconstructed (the pooling baseline of METHODS.md is 2-D; pooling every frame alone
+    would spend the budget on repeated content, and LLaVA-NeXT-Video pools space only, at a fixed stride).
+
+    Raises:
+        ValueError: a budget below the grid's least pooled size.
+    """
+    extra = min(g.separators, 1)
+    if g.frames == 1:
+        return (1, *pooled_grid(budget, g.rows, g.cols, extra))
+    balanced = g.frames * (budget / (g.frames * g.rows * g.stride)) ** (1 / 3)
+    best = None
+    for c in range(1, g.frames + 1):
+        if budget // c < least_pooled(g):
+            break
+        a, b = pooled_grid(budget // c, g.rows, g.cols, extra)
+        key = (c * a * b, -abs(c - balanced))
+        if best is None or key > best[0]:
+            best = (key, (c, a, b))
+    if best is None:
+        raise ValueError(f"pool: no pooled grid of at most {budget} tokens fits the {g.rows}x{g.cols} frames")
+    return best[1]
+
+
+def axis_centres(n: int, m: int) -> list[int]:
+    """The centre index of each of the ``m`` windows that adaptive average pooling cuts ``n`` cells into."""
+    return [((i * n) // m + -(-((i + 1) * n) // m) - 1) // 2 for i in range(m)]
+
+
 def window_centres(h: int, w: int, a: int, b: int) -> torch.Tensor:
     """Token positions (row-major among the h x w patches) of the centre patch of each
     ``adaptive_avg_pool2d`` window for an (a, b) output, LongTensor [a * b]."""
-    def centres(n, m):
-        return [((i * n) // m + -(-((i + 1) * n) // m) - 1) // 2 for i in range(m)]
-
-    rows, cols = centres(h, a), centres(w, b)
+    rows, cols = axis_centres(h, a), axis_centres(w, b)
     return torch.tensor([r * w + c for r in rows for c in cols], dtype=torch.long)
