@@ -238,9 +238,11 @@ def test_a_cache_filled_without_the_run_or_under_another_run_is_refused():
 
 # ---------------------------------------------------------------- text-only prompts
 def text_only(family: str, idx: tuple[int, ...]) -> dict:
-    """The family's prompts with their image tokens removed, left-padded again."""
-    x, image = inputs(family, idx), model(family, "sdpa").config.image_token_id
-    rows = [row[mask.bool() & (row != image)] for row, mask in zip(x["input_ids"], x["attention_mask"], strict=True)]
+    """The family's prompts with their image and video tokens removed, left-padded again."""
+    x, cfg = inputs(family, idx), model(family, "sdpa").config
+    placeholders = torch.tensor([t for t in (cfg.image_token_id, getattr(cfg, "video_token_id", None)) if t is not None])
+    rows = [row[mask.bool() & ~torch.isin(row, placeholders)]
+            for row, mask in zip(x["input_ids"], x["attention_mask"], strict=True)]
     n = max(len(r) for r in rows)
     ids = torch.zeros(len(rows), n, dtype=torch.long)
     mask = torch.zeros(len(rows), n, dtype=torch.long)
