@@ -15,6 +15,12 @@ A direct forward call without ``position_ids`` makes the model derive them from
 ``past_key_values.get_seq_length()`` plus ``rope_deltas``; a cache vtprune filled answers the stock
 length there (:mod:`vtprune.engine.conversation`), even after ParVTS has shortened layer 0's cache, so
 those positions are the stock ones.
+
+Video. A video's ``<|video_pad|>`` tokens (``config.video_token_id``; ``t * h * w / spatial_merge_size**2``
+for ``video_grid_thw`` row ``(t, h, w)``, t its temporal patches of ``temporal_patch_size`` frames) are
+visual tokens too, and a video is one visual unit (a budget is per video); images and videos are units in
+prompt order (:meth:`Qwen2VLAdapter.visual_kinds`), kept video tokens keep their original M-RoPE positions,
+temporal row included (the engine gathers them like an image's).
 """
 
 from __future__ import annotations
@@ -40,9 +46,12 @@ from vtprune.adapters.base import (
 class Qwen2VLAdapter(Adapter):
     """Qwen2-VL / Qwen2.5-VL: Qwen ViT with a 2x2 patch merger, Qwen2 language model with M-RoPE.
 
-    Visual tokens: ``input_ids == config.image_token_id``, split into images by ``image_grid_thw``
-    (direct forward calls) or by the per-image features ``generate`` computes before the prefill
-    (``mm_encoder_outputs["image"]``). Video inputs are refused (ValueError).
+    Visual tokens: ``input_ids == config.image_token_id`` split into images by ``image_grid_thw``, and
+    ``input_ids == config.video_token_id`` split into videos by ``video_grid_thw`` (direct forward calls), or
+    by the per-image / per-video features ``generate`` computes before the prefill
+    (``mm_encoder_outputs["image"]`` / ``["video"]``). Each image and each video is one unit of [B, I, N_v];
+    the units of a batch must have equal token counts (a ``generate`` batch whose samples differ runs as
+    groups, :meth:`batch_groups`).
 
     Saliency (for ParVTS' subject partition): the mean attention each LLM visual token receives in
     the ViT's last full-attention block, i.e. for an image of n patches with softmax attention
@@ -56,6 +65,11 @@ class Qwen2VLAdapter(Adapter):
     patches into windows before the blocks). Source: reconstructed: Qwen's ViT has no [CLS];
     ParVTS's Fig. 4 uses [CLS] attention (arXiv 2511.18875; METHODS.md, ParVTS step 1), and the
     attention a patch receives from all patches is the [CLS]-free counterpart.
+
+    A video's saliency is the same quantity per temporal patch: the tower attends within each temporal
+    patch (its ``cu_seqlens`` segments), so each temporal patch's tokens sum to 1 and a video's to t; a
+    saliency-ranked method ranks the video's tokens across all its frames (reconstructed: ParVTS and
+    VisionZip describe images; equal mass per frame keeps every frame in the ranking).
     """
 
     model_classes: tuple[str, ...] = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")

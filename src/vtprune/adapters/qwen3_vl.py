@@ -5,7 +5,8 @@ What Qwen3-VL shares with Qwen2-VL (and this adapter inherits from
 each ``spatial_merge_size x spatial_merge_size`` group of patches into one LLM token, one ``<|image_pad|>``
 token (``config.image_token_id``) per LLM visual token, ``t * h * w / spatial_merge_size**2`` tokens for an
 image of ``image_grid_thw`` row ``(t, h, w)`` (dynamic resolution: batches of mixed sizes run as groups),
-M-RoPE positions whose deltas the model keeps in ``model.model.rope_deltas``, images only (video refused).
+M-RoPE positions whose deltas the model keeps in ``model.model.rope_deltas``, videos as units of their own
+(a video's frames are separated by timestamp text here: one unit of several runs).
 
 What differs, and how it is handled:
 
@@ -23,8 +24,8 @@ What differs, and how it is handled:
   the input of layer i + 1. The adapter takes ``visual_pos_masks`` and ``deepstack_visual_embeds`` out of
   the language model's prefill call (:meth:`take_language_model_inputs`) and adds level i back before
   layer i + 1 (:meth:`layer_input`) at the slots of the sequence that layer i ran on whose original index
-  is a visual token, each slot getting the features of its own token. So a visual token pruned before layer
-  i + 1 gets none of the later levels, the kept tokens get theirs in whatever order and packing the layer
+  is a visual token (image or video), each slot getting the features of its own token. So a visual token
+  pruned before layer i + 1 gets none of the later levels, the kept tokens get theirs in whatever order and packing the layer
   holds (ParVTS's two paths included; PAD slots are skipped), and with nothing pruned the sums are those
   of the stock model, element by element. A merged token (VisionZip's contextual tokens) sits at its
   target's original index and gets the target's features (reconstructed: DeepStack has no merged tokens).
