@@ -366,6 +366,28 @@ def units_of(input_ids: torch.Tensor, token_ids: dict[str, int], counts: dict[st
     return index.to(input_ids.device), kinds[0]
 
 
+def unit_groups(input_ids: torch.Tensor, token_ids: dict[str, int], counts: dict[str, list[int] | None]
+                ) -> list[SampleGroup] | None:
+    """A ``generate`` call's samples grouped by the kinds and token counts of their images and videos in prompt
+    order (:func:`units_per_sample`, arguments as there), for :meth:`Adapter.batch_groups`: each group with the
+    indices (sample-major, among the call's images / videos) of its images and videos; None when every sample
+    is alike.
+
+    Raises:
+        ValueError: as :func:`units_per_sample`.
+    """
+    per_sample = units_per_sample(input_ids, token_ids, counts)
+    keys = [tuple((kind, c.numel()) for kind, c in units) for units in per_sample]
+    if len(set(keys)) == 1:
+        return None
+    groups: dict[tuple, list[int]] = {}
+    for b, key in enumerate(keys):
+        groups.setdefault(key, []).append(b)
+    owner = {k: [b for b, units in enumerate(per_sample) for kind, _ in units if kind == k] for k in ("image", "video")}
+    return [SampleGroup(samples, [i for i, b in enumerate(owner["image"]) if b in samples],
+                        tuple(i for i, b in enumerate(owner["video"]) if b in samples)) for samples in groups.values()]
+
+
 def images_per_sample(input_ids: torch.Tensor, image_token_id: int, counts: list[int]) -> list[list[int]]:
     """The token counts of each sample's images: ``counts`` (every image of the batch, sample-major)
     dealt over the samples' runs of image tokens.

@@ -247,39 +247,53 @@ class LlavaNextAdapter(LlavaAdapter):
 
     # ------------------------------------------------------------------ saliency
     def attach_saliency(self, sink: Callable[[torch.Tensor], None]) -> list:
-        """Register what calls ``sink(saliency)`` once per image of each vision forward, with saliency a
-        FloatTensor [1, N_v] in packing order (``-inf`` at newline tokens). Returns removable handles.
+        """Register what calls ``sink(saliency)`` once per image (or video) of each vision forward, with saliency
+        a FloatTensor [1, N_v] in packing order (``-inf`` at newline tokens). Returns removable handles.
 
-        The per-tile [CLS] attention comes from :meth:`LlavaAdapter.attach_saliency`; packing it needs
-        ``image_sizes``, which reaches only the model's ``get_image_features`` (``generate`` calls it
-        before the prefill, a direct forward from inside ``LlavaNextModel.forward``). So this wraps
-        that method on the model instance (an instance attribute with the same signature, removed by
-        the handle; the class and other instances are untouched).
+        The per-tile saliency comes from :meth:`attach_tile_saliency` (LLaVA-NeXT: the [CLS] attention of
+        :meth:`LlavaAdapter.attach_saliency`); packing it needs the call's ``image_sizes``, which reaches only
+        the model's ``get_image_features`` (``generate`` calls it before the prefill, a direct forward from
+        inside the model's forward). So this wraps that method, and every other encoder method of
+        :meth:`saliency_encoders`, on the model instance (an instance attribute with the same signature,
+        removed by the handle; the class and other instances are untouched).
         """
         tiles: list[torch.Tensor] = []
         handles = self.attach_tile_saliency(tiles.append)
         try:
             inner = self.model.model
-            original = inner.get_image_features
-            signature = inspect.signature(original)
-
-            @functools.wraps(original)
-            def get_image_features(*args, **kwargs):
-                tiles.clear()
-                out = original(*args, **kwargs)
-                arguments = signature.bind(*args, **kwargs).arguments
-                per_tile = torch.cat(tiles) if tiles else None
-                tiles.clear()
-                for image in self.pack_call_saliency(per_tile, arguments):
-                    sink(image[None])
-                return out
-
-            handles.append(InstanceOverride(inner, "get_image_features", get_image_features))
+            for name, pack in self.saliency_encoders().items():
+                handles.append(InstanceOverride(inner, name, self._packing_encoder(getattr(inner, name), pack,
+                                                                                   tiles, sink)))
         except BaseException:
             for h in handles:
                 h.remove()
             raise
         return handles
+
+    def saliency_encoders(self) -> dict[str, Callable[[torch.Tensor | None, dict], list[torch.Tensor]]]:
+        """The inner model's encoder methods whose tower runs give saliency, each with what packs a call's
+        per-tile saliency (``pack(per_tile, bound arguments)`` -> one FloatTensor [N_v] per unit). LLaVA-NeXT:
+        ``get_image_features`` with :meth:`pack_call_saliency`."""
+        return {"get_image_features": self.pack_call_saliency}
+
+    @staticmethod
+    def _packing_encoder(original: Callable, pack: Callable, tiles: list[torch.Tensor],
+                         sink: Callable[[torch.Tensor], None]) -> Callable:
+        """``original`` (an encoder method) wrapped to pack the tiles its tower run captured and sink them."""
+        signature = inspect.signature(original)
+
+        @functools.wraps(original)
+        def encoder(*args, **kwargs):
+            tiles.clear()
+            out = original(*args, **kwargs)
+            arguments = signature.bind(*args, **kwargs).arguments
+            per_tile = torch.cat(tiles) if tiles else None
+            tiles.clear()
+            for unit in pack(per_tile, arguments):
+                sink(unit[None])
+            return out
+
+        return encoder
 
     def attach_tile_saliency(self, sink: Callable[[torch.Tensor], None]) -> list:
         """Hooks that call ``sink`` with the per-patch saliency of every tile the tower encodes, FloatTensor
