@@ -4,7 +4,7 @@ whose prompts hold a video instead of an image (Qwen2.5-VL, Qwen3-VL; Qwen2-VL s
 and is covered in ``test_qwen_video.py``).
 
 A :class:`Family` builds the model for an attention implementation and a batch of the three standard
-prompts, each sample with its own image whose content does not depend on the batch it is in (so a sample
+prompts, each sample with its own image (or video, for the ``*_video`` entries) whose content does not depend on the batch it is in (so a sample
 alone is the same sample). Adding a family: its builders (a ``*_tiny.py`` module like ``qwen_tiny.py``)
 and one entry in :data:`FAMILIES`.
 
@@ -85,6 +85,9 @@ FAMILIES: dict[str, Family] = {
     "internvl": Family("internvl", lambda attn: internvl_tiny.tiny_internvl(attn), internvl_tiny.batch, internvl_tiny.N),
     "llava_onevision": Family("llava_onevision", lambda attn: onevision_tiny.tiny_onevision(attn), onevision_tiny.batch,
                               onevision_tiny.N),
+    # one 4-frame video per prompt (a video is one visual unit: its frames' pooled patches and the newline)
+    "llava_onevision_video": Family("llava_onevision_video", lambda attn: onevision_tiny.tiny_onevision(attn),
+                                    lambda idx: onevision_tiny.video_batch(idx), onevision_tiny.VIDEO_N),
 }
 
 

@@ -1,8 +1,9 @@
 """LLaVA-OneVision's own (NeXT's any-resolution packing, ``anyres_max`` downsampling, single-tile images in
 multi-image prompts, SigLIP without [CLS]) on a tiny random-weight ``LlavaOnevisionForConditionalGeneration``
-(models and inputs: ``onevision_tiny.py``). What it shares with other families (token counts, positions,
-per-layer counts, mixed sizes, saliency of one image, grids): ``test_family_invariants.py``; keep-all = stock,
-batched = one by one, stock after exit and no host sync in decode: ``test_conformance.py``."""
+(models and inputs: ``onevision_tiny.py``; videos: ``test_onevision_video.py``). What it shares with other
+families (token counts, positions, per-layer counts, mixed sizes, saliency of one image, grids):
+``test_family_invariants.py``; keep-all = stock, batched = one by one, stock after exit and no host sync in
+decode: ``test_conformance.py``."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from onevision_tiny import (
     LAYERS,
     MULTI,
     SIZE,
-    VIDEO_TOKEN,
     P,
     batch,
     inputs,
@@ -68,19 +68,13 @@ def test_each_image_of_a_multi_image_sample_is_one_tile_and_a_newline(model):
         adapter.visual_index(x["input_ids"], {**x, "batch_num_images": torch.tensor([3])})
 
 
-def test_token_count_disagreement_and_video_raise(model):
+def test_token_count_disagreement_and_other_feature_strategies_raise(model):
     adapter = adapter_for(model)
     x = batch((0,))
     ids = x["input_ids"]
     short = one_image_token_short(ids)
-    with pytest.raises(ValueError, match=r"disagree with the images: input_ids hold 45 .* need \[46\]"):
+    with pytest.raises(ValueError, match=r"disagree with the images: input_ids hold 45 .* the 1 images give \[46\]"):
         adapter.visual_index(short, x)
-    with pytest.raises(ValueError, match=r"video inputs are not supported \(got pixel_values_videos\)"):
-        adapter.visual_index(ids, {**x, "pixel_values_videos": torch.zeros(1, 2, 3, 32, 32)})
-    with_video = torch.cat([ids, torch.full((1, 1), VIDEO_TOKEN)], 1)
-    with pytest.raises(ValueError, match=rf"video tokens \(video_token_id={VIDEO_TOKEN}\) in input_ids"):
-        with vtprune.apply(model, "fastv", budget=4):
-            generate(model, {**x, "input_ids": with_video, "attention_mask": torch.ones_like(with_video)}, 2)
     model.config.vision_feature_select_strategy = "default"
     try:
         with pytest.raises(ValueError, match="vision_feature_select_strategy='full'"):

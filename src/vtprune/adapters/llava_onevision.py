@@ -12,24 +12,32 @@ high-resolution grid unpadded to the image's aspect ratio, row by row, each row 
 * a sample with several images (``batch_num_images`` > 1, from the processor) gets each image as one tile,
   its side x side patches followed by a single trailing newline (no high-resolution grid).
 
-Video inputs (``pixel_values_videos``, video tokens) are refused: vtprune schedules image tokens only.
+Videos (``pixel_values_videos`` [n_videos, frames, 3, H, W], ``<video>`` tokens, ``config.video_token_id``):
+the model runs the tower on every frame as one tile, pools each frame's side x side patches bilinearly to
+``ceil(side / 2)`` per side (``apply_pooling``: 27 x 27 -> 14 x 14 = 196 tokens per frame at 384 px), and
+writes the frames one after the other followed by one ``image_newline``: ``frames * ceil(side / 2)**2 + 1``
+tokens per video. A video is one visual unit for vtprune (every frame's tokens and its newline: a budget is
+per video); a prompt may hold several videos, and images beside them when every unit gives the same number
+of tokens (a 4-frame video at the tiny test config gives 17 tokens, as an image of a multi-image prompt).
 """
 
 from __future__ import annotations
 
+import functools
+import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
-from vtprune.adapters.base import PatchGrid, refuse_video, register_adapter
+from vtprune.adapters.base import PatchGrid, SampleGroup, register_adapter, select_rows, unit_groups, units_of
 from vtprune.adapters.llava import attention_received
 from vtprune.adapters.llava_next import NEWLINE, LlavaNextAdapter, _size_tuple
 
 MIXED = -2
 """Marks, in a packing map, a token that the ``anyres_max`` downsampling interpolated from several patches."""
 
-VIDEO_KEYS = ("pixel_values_videos", "image_sizes_videos")
 NEVER_DOWNSAMPLE = "anyres_max_1000000000"  # a vision_aspect_ratio under which no grid is downsampled
 
 
@@ -41,6 +49,13 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     (:class:`~vtprune.adapters.llava_next.LlavaNextAdapter`); an image's token count follows its size,
     and, in a sample of several images, is side x side + 1 whatever the size.
 
+    Videos: ``<video>`` tokens are visual tokens; each video is one unit of ``frames * pooled_side**2 + 1``
+    tokens (:meth:`video_tokens`, from ``pixel_values_videos``' frames or, inside ``generate``, from the
+    features it computes first, ``mm_encoder_outputs["video"]``), in prompt order with the images
+    (:meth:`visual_kinds`). The videos of one call share frames and size (the model takes them as one
+    tensor); a ``generate`` batch whose samples hold different kinds or numbers of units runs as groups
+    (:meth:`batch_groups`).
+
     Saliency (``attach_saliency``): SigLIP has no [CLS], so for every tile the attention each patch
     receives in the encoder layer whose output OneVision projects (``vision_feature_layer``, the last
     one for every llava-hf checkpoint), averaged over heads and over the tile's queries
@@ -50,16 +65,23 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     features are: base tile, unpadded grid, bilinearly downsampled where ``anyres_max_N`` downsamples
     the features (a mixed token's saliency is the same mixture of its patches' saliencies), and ``-inf``
     at every newline token (a learned embedding, not a patch: saliency-ranked selection never spends
-    budget on it). Source: reconstructed: ParVTS (arXiv 2511.18875) Fig. 4 and VisionZip use [CLS]
-    attention; the attention a patch receives from all patches is its [CLS]-free counterpart (as for
-    Qwen2-VL), and the packing and downsampling follow the model.
+    budget on it). A video's saliency is per frame: the same attention received, computed for each frame
+    (the tower runs every frame as one tile), pooled by the model's own ``apply_pooling`` exactly as the
+    frame's features are (a pooled token's saliency is the bilinear mixture of its patches'), the frames in
+    order, ``-inf`` at the video's trailing newline (:meth:`pack_video_saliency`); saliency-ranked methods
+    rank across all frames of the video. Source: reconstructed: ParVTS (arXiv 2511.18875) Fig. 4 and
+    VisionZip use [CLS] attention of one image; the attention a patch receives from all patches is its
+    [CLS]-free counterpart (as for Qwen2-VL), taken frame by frame because the tower sees each frame alone,
+    and the packing, downsampling and pooling follow the model.
 
     Patch grids (``visual_grids``, for ``pool``): a single-image sample's tokens are NeXT's two grids,
     the base tile and the unpadded high-resolution grid with one newline per row; where ``anyres_max``
     downsampled that grid, the second grid is the downsampled one (each token a mixture of patches, but
     still one cell of a row-major grid with a newline per row, so pooling it is exact pooling of the
     tokens the model sees). In a multi-image sample each image is one side x side grid; its trailing
-    newline is in no grid, and ``pool`` keeps it unchanged.
+    newline is in no grid, and ``pool`` keeps it unchanged. A video is one ``frames x pooled_side x
+    pooled_side`` grid over its pooled frames, its trailing newline in no grid; a call with both images and
+    videos has no common grid (None: ``pool`` refuses it).
     """
 
     model: Any  # a transformers model whose config and submodules are read by name
@@ -141,20 +163,129 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         return super().grids_of(source)
 
     # ------------------------------------------------------------------ visual positions
+    @property
+    def video_token_id(self) -> int | None:
+        """``<video>`` (``config.video_token_id``): one per visual token of a video."""
+        return getattr(self.model.config, "video_token_id", None)
+
+    def _token_ids(self) -> dict[str, int]:
+        ids = {"image": self.image_token_id}
+        if self.video_token_id is not None:
+            ids["video"] = self.video_token_id
+        return ids
+
     def visual_index(self, input_ids: torch.Tensor, inputs: dict | None = None) -> torch.Tensor:
-        """As :meth:`LlavaNextAdapter.visual_index`, with ``batch_num_images`` deciding which images are
-        tiled. Raises ValueError as that, and for video inputs."""
-        self._refuse_video(input_ids, inputs or {})
-        return super().visual_index(input_ids, inputs)
+        """Original indices of every image's and video's visual tokens, LongTensor [B, I, N_v] (see
+        :meth:`Adapter.visual_index`), the units in prompt order (:meth:`visual_kinds` says which is which).
+        Images are dealt to samples in the order of ``image_sizes`` (their counts as
+        :meth:`LlavaNextAdapter.image_token_counts`, with ``batch_num_images`` deciding which images are
+        tiled), videos in that of ``pixel_values_videos`` (:meth:`video_token_counts`); a video is one unit,
+        all its frames' tokens and its newline.
 
-    def image_counts_per_sample(self, input_ids: torch.Tensor, inputs: dict) -> list[list[int]] | None:
-        """As :meth:`LlavaNextAdapter.image_counts_per_sample`; raises ValueError for video inputs."""
-        self._refuse_video(input_ids, inputs)
-        return super().image_counts_per_sample(input_ids, inputs)
+        Raises:
+            ValueError: a sample without image or video tokens; image / video tokens that disagree with the
+                inputs' counts; samples whose units differ in kind, number or token count, or units of one
+                prompt with different token counts (vtprune needs them equal; a ``generate`` batch whose
+                samples differ is split by :meth:`batch_groups` before it gets here); images with a
+                ``vision_feature_select_strategy`` other than ``"full"``.
+        """
+        return units_of(input_ids, self._token_ids(), self.unit_counts(inputs or {}))[0]
 
-    def _refuse_video(self, input_ids: torch.Tensor, inputs: dict) -> None:
-        refuse_video(input_ids, inputs, VIDEO_KEYS, getattr(self.model.config, "video_token_id", None),
-                     "Pass images (pixel_values + image_sizes) instead")
+    def unit_counts(self, inputs: dict) -> dict[str, list[int] | None]:
+        """Visual tokens of each image (:meth:`LlavaNextAdapter.image_token_counts`) and each video
+        (:meth:`video_token_counts`) of a call."""
+        return {"image": self.image_token_counts(inputs), "video": self.video_token_counts(inputs)}
+
+    @functools.cached_property
+    def pooled_side(self) -> int:
+        """Tokens per side of a video frame after the model's pooling: its ``apply_pooling`` run on one frame
+        of zeros (side x side patches -> ``ceil(side / 2)`` per side, bilinear)."""
+        side = self.tile_side
+        pooled = self.model.model.apply_pooling(torch.zeros(1, side * side, 1)).shape[1]
+        return math.isqrt(pooled)
+
+    def video_tokens(self, frames: int) -> int:
+        """Visual tokens of a video of ``frames`` frames: ``frames * pooled_side**2`` pooled patches, then one
+        ``image_newline`` (as ``get_video_features`` writes them and the processor counts them)."""
+        return frames * self.pooled_side**2 + 1
+
+    def video_token_counts(self, inputs: dict | None) -> list[int] | None:
+        """Visual tokens of every video of a call, in the order of ``pixel_values_videos``.
+
+        From ``mm_encoder_outputs["video"].pooler_output`` (the features ``generate`` computes before the
+        prefill, [n_videos, N_v, D]) when present, else from ``pixel_values_videos`` [n_videos, frames, 3, H,
+        W] through :meth:`video_tokens`. None when the call carries no video.
+
+        Raises:
+            ValueError: ``pixel_values_videos`` that is not 5-D.
+        """
+        inputs = inputs or {}
+        encoded = (inputs.get("mm_encoder_outputs") or {}).get("video")
+        features = getattr(encoded, "pooler_output", None)
+        if isinstance(features, list | tuple):
+            return [int(f.shape[0]) for f in features]
+        if features is not None:
+            return [int(features.shape[1])] * int(features.shape[0])
+        pixels = inputs.get("pixel_values_videos")
+        if pixels is None or pixels.shape[0] == 0:
+            return None
+        if pixels.dim() != 5:
+            raise ValueError(f"{type(self.model).__name__} takes pixel_values_videos as [n_videos, frames, 3, height, "
+                             f"width]; got shape {tuple(pixels.shape)}; pass the processor's output unchanged")
+        return [self.video_tokens(int(pixels.shape[1]))] * int(pixels.shape[0])
+
+    # ------------------------------------------------------------------ batches whose samples differ
+    video_inputs = ("pixel_values_videos", "image_sizes_videos")
+
+    def batch_groups(self, input_ids: torch.Tensor, inputs: dict) -> list[SampleGroup] | None:
+        """For a ``generate`` call: its samples grouped by the kinds and token counts of their images and
+        videos in prompt order (an image's count follows its size and whether it shares its sample; the
+        videos of one call share frames and size, as the model takes them as one tensor, but samples may hold
+        different numbers of them, or images instead), or None when all samples are alike or the call carries
+        no visual inputs. Raises ValueError as :func:`~vtprune.adapters.base.units_per_sample`."""
+        counts = self.unit_counts(inputs)
+        if all(c is None for c in counts.values()):
+            return None
+        return unit_groups(input_ids, self._token_ids(), counts)
+
+    def select_samples(self, inputs: dict, group: SampleGroup) -> dict:
+        """``inputs`` restricted to ``group``: per-sample tensors by sample, ``pixel_values`` / ``image_sizes``
+        by the group's images, ``pixel_values_videos`` / ``image_sizes_videos`` by its videos,
+        ``batch_num_images`` (images per sample that has any, as the processor counts them) recounted over the
+        group's images; a kind the group holds none of is dropped from the call."""
+        by: dict[str, torch.Tensor] = {}
+        dropped: list[str] = []
+        for keys, units in ((self.image_inputs, group.images), (self.video_inputs, group.videos)):
+            given = [k for k in keys if inputs.get(k) is not None]
+            if units:
+                by.update(dict.fromkeys(given, torch.tensor(list(units))))
+            else:
+                dropped += given
+        out = select_rows(inputs, group.samples, by)
+        per_sample = inputs.get("batch_num_images")
+        if per_sample is not None:
+            if group.images:
+                owner = torch.repeat_interleave(torch.as_tensor(per_sample).cpu())  # image -> its sample's ordinal
+                counts = torch.unique_consecutive(owner[list(group.images)], return_counts=True)[1]
+                out["batch_num_images"] = counts.to(torch.as_tensor(per_sample).device)
+            else:
+                dropped.append("batch_num_images")
+        return {k: v for k, v in out.items() if k not in dropped}
+
+    # ------------------------------------------------------------------ patch grids
+    def visual_grids(self, visual: torch.Tensor, inputs: dict | None = None) -> tuple[PatchGrid, ...] | None:
+        """Images: as :meth:`LlavaNextAdapter.visual_grids` (see the class docstring). Videos: one
+        ``pooled_side x pooled_side`` grid over ``frames`` pooled frames (``PatchGrid(frames=...)``), the
+        trailing newline in no grid. None for a call with both images and videos (their grids differ)."""
+        inputs = inputs or {}
+        videos = self.video_token_counts(inputs)
+        if not videos:
+            return super().visual_grids(visual, inputs)
+        if self.image_token_counts(inputs):
+            return None
+        side = self.pooled_side
+        frames, rest = divmod(visual.shape[-1] - 1, side * side)
+        return (PatchGrid(side, side, frames=frames),) if frames > 0 and rest == 0 else None
 
     # ------------------------------------------------------------------ saliency
     def attach_tile_saliency(self, sink) -> list:
@@ -197,3 +328,29 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             [t[..., None] for t in per_tile.float().split(tiles)], sizes, image_newline=newline,
             vision_aspect_ratio=aspect)
         return [p[:, 0] for p in packed]
+
+    def saliency_encoders(self) -> dict[str, Callable[[torch.Tensor | None, dict], list[torch.Tensor]]]:
+        """``get_image_features`` (:meth:`pack_call_saliency`) and ``get_video_features``
+        (:meth:`pack_video_saliency`)."""
+        return {**super().saliency_encoders(), "get_video_features": self.pack_video_saliency}
+
+    def pack_video_saliency(self, per_frame: torch.Tensor | None, arguments: dict) -> list[torch.Tensor]:
+        """Per-frame saliency [n_videos * frames, P] of one ``get_video_features`` call (its bound
+        ``arguments``: ``pixel_values_videos``, or ``pixel_values`` in older transformers) pooled like the
+        features by the model's own ``apply_pooling`` (bilinear, side -> ``ceil(side / 2)``), the frames one
+        after the other, then ``-inf`` for the trailing newline: one FloatTensor [N_v] per video.
+
+        Raises:
+            RuntimeError: no saliency was captured, or it covers a different number of frames than the videos.
+        """
+        pixels = arguments.get("pixel_values_videos")
+        if pixels is None:  # older transformers (5.17) name it pixel_values
+            pixels = arguments["pixel_values"]
+        videos, frames = pixels.shape[:2]
+        if per_frame is None or per_frame.shape[0] != videos * frames:
+            got = 0 if per_frame is None else per_frame.shape[0]
+            raise RuntimeError(f"LLaVA-OneVision saliency: captured attention for {got} frames, the videos have "
+                               f"{videos * frames}")
+        pooled = self.model.model.apply_pooling(per_frame.float()[..., None])[..., 0].reshape(videos, -1)
+        newline = torch.full((videos, 1), float("-inf"), device=pooled.device)
+        return list(torch.cat([pooled, newline], dim=1))
