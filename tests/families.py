@@ -1,11 +1,11 @@
 """Every supported model family as a tiny random-weight model of its real class plus its inputs: what the
 conformance matrix (``test_conformance.py``) runs each registered method on. A ``*_video`` entry is a family
-whose prompts hold a video instead of an image (Qwen2.5-VL, Qwen3-VL; Qwen2-VL shares Qwen2.5-VL's code path
-and is covered in ``test_qwen_video.py``).
+whose prompts hold a video instead of an image (Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision; Qwen2-VL shares
+Qwen2.5-VL's code path and is covered in ``test_qwen_video.py``).
 
 A :class:`Family` builds the model for an attention implementation and a batch of the three standard
-prompts, each sample with its own image (or video, for the ``*_video`` entries) whose content does not depend on the batch it is in (so a sample
-alone is the same sample). Adding a family: its builders (a ``*_tiny.py`` module like ``qwen_tiny.py``)
+prompts, each sample with its own image (or video) whose content does not depend on the batch it is in (so a
+sample alone is the same sample). Adding a family: its builders (a ``*_tiny.py`` module like ``qwen_tiny.py``)
 and one entry in :data:`FAMILIES`.
 
 :data:`METHODS` and :func:`method_options` are the other axis of the matrix: every registered method and its

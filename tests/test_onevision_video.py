@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from families import METHODS
 from families import method_options as options
-from family_checks import LayerSpy, eager_tower_attentions, generate
+from family_checks import LayerSpy, eager_tower_attentions, generate, layer0_input
 from onevision_tiny import (
     FRAMES,
     LAYERS,
@@ -252,10 +252,25 @@ def test_parvts_ranks_across_all_frames(model):
     assert frames.amax() > 0  # not only the first frame
 
 
-def test_pool_gets_the_videos_frames_x_rows_x_cols_grid(model):
-    with vtprune.apply(model, "pool", budget=8) as run:
-        generate(model, inputs("two_videos"), 1)
+def test_pool_pools_each_video_in_time_and_space_and_keeps_its_newline(model):
+    """``pool`` with a budget of 9 per video: the video's 4 x 2 x 2 grid pooled to 8 tokens of equal windows
+    (so their mean is the mean of the 16 patches' embeddings), and the newline, in no grid, unchanged."""
+    x = inputs("two_videos", (1,))
+    stock_h = layer0_input(model, x)
+    with vtprune.apply(model, "pool", budget=9) as run:
+        pooled_h = layer0_input(model, x)
     assert run.gen.visual_grids == (PatchGrid(POOLED, POOLED, frames=FRAMES),)
+    visual, kept = run.gen.visual_index[0], run.gen.visual[0]
+    assert kept.shape == (2, 9)
+    index = run.gen.layouts[0].index[0].tolist()
+    for v in range(2):
+        newline = int(visual[v, -1])
+        assert newline in kept[v].tolist()
+        assert torch.equal(pooled_h[0, index.index(newline)], stock_h[0, newline])
+        centres = [int(k) for k in kept[v] if int(k) != newline]  # each pooled token at its window's centre
+        assert len(centres) == 8 and len({(k - int(visual[v, 0])) // POOLED**2 for k in centres}) > 1  # in time too
+        pooled = [index.index(k) for k in centres]
+        torch.testing.assert_close(pooled_h[0, pooled].mean(0), stock_h[0, visual[v, :-1]].mean(0))
 
 
 # ---------------------------------------------------------------- errors
