@@ -6,7 +6,7 @@ windows.
 
 Adding a family: after its entry in ``families.FAMILIES`` (its tiny model), its row in :data:`TINY` (its
 standard batch), then a row in the table of each shape it has. What only one family has (DeepStack, M-RoPE interleaving, tiles, bidirectional
-image blocks, downsampled grids, video refusal) stays in the family's own file (``test_<family>.py``); keep-all
+image blocks, downsampled grids, video) stays in the family's own file (``test_<family>.py``); keep-all
 = stock, batched = one by one and stock after exit for every method run in ``test_conformance.py``.
 """
 

@@ -105,8 +105,8 @@ class Adapter:
 
     @property
     def video_token_id(self) -> int | None:
-        """The placeholder token id of video tokens, or None for a family whose videos vtprune does not
-        schedule (the default: video inputs are refused, :meth:`refuse_video`)."""
+        """The placeholder token id of video tokens, or None (the default) for a family whose model class takes
+        no video input."""
         return None
 
     @property
@@ -251,21 +251,6 @@ def select_rows(inputs: dict, samples: list[int], by: dict[str, torch.Tensor]) -
         else:
             out[key] = value
     return out
-
-
-def refuse_video(input_ids: torch.Tensor, inputs: dict, keys: tuple[str, ...], video_token_id: int | None,
-                 instead: str) -> None:
-    """Raise ValueError when a call carries video: any of ``keys`` in ``inputs``, precomputed video features
-    (``mm_encoder_outputs["video"]``), or ``video_token_id`` in ``input_ids``; ``instead`` ends the message
-    (what to pass instead). vtprune schedules image tokens only."""
-    given = [k for k in keys if inputs.get(k) is not None]
-    if (inputs.get("mm_encoder_outputs") or {}).get("video") is not None:
-        given.append("mm_encoder_outputs['video']")
-    if video_token_id is not None and bool((input_ids == video_token_id).any()):
-        given.append(f"video tokens (video_token_id={video_token_id}) in input_ids")
-    if given:
-        raise ValueError("vtprune schedules image tokens only; video inputs are not supported "
-                         f"(got {', '.join(given)}). {instead}")
 
 
 def saliency_rows(kinds: tuple[str, ...], samples: int, order: tuple[str, ...] = ("image", "video")) -> torch.Tensor:

@@ -37,8 +37,8 @@ from vtprune.adapters.base import (
     SampleGroup,
     register_adapter,
     select_rows,
+    unit_groups,
     units_of,
-    units_per_sample,
 )
 
 
@@ -115,21 +115,12 @@ class Qwen2VLAdapter(Adapter):
     def batch_groups(self, input_ids: torch.Tensor, inputs: dict) -> list[SampleGroup] | None:
         """For a ``generate`` call: its samples grouped by the kinds and token counts of their images and
         videos (dynamic resolution: the counts follow each image's size and each video's frames and size),
-        or None when all samples are alike or the call carries no grids. Raises ValueError as
-        :func:`~vtprune.adapters.base.units_per_sample`."""
+        or None when all samples are alike or the call carries no grids (:func:`~vtprune.adapters.base.unit_groups`).
+        Raises ValueError as :func:`~vtprune.adapters.base.units_per_sample`."""
         counts = self.unit_counts(inputs)
         if all(c is None for c in counts.values()):
             return None
-        per_sample = units_per_sample(input_ids, self._token_ids(), counts)
-        keys = [tuple((kind, c.numel()) for kind, c in units) for units in per_sample]
-        if len(set(keys)) == 1:
-            return None
-        groups: dict[tuple, list[int]] = {}
-        for b, key in enumerate(keys):
-            groups.setdefault(key, []).append(b)
-        owner = {k: [b for b, units in enumerate(per_sample) for kind, _ in units if kind == k] for k in ("image", "video")}
-        return [SampleGroup(samples, [i for i, b in enumerate(owner["image"]) if b in samples],
-                            tuple(i for i, b in enumerate(owner["video"]) if b in samples)) for samples in groups.values()]
+        return unit_groups(input_ids, self._token_ids(), counts)
 
     def select_samples(self, inputs: dict, group: SampleGroup) -> dict:
         """``inputs`` restricted to ``group``: per-sample tensors by sample, ``image_grid_thw`` /
