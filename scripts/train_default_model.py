@@ -283,7 +283,7 @@ class Tasks:
     """Draws training questions (set, image index, question, answer) from the training sets."""
 
     def __init__(self, store: Store, mix: dict[str, float], rng: random.Random, caption_frac: float = 0.2,
-                 single_turn: bool = False, easyvqa_single: float = 0.5):
+                 single_turn: bool = False, easyvqa_single: float = 0.5, prefer: tuple[str, ...] = ()):
         from vtprune.eval.datasets.base import object_question
         from vtprune.eval.datasets.imagenet_category import EXCLUDED_CLASSES, category_answers
         from vtprune.eval.datasets.imagenet_pope import POPULAR
@@ -291,6 +291,7 @@ class Tasks:
 
         self.rng, self.mix, self.caption_frac, self.single_turn = rng, mix, caption_frac, single_turn
         self.easyvqa_single = easyvqa_single
+        self.prefer = set(prefer)  # question tags drawn first wherever a scene part / easy-VQA image has one
         self.q = object_question
         self.in_sets = [n for n in store.meta if n.startswith("imagenet-train")]
         self.sc_sets = [n for n in store.meta if n.startswith("scenes-train")]
@@ -381,7 +382,7 @@ class Tasks:
         by_part: dict[str, list] = {}
         for q, a, kind, qtype in questions:
             by_part.setdefault(kind, []).append((q, a, f"sc-{kind}-{qtype}"))
-        turns = [r.choice(v) for v in by_part.values()]
+        turns = [r.choice([t for t in v if t[2] in self.prefer] or v) for v in by_part.values()]
         r.shuffle(turns)
         (q, a, tag), more = turns[0], turns[1:]
         return (name, i), q, a, tag, more
@@ -391,6 +392,8 @@ class Tasks:
         the colour and one that reveals only the shape, in random order (see :func:`_easyvqa_reveals`)."""
         r = self.rng
         key, q, a = r.choice(self.ev)
+        if "ev-color" in self.prefer and self.ev_by_image[key].get("color"):
+            q, a = r.choice(self.ev_by_image[key]["color"])
         if self.single_turn or r.random() < self.easyvqa_single:
             return key, q, a, "ev", []
         groups = self.ev_by_image[key]
@@ -813,7 +816,8 @@ def cmd_train(args):
         raise SystemExit(f"--mix {args.mix!r}: give 4 or 5 weights (imagenet yes/no, imagenet what-is, scenes, "
                          "easy-VQA[, categories])")
     mix = dict(zip(MIX_TASKS, weights + [0.0] * (5 - len(weights)), strict=True))
-    tasks = Tasks(store, mix, rng, args.caption_frac, args.single_turn, args.easyvqa_single)
+    tasks = Tasks(store, mix, rng, args.caption_frac, args.single_turn, args.easyvqa_single,
+                  tuple(t for t in args.prefer.split(",") if t))
     if args.init_weights and args.stage != 2:
         raise SystemExit("--init-weights starts stage 2 (projector + LoRA) from exported weights: use --stage 2")
     if args.init and args.init_weights:
@@ -1053,6 +1057,9 @@ def main():
     t.add_argument("--easyvqa-single", type=float, default=0.5,
                    help="fraction of easy-VQA items asked alone (else one colour + one shape question)")
     t.add_argument("--caption-frac", type=float, default=0.2, help="fraction of scene questions that are captions")
+    t.add_argument("--prefer", default="",
+                   help="comma-separated question tags drawn first where a scene part or an easy-VQA image has one "
+                        "(e.g. sc-background-color,ev-color: a stage that drills colour)")
     t.add_argument("--steps", type=int, default=1000, help="length of the lr schedule")
     t.add_argument("--stop-at", type=int, default=0, help="stop after this many steps (0: --steps)")
     t.add_argument("--single-turn", action="store_true",
