@@ -1,6 +1,7 @@
-"""The benchmark harness (``vtprune.bench``, ``vtprune bench``): architecture configs, synthetic inputs,
-the ideal-speedup arithmetic, one tiny end-to-end run through the CLI, and bad input. Nothing here
-asserts a timing value: timings only have to exist and be positive."""
+"""The benchmark harness (``vtprune.bench``, ``vtprune bench``): architecture configs, synthetic inputs
+(images, and videos on the Qwen2.5-VL architectures), the ideal-speedup arithmetic, one tiny end-to-end run
+through the CLI, one tiny video run over two frame counts, and bad input. Nothing here asserts a timing
+value: timings only have to exist and be positive."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 import vtprune
 from vtprune import cli
 from vtprune.bench import archs, ideal, measure, runner
-from vtprune.bench.inputs import synthetic_inputs
+from vtprune.bench.inputs import synthetic_inputs, visual_tokens
 
 TINY_VISUAL = 16
 PHASES = ("prefill", "decode", "end_to_end")
@@ -34,6 +35,27 @@ def test_arch_configs_have_the_stated_dims(name, d, layers, heads, mlp):
     assert archs.image_tokens(cfg) == 576 == (336 // 14) ** 2
     assert cfg.vision_feature_layer == -2 and cfg.vision_feature_select_strategy == "default"
     assert cfg.image_token_id == 32000
+
+
+@pytest.mark.parametrize("name, d, layers, heads, kv, mlp, vit, frame, per_frame", [
+    ("qwen2.5-vl-7b", 3584, 28, 28, 4, 18944, (32, 1280, 3420, 16), 448, 128),
+    ("qwen2.5-vl-cpu-small", 1024, 8, 16, 4, 2816, (4, 256, 688, 4), 224, 32),
+])
+def test_qwen_arch_configs_have_the_stated_dims(name, d, layers, heads, kv, mlp, vit, frame, per_frame):
+    cfg = archs.arch_config(name)
+    t, v = cfg.text_config, cfg.vision_config
+    assert type(cfg).__name__ == "Qwen2_5_VLConfig" and cfg.model_type == "qwen2_5_vl"
+    assert (t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads, t.intermediate_size,
+            t.vocab_size) == (d, layers, heads, kv, mlp, 152064)
+    assert sum(t.rope_parameters["mrope_section"]) == d // heads // 2  # M-RoPE sections cover the rotary half
+    assert (v.depth, v.hidden_size, v.intermediate_size, v.num_heads) == vit and v.out_hidden_size == d
+    assert (v.patch_size, v.temporal_patch_size, v.spatial_merge_size, v.window_size) == (14, 2, 2, 112)
+    assert (cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id) == (151655, 151656, 151652)
+    assert archs.get_arch(name).frame_size == frame
+    # an image: (frame / 28)^2 merged tokens; a video of F frames: F / 2 temporal patches of as many
+    assert visual_tokens(cfg, None, frame) == 2 * per_frame == (frame // 28) ** 2
+    assert [visual_tokens(cfg, f, frame) for f in (4, 8, 16)] == [4 * per_frame, 8 * per_frame, 16 * per_frame]
+    assert archs.get_arch("qwen2.5-vl-7b").vision["fullatt_block_indexes"] == [7, 15, 23, 31]
 
 
 def test_clip_tower_of_llava_15():
@@ -60,6 +82,50 @@ def test_tiny_model_and_inputs():
     assert inputs["pixel_values"].shape == (3, 3, 32, 32)
     with pytest.raises(ValueError, match="prompt_tokens must be an int >= 2"):
         synthetic_inputs(model, prompt_tokens=1)
+    with pytest.raises(ValueError, match="video inputs need a model that takes videos.*'llava' takes images only"):
+        synthetic_inputs(model, video_frames=4)
+
+
+QWEN_TINY_FRAME = 8  # merged tokens per temporal patch of the 32 px frames: (32 / (4 x 2))^2 = 16, 8 per frame
+
+
+@pytest.fixture(scope="module")
+def qwen_tiny():
+    return archs.build_model("qwen2.5-vl-tiny")
+
+
+def test_qwen_video_and_image_inputs_are_laid_out_as_the_processor_lays_them(qwen_tiny):
+    model, cfg = qwen_tiny, qwen_tiny.config
+    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration" and model.generation_config.eos_token_id is None
+    video = synthetic_inputs(model, batch=2, prompt_tokens=10, seed=1, video_frames=6, frame_size=32)
+    ids = video["input_ids"]
+    n = 6 * QWEN_TINY_FRAME
+    assert ids.shape == (2, 10 + n + 2) and torch.equal(ids[0], ids[1])
+    row = ids[0].tolist()
+    start = row.index(cfg.vision_start_token_id)
+    assert start == 1 and row[start + 1:start + 1 + n] == [cfg.video_token_id] * n  # after the first tenth
+    assert row[start + 1 + n] == cfg.vision_end_token_id and cfg.image_token_id not in row
+    assert torch.equal(video["mm_token_type_ids"], 2 * (ids == cfg.video_token_id).int())
+    # 3 temporal patches of 8 x 8 patches per sample, one row of 3 x 2 x 4 x 4 values each
+    assert video["video_grid_thw"].tolist() == [[3, 8, 8]] * 2
+    assert video["pixel_values_videos"].shape == (2 * 3 * 64, 96) and video["second_per_grid_ts"].tolist() == [1.0, 1.0]
+    assert "pixel_values" not in video
+    image = synthetic_inputs(model, batch=1, prompt_tokens=10, frame_size=64)
+    assert image["image_grid_thw"].tolist() == [[1, 16, 16]] and image["pixel_values"].shape == (256, 96)
+    assert (image["input_ids"] == cfg.image_token_id).sum() == 64 == visual_tokens(cfg, None, 64)
+    with torch.no_grad():  # the stock model takes them: one visual token per merged patch of the video
+        assert torch.isfinite(model(**video, logits_to_keep=1).logits).all()
+
+
+@pytest.mark.parametrize("frames, size, match", [
+    (3, 32, "video_frames 3: this model encodes frames in temporal patches of 2; give a multiple of 2"),
+    (0, 32, "video_frames must be an int >= 1"),
+    (4, 36, r"frame_size 36 px must be a multiple of 8 px \(patch 4 px x merge 2\)"),
+    (4, 0, "frame_size must be an int >= 8"),
+])
+def test_qwen_video_inputs_reject_bad_shapes(qwen_tiny, frames, size, match):
+    with pytest.raises(ValueError, match=match):
+        synthetic_inputs(qwen_tiny, video_frames=frames, frame_size=size)
 
 
 # ---------------------------------------------------------------------------------------- planning / bad input
@@ -95,13 +161,24 @@ def test_spec_rejects_bad_values(field, value):
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["--arch", "llava-9b"], "unknown arch 'llava-9b'; accepted: llava-1.5-13b, llava-1.5-7b, llava-cpu-small, tiny"),
+    (["--arch", "llava-9b"], "unknown arch 'llava-9b'; accepted: llava-1.5-13b, llava-1.5-7b, llava-cpu-small, "
+                             "qwen2.5-vl-7b, qwen2.5-vl-cpu-small, qwen2.5-vl-tiny, tiny"),
     (["--arch", "tiny", "--methods", "none,magic"], "unknown method 'magic'; accepted: " + ", ".join(sorted(vtprune.METHODS))),
     (["--arch", "tiny", "--budgets", "64"], r"budget 64 out of range: budgets are ints in [1, 16]"),
     (["--arch", "tiny", "--new-tokens", "0"], "new_tokens must be an int >= 1"),
     (["--arch", "tiny", "--model", "x"], "not allowed with argument"),
     (["--arch", "tiny", "--budgets", "a,b"], "budget 'a': expected visual tokens per image (e.g. 64), a percentage"),
     (["--arch", "tiny", "--attn", "flash_attention_3"], "invalid choice"),
+    (["--arch", "tiny", "--video-frames", "4"], "video inputs need a model that takes videos"),
+    (["--video-frames", "4"], "--video-frames: the bundled model takes images only"),
+    (["--arch", "tiny", "--frame-size", "64"], "frame_size applies to models whose visual tokens follow"),
+    (["--arch", "qwen2.5-vl-tiny", "--video-frames", "4,5"], "video_frames 5: this model encodes frames in temporal "
+                                                            "patches of 2"),
+    (["--arch", "qwen2.5-vl-tiny", "--video-frames", "0"], "expected comma-separated frame counts >= 1"),
+    (["--arch", "qwen2.5-vl-tiny", "--video-frames", "a"], "expected comma-separated frame counts >= 1"),
+    (["--arch", "qwen2.5-vl-tiny", "--video-frames", "2,4", "--budgets", "24"],
+     "budget 24 out of range: budgets are ints in [1, 16] (visual tokens per video of this model)"),
+    (["--arch", "qwen2.5-vl-tiny", "--frame-size", "30"], "frame_size 30 px must be a multiple of 8 px"),
 ])
 def test_cli_bench_bad_input(capsys, monkeypatch, argv, match):
     def boom(*a, **k):
@@ -224,3 +301,65 @@ def test_bench_overhead_and_scoring(tiny_run):
         assert s["hook_calls"] == 4 * new_tokens + 2 * layers * (1 + acting), name
         assert 0 < s["hook_ms"] and 0 < s["wrapper_ms"] and s["host_share_of_stock_end_to_end"] > 0
         assert s["hook_ms"] >= s["total_ms"]  # scoring runs inside the attention listener
+
+
+# ---------------------------------------------------------------------------------------- a tiny video run
+VIDEO_FRAMES = (2, 4)
+
+
+@pytest.fixture(scope="module")
+def tiny_video_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-video")
+    argv = ["bench", "--arch", "qwen2.5-vl-tiny", "--video-frames", "4,2", "--methods", "none,fastv,pool",
+            "--budgets", "25%", "--prompt-tokens", "12", "--new-tokens", "2", "--repeats", "1", "--warmup", "0",
+            "--matmul-size", "128", "--copy-mb", "4", "--dtype", "float32", "--out", str(out)]
+    assert cli.main(argv) == 0
+    return out
+
+
+def test_video_bench_writes_a_run_per_frame_count_and_a_summary(tiny_video_run, capsys):
+    out = tiny_video_run
+    stems = [f"bench-b1-p12-n2-v{n}-float32" for n in VIDEO_FRAMES] + ["bench-video-b1-p12-n2-float32"]
+    suffixes = (".json", ".md") + ((".png",) if importlib.util.find_spec("matplotlib") is not None else ())
+    assert sorted(p.name for p in out.iterdir()) == sorted(stem + suffix for stem in stems for suffix in suffixes)
+    for n in VIDEO_FRAMES:
+        result = json.loads((out / f"bench-b1-p12-n2-v{n}-float32.json").read_text())
+        meta = result["meta"]
+        assert (meta["visual_kind"], meta["video_frames"], meta["frame_size"]) == ("video", n, 32)
+        assert meta["visual_tokens_per_unit"] == n * QWEN_TINY_FRAME and meta["visual_tokens_per_image"] is None
+        assert meta["sequence_length"] == 12 + n * QWEN_TINY_FRAME + 2 and result["spec"]["video_frames"] == n
+        cases = {c["name"]: c for c in result["cases"]}
+        assert list(cases) == ["stock", "none", "fastv@25%", "pool@25%"]
+        fastv = cases["fastv@25%"]
+        kept = n * QWEN_TINY_FRAME // 4
+        # the report counts the video's tokens as visual tokens, per layer
+        assert fastv["visual"]["visual_tokens_per_layer_prefill"][-1] == kept
+        assert cases["pool@25%"]["visual"]["visual_tokens_per_layer_prefill"] == [kept] * 6
+        assert result["model_work"]["vision_flops"] > 0  # the tower ran on the video
+        md = (out / f"bench-b1-p12-n2-v{n}-float32.md").read_text()
+        assert f"one video of {n} frames at 32 x 32 px ({n * QWEN_TINY_FRAME} visual tokens)" in md
+
+
+def test_video_summary_shows_the_saving_growing_with_frames(tiny_video_run):
+    summary = json.loads((tiny_video_run / "bench-video-b1-p12-n2-float32.json").read_text())
+    assert summary["frames"] == list(VIDEO_FRAMES) and summary["files"] == [
+        f"bench-b1-p12-n2-v{n}-float32.md" for n in VIDEO_FRAMES]
+    rows = {(r["case"], r["frames"]): r for r in summary["rows"]}
+    assert [key for key in rows] == [(c, n) for c in ("stock", "none", "fastv@25%", "pool@25%") for n in VIDEO_FRAMES]
+    for r in rows.values():
+        assert r["ttft_ms"] > 0 and r["end_to_end_ms"] > 0 and r["ttft_speedup"] > 0 and r["end_to_end_speedup"] > 0
+        assert r["visual_tokens"] == r["frames"] * QWEN_TINY_FRAME
+    for n in VIDEO_FRAMES:
+        assert rows["stock", n]["end_to_end_flops_ideal"] == 1.0 and rows["stock", n]["kv_bytes"] is None
+        assert rows["none", n]["decoder_flops_ratio"] == 1.0 and rows["none", n]["kv_ratio"] == 1.0
+    for case in ("fastv@25%", "pool@25%"):
+        few, many = rows[case, 2], rows[case, 4]
+        # a quarter of the video kept: the more frames, the larger the visual share of the work it saves
+        assert 1.0 > few["decoder_flops_ratio"] > many["decoder_flops_ratio"]
+        assert 1.0 > few["kv_ratio"] > many["kv_ratio"]
+        assert 1.0 < few["end_to_end_flops_ideal"] < many["end_to_end_flops_ideal"]
+        assert few["end_to_end_roofline_ideal"] > 1.0 and many["end_to_end_roofline_ideal"] > 1.0
+    md = (tiny_video_run / "bench-video-b1-p12-n2-float32.md").read_text()
+    for text in ("# vtprune bench, video: qwen2.5-vl-tiny", "Saving vs frames", "| fastv@25% | 2 | 16 (",
+                 "| pool@25% | 4 | 32 (", "command: `vtprune bench --arch qwen2.5-vl-tiny --video-frames 4,2"):
+        assert text in md

@@ -3,7 +3,7 @@
 Protocol (:func:`run_bench`):
 
 1. Synthetic inputs (:mod:`vtprune.bench.inputs`): B identical rows of ``prompt_tokens`` text tokens
-   around one image. Every generation is greedy with ``eos_token_id = None`` and
+   around one image, or one video of ``video_frames`` frames (Qwen2-VL family). Every generation is greedy with ``eos_token_id = None`` and
    ``min_new_tokens = max_new_tokens = new_tokens``, so every case decodes exactly as many tokens
    (checked on the output).
 2. Cases: ``stock`` (the model without vtprune: the baseline of every speedup), ``none`` (vtprune
@@ -58,21 +58,23 @@ import torch
 from vtprune import __version__
 from vtprune.api import apply
 from vtprune.bench import measure
-from vtprune.bench.archs import image_tokens
 from vtprune.bench.ideal import ModelWork, ideal_speedups, phase_work
-from vtprune.bench.inputs import synthetic_inputs
+from vtprune.bench.inputs import frame_size_of, synthetic_inputs, vision_call, vision_modules, visual_tokens
 from vtprune.methods.spec import DEFAULT  # a budget that runs a method with its own defaults
 
 STOCK = "stock"
 DEFAULT_METHODS = ("none", "parvts", "st3", "fastv")
 DEFAULT_BUDGETS = (192, 128, 64)
+DEFAULT_VIDEO_BUDGETS = ("50%", "25%", "12.5%")  # a share of each video's tokens: comparable across frame counts
 OVERHEAD_TARGET = 1.02  # issue 5: `none` attached within 2 % of the stock model end-to-end
 
 
 @dataclasses.dataclass
 class BenchSpec:
     """What to run. Counts are tokens; ``copy_bytes`` bytes; ``matmul_size`` the side of the square
-    matmul; None picks the device default (:mod:`vtprune.bench.measure`)."""
+    matmul; None picks the device default (:mod:`vtprune.bench.measure`). ``video_frames``: feed one video of
+    that many frames instead of the image (None: the image); ``frame_size``: side in px of the square image or
+    frames of a model whose visual tokens follow the picture's size (None: :mod:`vtprune.bench.inputs`' default)."""
 
     methods: tuple[str, ...] = DEFAULT_METHODS
     budgets: tuple[int | str, ...] = DEFAULT_BUDGETS
@@ -84,6 +86,8 @@ class BenchSpec:
     seed: int = 0
     matmul_size: int | None = None
     copy_bytes: int | None = None
+    video_frames: int | None = None
+    frame_size: int | None = None
 
     def validate(self) -> None:
         """Raise ValueError naming the field and its accepted range."""
@@ -93,8 +97,9 @@ class BenchSpec:
                 raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
         if not self.methods:
             raise ValueError("methods is empty; accepted: " + ", ".join(_method_names()))
-        for name, value in (("matmul_size", self.matmul_size), ("copy_bytes", self.copy_bytes)):
-            if value is not None and (not isinstance(value, int) or value < 1):
+        for name, value in (("matmul_size", self.matmul_size), ("copy_bytes", self.copy_bytes),
+                            ("video_frames", self.video_frames), ("frame_size", self.frame_size)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive int or None, got {value!r}")
 
 
@@ -122,13 +127,13 @@ def check_methods(methods) -> None:
         parse_spec(label)
 
 
-def plan_cases(methods, budgets, n_visual: int, num_layers: int) -> list[Case]:
+def plan_cases(methods, budgets, n_visual: int, num_layers: int, unit: str = "image") -> list[Case]:
     """The cases of a run: ``stock``, then ``none`` if asked, then each other method x budget: a budget is
-    an int (visual tokens kept per image), a percentage of them (``"25%"``) or ``"default"`` (the
-    method's own default options); a method spec may name its own (``"st3@64"``,
+    an int (visual tokens kept per image, or per video: ``unit``), a percentage of them (``"25%"``) or
+    ``"default"`` (the method's own default options); a method spec may name its own (``"st3@64"``,
     :func:`vtprune.methods.expand`).
 
-    Each method is built and planned against the model (``n_visual`` visual tokens per image,
+    Each method is built and planned against the model (``n_visual`` visual tokens per image or video,
     ``num_layers`` decoder layers) before anything runs.
 
     Raises:
@@ -145,14 +150,14 @@ def plan_cases(methods, budgets, n_visual: int, num_layers: int) -> list[Case]:
             continue
         specs = expand([text], budgets)
         if not specs or any(s.budget is None for s in specs):
-            raise ValueError(f"method {parse_spec(text).name!r} needs at least one budget (visual tokens per image, "
+            raise ValueError(f"method {parse_spec(text).name!r} needs at least one budget (visual tokens per {unit}, "
                              f"1..{n_visual}, a percentage, or {DEFAULT!r})")
         for spec in specs:
             options = spec.options
             b = options.get("budget")
             if b is not None and not (1 <= b <= n_visual):
                 raise ValueError(f"budget {b!r} out of range: budgets are ints in [1, {n_visual}] "
-                                 f"(visual tokens per image of this model), percentages or {DEFAULT!r} "
+                                 f"(visual tokens per {unit} of this model), percentages or {DEFAULT!r} "
                                  "(the method's defaults)")
             spec.build().plan(num_layers, n_visual)
             case = Case(spec.text, spec.name, tuple(sorted(options.items())))
@@ -163,15 +168,13 @@ def plan_cases(methods, budgets, n_visual: int, num_layers: int) -> list[Case]:
 
 def model_work(model, inputs: dict) -> ModelWork:
     """The method-independent work of one batch (see :class:`ModelWork`); the vision FLOPs are counted
-    by running the vision tower + projector once under FlopCounterMode."""
+    by running the vision tower + projector (Qwen: the merger) once on the batch's images or videos under
+    FlopCounterMode (:func:`vtprune.bench.inputs.vision_call`)."""
     from vtprune.adapters import adapter_for
     from vtprune.engine.ledger import Dims
 
     adapter = adapter_for(model)
-    cfg = model.config
-    vision_flops = measure.count_flops(lambda: model.model.get_image_features(
-        pixel_values=inputs["pixel_values"], vision_feature_layer=cfg.vision_feature_layer,
-        vision_feature_select_strategy=cfg.vision_feature_select_strategy))
+    vision_flops = measure.count_flops(vision_call(model, inputs))
     head = model.get_output_embeddings()
     batch = inputs["input_ids"].shape[0]
     dims = Dims.from_config(adapter.text_config)
@@ -179,7 +182,7 @@ def model_work(model, inputs: dict) -> ModelWork:
     return ModelWork(
         vision_flops=vision_flops,
         lm_head_flops=2 * batch * head.in_features * head.out_features,
-        vision_bytes=measure.param_bytes(model.model.vision_tower, model.model.multi_modal_projector),
+        vision_bytes=measure.param_bytes(*vision_modules(model)),
         decoder_bytes=measure.param_bytes(*adapter.decoder_layers, getattr(adapter.language_model, "norm", None)),
         lm_head_bytes=measure.param_bytes(head),
         kv_bytes_per_token=2 * dims.kv_heads * dims.head_dim * elsize,
@@ -347,7 +350,8 @@ def run_bench(model, spec: BenchSpec, label: str = "model", meta: dict | None = 
     """Benchmark ``spec``'s methods x budgets on ``model`` against the same model unpruned.
 
     Args:
-        model: a supported ``LlavaForConditionalGeneration`` in eval mode, on its device and dtype.
+        model: a supported ``LlavaForConditionalGeneration``, or a Qwen2-VL / Qwen2.5-VL model
+            (:data:`vtprune.bench.inputs.LAYOUTS`), in eval mode, on its device and dtype.
         spec: what to run (:class:`BenchSpec`).
         label: the model's name in the outputs.
         meta: extra fields for the result's ``meta`` (e.g. the command line).
@@ -361,7 +365,9 @@ def run_bench(model, spec: BenchSpec, label: str = "model", meta: dict | None = 
         ``overhead`` (none vs stock) and ``scoring`` (per case, ms per scored layer).
 
     Raises:
-        ValueError: invalid spec, unknown method, budget out of range for this model.
+        ValueError: invalid spec, unknown method, budget out of range for this model, a video for a model
+            that takes images only, frames or frame size the model cannot take
+            (:func:`vtprune.bench.inputs.visual_tokens`).
         RuntimeError: non-finite logits, or a generation that did not produce ``new_tokens`` tokens.
     """
     import transformers
@@ -372,10 +378,12 @@ def run_bench(model, spec: BenchSpec, label: str = "model", meta: dict | None = 
     spec.validate()
     adapter = adapter_for(model)
     text_cfg = adapter.text_config
-    n_visual = image_tokens(model.config)
-    cases = plan_cases(spec.methods, spec.budgets, n_visual, text_cfg.num_hidden_layers)
+    n_visual = visual_tokens(model.config, spec.video_frames, spec.frame_size)
+    unit = "image" if spec.video_frames is None else "video"
+    cases = plan_cases(spec.methods, spec.budgets, n_visual, text_cfg.num_hidden_layers, unit)
     device = model.device
-    inputs = synthetic_inputs(model, spec.batch, spec.prompt_tokens, spec.seed, device)
+    inputs = synthetic_inputs(model, spec.batch, spec.prompt_tokens, spec.seed, device, spec.video_frames,
+                              spec.frame_size)
     gc = generation_config(model, spec.new_tokens)
     started = datetime.datetime.now(datetime.UTC)
     load_start = _loadavg()
@@ -435,7 +443,11 @@ def run_bench(model, spec: BenchSpec, label: str = "model", meta: dict | None = 
         "transformers": transformers.__version__,
         "vtprune": __version__,
         "python": sys.version.split()[0],
-        "visual_tokens_per_image": n_visual,
+        "visual_tokens_per_image": n_visual if unit == "image" else None,
+        "visual_kind": unit,
+        "visual_tokens_per_unit": n_visual,
+        "video_frames": spec.video_frames,
+        "frame_size": frame_size_of(model.config, spec.frame_size),
         "sequence_length": int(inputs["input_ids"].shape[1]),
         "decoder": {"hidden": text_cfg.hidden_size, "layers": text_cfg.num_hidden_layers,
                     "heads": text_cfg.num_attention_heads, "intermediate": text_cfg.intermediate_size,
