@@ -9,12 +9,14 @@
 #   cuda-tests  DIR/cuda-tests.txt + .xml: `pytest -m cuda` (tests/test_cuda.py: the conformance matrix in bf16 / fp16,
 #               FlashAttention-2 when flash_attn imports)
 #   bench-a/b/c `vtprune bench` of the LLaVA-1.5-7B architecture (random weights) in bf16, regimes (a) one new token,
-#               (b) batch 1 decode, (c) batch 16 decode: DIR/bench.md (every regime's tables) and DIR/bench.tar.gz
-#               (their JSON / Markdown / PNG)
+#               (b) batch 1 decode, (c) batch 16 decode
+#   bench-v     `vtprune bench --video-frames 8,16,32` of the Qwen2.5-VL-7B architecture (random weights) in bf16: one
+#               video per prompt, one new token, how each method's saving grows with frames
+#               (every regime's tables in DIR/bench.md, their JSON / Markdown / PNG in DIR/bench.tar.gz)
 # and DIR/gpu-check.log (each step's time and exit status, the bench's progress lines): 6 files.
 #
-# --dry-run runs the same steps on the CPU with the bench's `tiny` architecture (the CUDA tests then skip) in about
-# 36 s of CPU time. DIR: --out, else $OUT, else ./gpu-check-out. Needs python3 or python (or $PYTHON) with
+# --dry-run runs the same steps on the CPU with the bench's `tiny` and `qwen2.5-vl-tiny` architectures (the CUDA tests
+# then skip) in about 47 s of CPU time. DIR: --out, else $OUT, else ./gpu-check-out. Needs python3 or python (or $PYTHON) with
 # torch, transformers, pillow, numpy and, for the tests, pytest; vtprune runs from src/ (nothing is installed).
 # Packages the machine lacks can be put in a folder (pip install --target .gpu-deps pytest) that is added to
 # PYTHONPATH ($GPU_CHECK_DEPS, default ./.gpu-deps). Exit status: 0 when every step passed, 1 otherwise.
@@ -84,24 +86,31 @@ run_step() {
 skip_step() { log "step $1: SKIPPED: $2"; }
 
 if [ "$DRY" -eq 1 ]; then
-  MODE="dry run (CPU, tiny architecture)"
+  MODE="dry run (CPU, tiny architectures)"
   export CUDA_VISIBLE_DEVICES=""  # the CPU even on a GPU machine: the CUDA tests skip
   unset VTPRUNE_TEST_DEVICE
-  # the same steps at test sizes: tiny LLaVA (16 visual tokens, budgets scaled), one round, small ceilings
-  BENCH=(--arch tiny --device cpu --dtype float32 --threads 1 --warmup 0 --repeats 1 --matmul-size 256 --copy-mb 8)
+  # the same steps at test sizes: tiny LLaVA (16 visual tokens, budgets scaled), tiny Qwen2.5-VL (8 visual tokens
+  # per frame), one round, small ceilings
+  BENCH=(--device cpu --dtype float32 --threads 1 --warmup 0 --repeats 1 --matmul-size 256 --copy-mb 8)
+  IMAGE_ARCH=(--arch tiny)
   REGIME_A=(--new-tokens 1 --budgets 12,8,4)
   REGIME_B=(--new-tokens 4 --budgets 8)
   REGIME_C=(--new-tokens 4 --batch 16 --budgets 8)
+  REGIME_V=(--arch qwen2.5-vl-tiny --video-frames 2,4 --new-tokens 1 --budgets 25%)
 else
   MODE="GPU"
-  # LLaVA-1.5-7B in bf16 (576 visual tokens, 13.5 GB of weights). Sized for ~5 minutes on an H100 (the step limits
-  # add up to 8; docs/gpu-check.md): a bf16 prefill of ~640 tokens is ~10-15 ms there, a batch-1 decode step
-  # ~25-30 ms (generate's host loop), so (a) costs ~0.05 s per generation, (b) ~0.5 s, (c) ~0.85 s; each case runs
-  # warm-up + rounds + one profiled generation.
-  BENCH=(--arch llava-1.5-7b --device cuda --dtype bfloat16 --warmup 1)
-  REGIME_A=(--new-tokens 1 --budgets 192,128,64 --repeats 5)                # 26 cases x 7 generations: ~30 s
-  REGIME_B=(--new-tokens 16 --budgets 192,128,64 --repeats 3)               # 26 cases x 5: ~85 s
-  REGIME_C=(--new-tokens 16 --batch 16 --budgets 64 --repeats 3)            # 10 cases x 5: ~60 s
+  # LLaVA-1.5-7B in bf16 (576 visual tokens, 13.5 GB of weights) in (a)-(c), Qwen2.5-VL-7B in bf16 (16.6 GB) with one
+  # video of 448 px frames (128 visual tokens per frame) in (v). Sized for ~5 minutes on an H100 (the step limits add
+  # up to 8; docs/gpu-check.md): a bf16 prefill of ~640 tokens is ~10-15 ms there, a batch-1 decode step ~25-30 ms
+  # (generate's host loop), so (a) costs ~0.05 s per generation, (b) ~0.5 s, (c) ~0.85 s; (v) ~0.05 / 0.1 / 0.2 s at
+  # 8 / 16 / 32 frames (a 32-frame prefill: ~4.2k tokens, ~70 TFLOP, and ~20 TFLOP in the ViT); each case runs
+  # warm-up + rounds + one profiled generation, plus ~20 s to import and build the model.
+  BENCH=(--device cuda --dtype bfloat16 --warmup 1)
+  IMAGE_ARCH=(--arch llava-1.5-7b)
+  REGIME_A=(--new-tokens 1 --budgets 192,128,64 --repeats 3)                # 26 cases x 5 generations: ~25 s
+  REGIME_B=(--new-tokens 16 --budgets 128,64 --repeats 3)                   # 18 cases x 5: ~65 s
+  REGIME_C=(--new-tokens 16 --batch 16 --budgets 64 --repeats 2)            # 10 cases x 4: ~55 s
+  REGIME_V=(--arch qwen2.5-vl-7b --video-frames 8,16,32 --new-tokens 1 --budgets 25% --repeats 2)  # 3 x 10 x 4: ~45 s
 fi
 METHODS=parvts,st3,fastv,vtw,pdrop,visionzip,pool,random,none
 log "gpu_check.sh: $MODE; results in $DEST; python $PY"
@@ -171,13 +180,18 @@ if ! "$PY" -c "import PIL" 2>>"$LOG"; then  # vtprune's CLI needs pillow (torch 
   skip_step bench "pillow does not import (see the line above; put it in $DEPS)"
   FAILED=1
 else
-  for regime in a b c; do
-    case $regime in a) args=("${REGIME_A[@]}"); limit=55 ;; b) args=("${REGIME_B[@]}"); limit=110 ;;
-                    c) args=("${REGIME_C[@]}"); limit=90 ;; esac
+  for regime in a b c v; do
+    case $regime in a) args=("${IMAGE_ARCH[@]}" "${REGIME_A[@]}"); limit=40 ;;
+                    b) args=("${IMAGE_ARCH[@]}" "${REGIME_B[@]}"); limit=80 ;;
+                    c) args=("${IMAGE_ARCH[@]}" "${REGIME_C[@]}"); limit=70 ;;
+                    v) args=("${REGIME_V[@]}"); limit=65 ;; esac
     # stdout is the Markdown the bench also writes; stderr its progress lines
     if run_step "bench-$regime" "$limit" /dev/null "$LOG" "$PY" -m vtprune.cli bench "${BENCH[@]}" --methods "$METHODS" \
          "${args[@]}" --out "$WORK/bench-$regime"; then
-      { echo "<!-- regime ($regime) -->"; cat "$WORK/bench-$regime"/*.md; echo; } >>"$DEST/bench.md"
+      # the video summary over frame counts (bench-video-*) first, then each run's tables
+      dir="$WORK/bench-$regime"
+      { echo "<!-- regime ($regime) -->"; cat $(ls "$dir"/bench-video-*.md 2>/dev/null) $(ls -v "$dir"/bench-b*.md); echo; } \
+        >>"$DEST/bench.md"
       tar -czf "$DEST/bench.tar.gz" -C "$WORK" $(cd "$WORK" && ls -d bench-*)
     fi
   done

@@ -1,4 +1,4 @@
-"""``scripts/gpu_check.sh --dry-run``: the GPU check's steps on the CPU with the bench's tiny architecture, so that
+"""``scripts/gpu_check.sh --dry-run``: the GPU check's steps on the CPU with the bench's tiny architectures, so that
 the script a lent GPU machine runs (docs/gpu-check.md) cannot rot between loans: every step passes and writes
 what the GPU run writes, within the 8 files a lent machine sends back."""
 
@@ -22,6 +22,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
 FILES = ["bench.md", "bench.tar.gz", "cuda-tests.txt", "cuda-tests.xml", "env.txt", "gpu-check.log"]
 # regime -> (batch, new tokens) of the dry run
 REGIMES = {"a": (1, 1), "b": (1, 4), "c": (16, 4)}
+VIDEO_FRAMES = (2, 4)  # regime (v), the tiny Qwen2.5-VL: 8 visual tokens per frame
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                                 reason="needs bash and coreutils' timeout")
@@ -45,7 +46,7 @@ def test_dry_run_runs_every_step_and_writes_what_the_gpu_run_writes(tmp_path):
     assert "cuda available: False" in env and "date_utc: " in env and "mode: dry run" in env
 
     log = (out / "gpu-check.log").read_text()
-    for step in ("env", "cuda-tests", "bench-a", "bench-b", "bench-c"):
+    for step in ("env", "cuda-tests", "bench-a", "bench-b", "bench-c", "bench-v"):
         assert f"step {step}: ok in " in log, step
     assert "every step passed" in log
 
@@ -71,7 +72,19 @@ def test_dry_run_runs_every_step_and_writes_what_the_gpu_run_writes(tmp_path):
             assert methods == set(METHODS) | {"stock"}
             assert all(c["peak_memory"]["peak_bytes"] for c in result["cases"])
             assert all(c["speedup"]["measured_over_roofline"]["end_to_end"] for c in result["cases"])
+        # (v): one run per frame count of the video, every method, and the summary over frame counts
+        assert "<!-- regime (v) -->" in md
+        for frames in VIDEO_FRAMES:
+            result = json.load(tar.extractfile(f"bench-v/bench-b1-p60-n1-v{frames}-float32.json"))
+            assert result["meta"]["visual_kind"] == "video" and result["meta"]["visual_tokens_per_unit"] == 8 * frames
+            assert {c["method"] for c in result["cases"]} == set(METHODS) | {"stock"}
+        summary = json.load(tar.extractfile("bench-v/bench-video-b1-p60-n1-float32.json"))
+        assert summary["frames"] == list(VIDEO_FRAMES)
+        assert {r["case"] for r in summary["rows"]} == {"stock"} | {f"{m}@25%" for m in METHODS if m != "none"} | {"none"}
     assert md.count("# vtprune bench: tiny") == 3 and "measured / roofline" in md
+    # the video summary first, then each frame count's tables
+    assert md.index("# vtprune bench, video: qwen2.5-vl-tiny") < md.index("# vtprune bench: qwen2.5-vl-tiny")
+    assert md.count("# vtprune bench: qwen2.5-vl-tiny") == len(VIDEO_FRAMES)
 
 
 def test_unknown_argument_is_refused(tmp_path):
