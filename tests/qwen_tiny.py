@@ -121,11 +121,12 @@ N_VIDEO = FRAMES // TEMPORAL * N_VISUAL  # 32 visual tokens per 32 x 32 px video
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # the processors' defaults
 
 
-def video_pixels(videos: list[np.ndarray]) -> dict:
-    """``pixel_values_videos`` [n_patches, 3 * TEMPORAL * PATCH**2] and ``video_grid_thw`` [n_videos, 3] of uint8
-    videos [frames, height, width, 3] (heights and widths multiples of PATCH * MERGE, frames of TEMPORAL), laid
+def video_pixels(videos: list[np.ndarray], patch: int = PATCH) -> dict:
+    """``pixel_values_videos`` [n_patches, 3 * TEMPORAL * patch**2] and ``video_grid_thw`` [n_videos, 3] of uint8
+    videos [frames, height, width, 3] (heights and widths multiples of patch * MERGE, frames of TEMPORAL), laid
     out as ``Qwen2VLVideoProcessor`` lays them out (rescale, normalise with the CLIP mean / std, then each
-    temporal patch of ``TEMPORAL`` frames cut into PATCH x PATCH patches in merge-window order). The real video
+    temporal patch of ``TEMPORAL`` frames cut into patch x patch patches in merge-window order; ``patch``: the
+    ViT's patch size in px, default PATCH). The real video
     processor needs torchvision, which the CPU venv lacks (PyPI's torchvision needs a CUDA build of torch);
     ``test_qwen_video.py`` checks this layout against it where torchvision imports."""
     rows, grids = [], []
@@ -133,10 +134,10 @@ def video_pixels(videos: list[np.ndarray]) -> dict:
         f, h, w, c = video.shape
         x = (video.astype(np.float32) / 255.0 - np.array(MEAN, np.float32)) / np.array(STD, np.float32)
         x = x.transpose(0, 3, 1, 2)  # [F, C, H, W]
-        t, gh, gw = f // TEMPORAL, h // PATCH, w // PATCH
-        x = x.reshape(t, TEMPORAL, c, gh // MERGE, MERGE, PATCH, gw // MERGE, MERGE, PATCH)
+        t, gh, gw = f // TEMPORAL, h // patch, w // patch
+        x = x.reshape(t, TEMPORAL, c, gh // MERGE, MERGE, patch, gw // MERGE, MERGE, patch)
         x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
-        rows.append(torch.from_numpy(np.ascontiguousarray(x.reshape(t * gh * gw, c * TEMPORAL * PATCH * PATCH))))
+        rows.append(torch.from_numpy(np.ascontiguousarray(x.reshape(t * gh * gw, c * TEMPORAL * patch * patch))))
         grids.append((t, gh, gw))
     return {"pixel_values_videos": torch.cat(rows), "video_grid_thw": torch.tensor(grids)}
 

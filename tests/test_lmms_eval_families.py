@@ -10,10 +10,13 @@ checkpoint, the loaders, ParVTS's budget, the visual tokens of a photo). The che
   ``LlavaNextProcessor`` (any-resolution tiles: the visual tokens per image follow the photo's size).
 * Qwen2-VL / Qwen2.5-VL / Qwen3-VL: ``vtprune_qwen2_vl`` / ``vtprune_qwen2_5_vl`` / ``vtprune_qwen3_vl``
   (lmms-eval's stock Qwen classes) on tiny random models with a word-level tokenizer carrying Qwen's vision
-  tokens and the PIL image processor. Without torchvision (this CPU-only venv) two test-only shims stand in
-  (see :func:`qwen_env`): a stub module so that ``qwen_vl_utils`` imports, and a processor loader that builds
-  ``Qwen2VLProcessor`` / ``Qwen3VLProcessor`` with no video processor; the stock loading of the model, the
-  prompts, ``process_vision_info`` and the generate loop run unchanged.
+  tokens and the PIL image processor, on photos and on a video task (``vtprune_video_local``: an 8-frame mp4
+  written with PyAV, read by qwen-vl-utils with decord) under every method. Without torchvision (this CPU-only
+  venv) test-only shims stand in (see :func:`qwen_env`): a stub module so that ``qwen_vl_utils`` imports, with
+  a tensor ``resize`` for the video frames, and a processor loader that builds ``Qwen2VLProcessor`` /
+  ``Qwen2_5_VLProcessor`` / ``Qwen3VLProcessor`` with :class:`QwenVideoStandIn` (the real video processors'
+  layout, from ``qwen_tiny.video_pixels``) as its video processor; the stock loading of the model, the prompts,
+  ``process_vision_info`` and the generate loop run unchanged.
 * Gemma 3: ``vtprune_gemma3`` (lmms-eval's stock ``gemma3``, a simple class only) on ``gemma3_tiny``'s tiny
   Gemma 3 saved with its real ``Gemma3Processor`` and a chat template; the stock class loads it unchanged
   (bfloat16).
@@ -46,6 +49,7 @@ pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (the `lmms` 
 import test_lmms_eval_plugin as plugin_tests  # noqa: E402
 from conftest import WORD_CHAT_TEMPLATE, processor_without_video, word_tokenizer  # noqa: E402
 
+import vtprune  # noqa: E402
 from vtprune.lmms_eval_plugin import (  # noqa: E402
     GEMMA3_MODEL_ID,
     INTERNVL_MODEL_ID,
@@ -104,11 +108,14 @@ def next_dir(tmp_path_factory):
 
 
 QWEN_SPECIAL = {"<|image_pad|>": 250, "<|video_pad|>": 251, "<|vision_start|>": 252, "<|vision_end|>": 253}
-# Qwen's layout: each image part is <|vision_start|> <|image_pad|> <|vision_end|> (the processor repeats the pad)
+# Qwen's layout: each image part is <|vision_start|> <|image_pad|> <|vision_end|>, each video part
+# <|vision_start|><|video_pad|><|vision_end|> (the processor repeats the pad; Qwen3-VL's replaces the video's wrapper,
+# written as Qwen's own template writes it, by per-frame timestamps and wrappers)
 QWEN_CHAT_TEMPLATE = (
     "{% for m in messages %}{% if m['content'] is string %}{{ m['content'] }} {% else %}"
     "{% for c in m['content'] %}{% if c['type'] == 'image' or 'image' in c %}<|vision_start|> <|image_pad|> "
-    "<|vision_end|> {% elif c['type'] == 'text' %}{{ c['text'] }} {% endif %}{% endfor %}{% endif %}{% endfor %}")
+    "<|vision_end|> {% elif c['type'] == 'video' or 'video' in c %}<|vision_start|><|video_pad|><|vision_end|> "
+    "{% elif c['type'] == 'text' %}{{ c['text'] }} {% endif %}{% endfor %}{% endif %}{% endfor %}")
 
 
 def qwen_tokenizer():
@@ -200,11 +207,57 @@ def onevision_dir(tmp_path_factory):
 
 
 # ---------------------------------------------------------------------------------------- loaders without torchvision
-class _ProcessorWithoutVideo:
+class QwenVideoStandIn:
+    """Stand-in for the Qwen video processors (``Qwen2VLVideoProcessor``, ``Qwen3VLVideoProcessor``) where
+    torchvision is missing: transformers 5's video processors are torchvision-based (their modules import
+    ``torchvision.transforms.v2``) and this CPU-only venv has no torchvision (PyPI's torchvision wheels need a
+    CUDA build of torch). It returns what the real one returns for the frames lmms-eval's Qwen classes hand over
+    (already sampled and resized by qwen-vl-utils: float [T, C, H, W] in 0..255): ``pixel_values_videos`` in the
+    real layout (:func:`qwen_tiny.video_pixels`: rescale, normalise, each temporal patch of 2 frames cut into
+    ``patch_size`` px patches in merge-window order; a last frame repeated to fill a temporal patch, as the real
+    one does), ``video_grid_thw`` and, with ``return_metadata``, each video's ``VideoMetadata`` (its fps and
+    sampled frames: Qwen2.5-VL's ``second_per_grid_ts`` and Qwen3-VL's timestamps come from it). It neither
+    resizes nor samples frames: a frame side that is not a multiple of ``patch_size x merge_size`` raises."""
+
+    model_input_names = ["pixel_values_videos", "video_grid_thw"]
+
+    def __init__(self, patch_size: int):
+        from qwen_tiny import MERGE, TEMPORAL
+
+        self.patch_size, self.merge_size, self.temporal_patch_size = patch_size, MERGE, TEMPORAL
+
+    def __call__(self, videos, video_metadata=None, return_metadata=False, return_tensors=None, **kwargs):
+        import numpy as np
+        import torch
+        from qwen_tiny import video_pixels
+        from transformers import BatchFeature
+        from transformers.video_utils import VideoMetadata
+
+        videos = [videos] if isinstance(videos, torch.Tensor) and videos.dim() == 4 else list(videos)
+        arrays = []
+        for video in videos:
+            frames = torch.as_tensor(video).float().round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+            if frames.shape[0] % self.temporal_patch_size:
+                frames = torch.cat([frames, frames[-1:].expand(self.temporal_patch_size - 1, -1, -1, -1)])
+            side = self.patch_size * self.merge_size
+            if frames.shape[1] % side or frames.shape[2] % side:
+                raise ValueError(f"frames of {tuple(frames.shape[1:3])} px: not multiples of {side} px")
+            arrays.append(np.ascontiguousarray(frames.numpy()))
+        out = video_pixels(arrays, patch=self.patch_size)
+        if return_metadata:
+            given = video_metadata if isinstance(video_metadata, list | tuple) else [video_metadata] * len(arrays)
+            out["video_metadata"] = [
+                VideoMetadata(**{k: v for k, v in dict(m).items() if k in VideoMetadata.__dataclass_fields__})
+                if m is not None else VideoMetadata(total_num_frames=len(a), fps=2.0, frames_indices=list(range(len(a))))
+                for m, a in zip(given, arrays, strict=True)]
+        return BatchFeature(out, tensor_type=None)
+
+
+class _QwenProcessorFromParts:
     """Stand-in for ``transformers.AutoProcessor`` in lmms-eval's Qwen modules where torchvision is missing:
-    transformers 5 cannot build a Qwen2-VL (or Qwen3-VL: ``processor_class``) processor without it (its video
-    processor needs torchvision). Builds the real processor from the checkpoint's image processor, tokenizer
-    and chat template with no video processor (images only)."""
+    transformers 5 cannot build a Qwen2-VL / Qwen2.5-VL / Qwen3-VL processor (``processor_class``) without it (its
+    video processor needs torchvision). Builds the real processor from the checkpoint's image processor, tokenizer
+    and chat template, with :class:`QwenVideoStandIn` as its video processor."""
 
     processor_class = "Qwen2VLProcessor"
 
@@ -223,12 +276,28 @@ class _ProcessorWithoutVideo:
             mp.setattr(ProcessorMixin, "check_argument_for_proper_class",
                        lambda self, name, arg: None if name == "video_processor" else check(self, name, arg))
             return getattr(transformers, cls.processor_class)(
-                image_processor=images, tokenizer=AutoTokenizer.from_pretrained(path), video_processor=None,
+                image_processor=images, tokenizer=AutoTokenizer.from_pretrained(path),
+                video_processor=QwenVideoStandIn(images.patch_size),
                 chat_template=(Path(path) / "chat_template.jinja").read_text())
 
 
-class _Qwen3ProcessorWithoutVideo(_ProcessorWithoutVideo):
+class _Qwen2_5ProcessorFromParts(_QwenProcessorFromParts):
+    processor_class = "Qwen2_5_VLProcessor"
+
+
+class _Qwen3ProcessorFromParts(_QwenProcessorFromParts):
     processor_class = "Qwen3VLProcessor"
+
+
+def _resize(video, size, interpolation=None, antialias=True):
+    """Stand-in for ``torchvision.transforms.functional.resize`` on a [T, C, H, W] tensor, which qwen-vl-utils
+    calls on a video's frames: what torchvision does for tensors (bicubic ``interpolate``, ``align_corners``
+    False, antialiased; a uint8 input rounded back to uint8)."""
+    import torch
+
+    out = torch.nn.functional.interpolate(video.float(), size=list(size), mode="bicubic", align_corners=False,
+                                          antialias=antialias)
+    return out.round().clamp(0, 255).to(video.dtype) if video.dtype == torch.uint8 else out
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +305,8 @@ def qwen_env(env):
     """lmms-eval's Qwen modules importable and able to load the tiny checkpoints offline on CPU. Where
     torchvision is not installed (this CPU-only venv: PyPI's torchvision wheels are CUDA builds): a stub
     ``torchvision`` module while ``qwen_vl_utils`` is first imported (it imports torchvision at the top but
-    uses it for videos only; images go through PIL), and :class:`_ProcessorWithoutVideo`."""
+    uses it for videos only, to resize their frames (:func:`_resize`); images go through PIL; frames are read
+    with decord), and :class:`_QwenProcessorFromParts`."""
     import importlib.util
     import sys
     import types
@@ -251,6 +321,7 @@ def qwen_env(env):
             stub.io = types.ModuleType("torchvision.io")
             stub.transforms = types.ModuleType("torchvision.transforms")
             stub.transforms.InterpolationMode = types.SimpleNamespace(BICUBIC="bicubic")
+            stub.transforms.functional = types.SimpleNamespace(resize=_resize)
             with pytest.MonkeyPatch.context() as only_for_the_import:
                 for name, module in (("torchvision", stub), ("torchvision.io", stub.io),
                                      ("torchvision.transforms", stub.transforms)):
@@ -266,7 +337,8 @@ def qwen_env(env):
             # lmms-eval resolved its optional import when first imported (maybe before the stub)
             mp.setattr(module, "process_vision_info", qwen_vl_utils.process_vision_info)
             if not torchvision and module is not chat25:
-                mp.setattr(module, "AutoProcessor", _ProcessorWithoutVideo)
+                mp.setattr(module, "AutoProcessor", _Qwen2_5ProcessorFromParts if module is simple25
+                           else _QwenProcessorFromParts)
         yield env
 
 
@@ -282,7 +354,7 @@ def qwen3_env(qwen_env):
         for module in (chat, simple):
             mp.setattr(module, "process_vision_info", qwen_vl_utils.process_vision_info)
         if not _has_torchvision():
-            mp.setattr(simple, "AutoProcessor", _Qwen3ProcessorWithoutVideo)
+            mp.setattr(simple, "AutoProcessor", _Qwen3ProcessorFromParts)
         yield qwen_env
 
 
@@ -380,7 +452,7 @@ FAMILIES = {
                        "cpu", "max_pixels", 4, lambda n, simple: n >= 16, args=QWEN_PIXELS),
     "qwen2_5_vl": Family(QWEN2_5_VL_MODEL_ID, "qwen_env", "qwen2_5_vl_dir",
                          ("lmms_eval.models.chat.qwen2_5_vl.Qwen2_5_VL", "lmms_eval.models.simple.qwen2_5_vl.Qwen2_5_VL"),
-                         "Qwen2_5_VLForConditionalGeneration", ("processor", "Qwen2VLProcessor"),
+                         "Qwen2_5_VLForConditionalGeneration", ("processor", "Qwen2_5_VLProcessor"),
                          "qwen2_vl.Qwen2VLAdapter", "cpu", "max_pixels", 4, lambda n, simple: n >= 16, args=QWEN_PIXELS),
     "qwen3_vl": Family(QWEN3_VL_MODEL_ID, "qwen3_env", "qwen3_vl_dir",
                        ("lmms_eval.models.chat.qwen3_vl.Qwen3_VL", "lmms_eval.models.simple.qwen3_vl.Qwen3_VL"),
@@ -501,3 +573,98 @@ def test_llava_onevision_id_refuses_other_checkpoints(env, tmp_path):
     llava_dir = plugin_tests.tiny_checkpoint(tmp_path / "tiny-llava")  # a LLaVA-1.5 checkpoint
     with pytest.raises(ValueError, match=rf"{LLAVA_ONEVISION_MODEL_ID} runs LLaVA-OneVision .* use --model {MODEL_ID}"):
         get_model(LLAVA_ONEVISION_MODEL_ID).create_from_arg_string(f"pretrained={llava_dir}", {"device": "cpu"})
+
+
+# ---------------------------------------------------------------------------------------- video
+VIDEO_TASK = "vtprune_video_local"
+VIDEO_FRAMES, VIDEO_FPS, VIDEO_SIDE = 8, 4, 64  # an 8-frame video, 2 s at 4 fps, of 64 x 64 px frames
+
+
+@pytest.fixture(scope="module")
+def video_task(env):
+    """A local video task: ``vtprune_pope_local``'s YAML included, its rows naming a video (``doc_to_visual``
+    gives its path, and lmms-eval's Qwen classes read it with qwen-vl-utils and decord) instead of a photo; N
+    questions about one 8-frame mp4 of random 64 x 64 px frames at 4 fps written with PyAV (no download).
+    Returns a task manager that indexes it."""
+    import shutil
+
+    import numpy as np
+    from lmms_eval.tasks import TaskManager
+
+    from vtprune.lmms_eval_tasks import TASKS_DIR
+
+    av = pytest.importorskip("av", reason="PyAV writes the test video")
+    pytest.importorskip("decord", reason="qwen-vl-utils and lmms-eval's Qwen classes read videos with decord")
+    folder = env / "video-task"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    video = folder / "clip.mp4"
+    rng = np.random.default_rng(0)
+    with av.open(str(video), "w") as container:
+        stream = container.add_stream("mpeg4", rate=VIDEO_FPS)
+        stream.width = stream.height = VIDEO_SIDE
+        stream.pix_fmt = "yuv420p"
+        for _ in range(VIDEO_FRAMES):
+            frame = av.VideoFrame.from_ndarray(rng.integers(0, 256, (VIDEO_SIDE, VIDEO_SIDE, 3), dtype=np.uint8),
+                                               format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    rows = [{"id": f"v{i}", "video": str(video), "question": f"is there a w{5 + i} in the video ?",
+             "answer": "yes" if i % 2 == 0 else "no"} for i in range(N)]
+    data = folder / "video.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "video.yaml").write_text(f"include: {TASKS_DIR / 'vtprune_pope_local.yaml'}\ntask: {VIDEO_TASK}\n"
+                                       f"dataset_kwargs:\n  data_files:\n    test: {data}\n")
+    return TaskManager("WARNING", include_path=[str(TASKS_DIR), str(folder)], include_defaults=False)
+
+
+# qwen-vl-utils samples 4 frames (2 s at its 2 fps; max_num_frames=4 caps lmms-eval's own resampling) and resizes them
+# to its factor of 2 x the ViT patch within the pixel limits: Qwen2-VL / 2.5-VL 56 x 56 px (28 px factor, max_pixels
+# 3136), 4 px patches merged 2 x 2: 2 temporal patches x 7 x 7 = 98 tokens; Qwen3-VL 64 x 64 px (32 px factor),
+# 16 px patches: 2 x 2 x 2 = 8 tokens (one timestamped wrapper per temporal patch)
+VIDEO_TOKENS = {"qwen2_vl": 98, "qwen2_5_vl": 98, "qwen3_vl": 8}
+
+
+def video_cases() -> list:
+    """Every registered method on each Qwen id; where the id has a chat and a simple class, the methods
+    alternate between them (both classes see several methods)."""
+    cases = []
+    for name in VIDEO_TOKENS:
+        backends = FAMILIES[name].backends
+        for i, method in enumerate(sorted(vtprune.METHODS)):
+            simple = backends[i % len(backends)] or FAMILIES[name].stock[0] is None
+            cases.append(pytest.param(name, simple, method, id=f"{name}-{'simple' if simple else 'chat'}-{method}"))
+    return cases
+
+
+@pytest.mark.parametrize("name,force_simple,method", video_cases())
+def test_video_passes_through(request, video_task, name, force_simple, method):
+    """A generate_until video task through ``simple_evaluate`` with the Qwen ids: the stock class reads the video
+    (qwen-vl-utils, decord) and its processor lays it out; vtprune schedules the video's tokens as one visual unit
+    under every method (each with its pruning example's options): the report says the unit is a video, counts
+    its tokens per layer as video tokens, and a pruning method keeps fewer of them."""
+    family = FAMILIES[name]
+    work = request.getfixturevalue(family.loader)
+    path = request.getfixturevalue(family.checkpoint)
+    report = work / f"video-{name}-{force_simple}-{method}.jsonl"
+    options = "".join(f",{k}={v}" for k, v in vtprune.METHODS[method].examples["prune"].items())
+    results = evaluate(video_task, f"pretrained={path},{family.args},max_num_frames=4,method={method}{options},"
+                                   f"vtprune_report={report}", tasks=(VIDEO_TASK,), model=family.model_id, limit=N,
+                       force_simple=force_simple, gen_kwargs="max_new_tokens=2")
+    check_results(results, N, VIDEO_TASK)
+    assert all(s["resps"][0][0].strip() for s in results["samples"][VIDEO_TASK])
+    assert results["config"]["model_backend"].endswith("(simple)" if is_simple(family, force_simple) else "(chat)")
+    rows = read_reports(report)
+    assert len(rows) == N and {(r["method"], r["task"]) for r in rows} == {(method, VIDEO_TASK)}
+    n = VIDEO_TOKENS[name]
+    for r in rows:
+        (sample,) = r["samples"]
+        assert sample["visual_kinds"] == ["video"] and sample["visual_tokens_in"] == n
+        per_layer = sample["visual_tokens_per_layer_prefill"]
+        assert sample["video_tokens_per_layer_prefill"] == per_layer  # every visual token is the video's
+        if method == "none":
+            assert per_layer == [n] * 6 and sample["equivalent_budget"] == n
+        else:
+            assert min(per_layer) < n and sample["equivalent_budget"] < n

@@ -333,5 +333,19 @@ def test_task_scorer(answer, parsed):
                                                                   "yes_ratio": float(parsed == "yes")}
 
 
+def test_task_rows_give_a_photo_or_a_video(tmp_path):
+    utils = pope_local_utils()
+    photo = pope_local.pope_rows(DATA, files=("random",))[0]
+    (image,) = utils.doc_to_visual(photo)
+    assert image.mode == "RGB" and image.size[0] > 0
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(b"")  # the path is what lmms-eval's model classes take (they read the frames themselves)
+    assert utils.doc_to_visual({"video": str(clip), "question": "q", "answer": "yes"}) == [str(clip)]
+    with pytest.raises(FileNotFoundError, match="video file not found"):
+        utils.doc_to_visual({"video": str(tmp_path / "missing.mp4")})
+    with pytest.raises(KeyError):
+        utils.doc_to_visual({"question": "q"})
+
+
 def test_task_yaml_is_indexed(task_manager):
     assert task_manager.all_tasks == [POPE_LOCAL_TASK]

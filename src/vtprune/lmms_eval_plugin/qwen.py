@@ -14,6 +14,11 @@ torchvision itself, which transformers 5 needs to load any Qwen2-VL processor (i
 
 ``device_map``: when not given, the stock default (``auto`` / ``cuda``) is replaced by the ``device``
 (single process), so that ``device=cpu`` works and the model sits on one device.
+
+Videos pass through: the stock classes read a task's video files (qwen-vl-utils, decord; ``max_num_frames`` /
+``fps`` model args) and the processor lays them out; vtprune schedules each video as one visual unit (a
+``budget`` per video, ``keep_ratio`` of its tokens) under every method, and each report says which units are
+videos (``visual_kinds``, ``video_tokens_per_layer_prefill``).
 """
 
 from __future__ import annotations

@@ -14,6 +14,9 @@ torchvision, which transformers 5 needs to build a Qwen3-VL processor (its video
 
 ``device_map``: when not given, the stock default (``auto``) is replaced by the ``device`` (single process),
 so that ``device=cpu`` works and the model sits on one device.
+
+Videos pass through as in :mod:`vtprune.lmms_eval_plugin.qwen` (one visual unit per video, all its timestamped
+temporal patches together).
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
 """Task functions of ``vtprune_pope_local`` (named in ``vtprune_pope_local.yaml``; lmms-eval loads this file
-by its path). A document is one row of the JSONL file: ``id``, ``image`` (path), ``question``, ``answer``."""
+by its path). A document is one row of the JSONL file: ``id``, ``image`` (path) or ``video`` (path of a video
+file, e.g. ``.mp4``), ``question``, ``answer``."""
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from PIL import Image
 
@@ -11,7 +13,19 @@ _FIRST_WORD = re.compile(r"[A-Za-z]+")
 
 
 def doc_to_visual(doc: dict) -> list:
-    """The document's image as a one-element list of RGB ``PIL.Image`` (FileNotFoundError if missing)."""
+    """The document's image as a one-element list of RGB ``PIL.Image`` (FileNotFoundError if missing), or, for a
+    row with ``video`` instead of ``image``, its video as a one-element list of the file's path (str): lmms-eval's
+    model classes take a video as its path and read its frames themselves (the Qwen ones through qwen-vl-utils).
+
+    Raises:
+        FileNotFoundError: the image or video file does not exist.
+        KeyError: the row has neither ``image`` nor ``video``.
+    """
+    if "image" not in doc and "video" in doc:
+        path = Path(doc["video"])
+        if not path.is_file():
+            raise FileNotFoundError(f"video file not found: {path}")
+        return [str(path)]
     with Image.open(doc["image"]) as im:
         return [im.convert("RGB")]
 
