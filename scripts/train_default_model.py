@@ -1030,6 +1030,57 @@ def cmd_plot(args):
     print("wrote", args.out)
 
 
+def cmd_readout(args):
+    """How linearly readable a scene's background colour is from a checkpoint's projected visual tokens (the
+    mean of the 196 tokens, scikit-learn logistic regression fitted on ``scenes-train-s0``, scored on
+    ``scenes-test``, flat-colour backgrounds only), beside the same read from the projector's colour inputs.
+    Separates "the tokens do not carry the colour" (the projector) from "the LM does not read it" (the LoRA)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from vtprune.eval.stats import wilson
+
+    torch.set_num_threads(args.threads)
+    sets = ["scenes-train-s0", "scenes-test"]
+    store = Store(Path(args.cache), sets)
+    if args.checkpoint:
+        st = torch.load(args.checkpoint, weights_only=False)
+    else:  # exported weights: the projector unfolded onto the cache's standardised channels
+        from safetensors.torch import load_file
+
+        folded = load_file(str(Path(args.weights) / "projector.safetensors"))
+        st = {"args": {}, "step": None}
+        st["model"] = {"proj": unfold_projector(folded, torch.load(Path(args.cache) / "channel-stats.pt"),
+                                                input_scales(st["args"]))}
+    train_args = argparse.Namespace(**{**st["args"], "cache": args.cache})
+    tr = Trainer(train_args, store, lora=False)
+    tr.proj.load_state_dict(st["model"]["proj"])
+    colour = slice(2392, 2440)  # the colour group's columns of the projector input
+    data = {}
+    for name in sets:
+        rows = [i for i, m in enumerate(store.meta[name]) if m["background"]["kind"] == "flat"]
+        tokens, inputs = [], []
+        with torch.no_grad():
+            for lo in range(0, len(rows), 32):
+                maps = store.maps([(name, i) for i in rows[lo:lo + 32]])
+                x = tr.inputs(maps)
+                tokens.append(tr.proj(x).mean(1))
+                inputs.append(x[..., colour].mean(1))
+        labels = [store.meta[name][i]["background"]["color"] for i in rows]
+        data[name] = (torch.cat(tokens).numpy(), torch.cat(inputs).numpy(), labels)
+    out = {"checkpoint": str(args.checkpoint or args.weights), "step": st.get("step"), "n_test": len(data[sets[1]][2])}
+    for j, what in enumerate(("projected tokens", "colour inputs")):
+        fit, test = data[sets[0]][j], data[sets[1]][j]
+        scaler = StandardScaler().fit(fit)
+        clf = LogisticRegression(max_iter=2000).fit(scaler.transform(fit), data[sets[0]][2])
+        correct = int((clf.predict(scaler.transform(test)) == data[sets[1]][2]).sum())
+        lo, hi = wilson(correct, len(test))
+        out[what] = {"accuracy": correct / len(test), "ci95": [lo, hi]}
+        print(f"{what}: background colour read at {100 * correct / len(test):.1f} % [{100 * lo:.1f}, {100 * hi:.1f}] "
+              f"(n = {len(test)}, step {st.get('step')})")
+    print(json.dumps(out))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -1086,8 +1137,15 @@ def main():
     pl = sub.add_parser("plot", help="the loss curves as a PNG")
     pl.add_argument("history", nargs="+", help="history.json of stage 1, then stage 2")
     pl.add_argument("--out", default=str(D.WEIGHTS_DIR / "loss.png"))
+    r = sub.add_parser("readout", help="is the background colour linearly readable from a checkpoint's visual tokens?")
+    which = r.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", help="a training checkpoint.pt")
+    which.add_argument("--weights", help="a folder of exported weights (projector.safetensors), e.g. the package's")
+    r.add_argument("--cache", default=str(DEFAULT_CACHE))
+    r.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    {"features": cmd_features, "train": cmd_train, "export": cmd_export, "plot": cmd_plot}[args.cmd](args)
+    {"features": cmd_features, "train": cmd_train, "export": cmd_export, "plot": cmd_plot,
+     "readout": cmd_readout}[args.cmd](args)
 
 
 if __name__ == "__main__":
