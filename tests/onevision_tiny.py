@@ -25,6 +25,8 @@ last), as many as an image of a multi-image sample.
 
 from __future__ import annotations
 
+import os
+
 import conftest
 import numpy as np
 import torch
@@ -103,7 +105,8 @@ class FrameProcessor:
 
     Called as the processor calls its video processor: ``(videos, return_tensors=..., **ignored)`` with a list
     of uint8 videos [frames, height, width, 3]; returns ``pixel_values_videos`` [n_videos, frames, 3, 32, 32]
-    (a list of [frames, 3, 32, 32] without ``return_tensors``)."""
+    (a list of [frames, 3, 32, 32] without ``return_tensors``). A video file's path raises ValueError: the real
+    one would decode the file with torchcodec, which this venv lacks too (an ImportError there)."""
 
     def __init__(self):
         self.real = LlavaOnevisionVideoProcessor(size={"height": 32, "width": 32})
@@ -113,6 +116,8 @@ class FrameProcessor:
         size = (real.size.height, real.size.width)
         out = []
         for video in make_batched_videos(videos):
+            if isinstance(video, str | os.PathLike):
+                raise ValueError(f"FrameProcessor takes frames, not a video file: {video}")
             frames = []
             for frame in np.asarray(video):
                 if frame.shape[:2] != size:

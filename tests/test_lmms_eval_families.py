@@ -25,7 +25,8 @@ checkpoint, the loaders, ParVTS's budget, the visual tokens of a photo). The che
   tokenizer with InternVL's image tokens and a chat template, the PIL tiling image processor).
 * LLaVA-OneVision: ``vtprune_llava_onevision`` (lmms-eval's ``llava_hf``, chat and simple, which loads
   ``LlavaOnevisionForConditionalGeneration`` from the checkpoint's ``model_type``) on a tiny random OneVision
-  saved the same way.
+  saved the same way, on photos and on the video task under every method (the stock ``load_video`` reads the
+  frames, decord; ``onevision_tiny.FrameProcessor`` stands in for the torchvision-based video processor).
 
 transformers 5 cannot load the InternVL or OneVision processor without torchvision (their video processors
 need it), so :class:`ProcessorFromParts` stands in for ``AutoProcessor`` in the lmms-eval modules that load
@@ -196,14 +197,24 @@ def internvl_dir(tmp_path_factory):
                            tiny_processor(INTERNVL_CHAT_TEMPLATE), {"image_seq_length": P})
 
 
+# LLaVA-OneVision's layout: <image> for each image part, <video> for each video part (the processor repeats them)
+ONEVISION_CHAT_TEMPLATE = WORD_CHAT_TEMPLATE.replace("{% elif c['type'] == 'text' %}",
+                                                     "{% elif c['type'] == 'video' %}<video> {% elif c['type'] == 'text' %}")
+
+
 @pytest.fixture(scope="module")
 def onevision_dir(tmp_path_factory):
-    from onevision_tiny import ASPECT, P, tiny_onevision, tiny_processor
+    """``onevision_tiny.tiny_onevision`` saved with the parts of its real ``LlavaOnevisionProcessor`` (a chat
+    template writing ``<image>`` / ``<video>`` for each image / video part) and the settings of its real
+    ``LlavaOnevisionVideoProcessor`` (32 x 32 px frames, the tower's tile)."""
+    from onevision_tiny import ASPECT, FrameProcessor, P, tiny_onevision, tiny_processor
 
-    return save_checkpoint(tmp_path_factory.mktemp("tiny-onevision"), tiny_onevision(seed=5),
-                           tiny_processor(WORD_CHAT_TEMPLATE),
+    path = save_checkpoint(tmp_path_factory.mktemp("tiny-onevision"), tiny_onevision(seed=5),
+                           tiny_processor(ONEVISION_CHAT_TEMPLATE),
                            {"num_image_tokens": P, "vision_feature_select_strategy": "full",
                             "vision_aspect_ratio": ASPECT})
+    FrameProcessor().real.save_pretrained(path)
+    return path
 
 
 # ---------------------------------------------------------------------------------------- loaders without torchvision
@@ -370,10 +381,11 @@ def _has_torchvision() -> bool:
 class ProcessorFromParts:
     """Stand-in for ``transformers.AutoProcessor`` where torchvision is missing: the checkpoint's processor
     class (``processor_class`` of its ``processor_config.json``), built from its saved image processor,
-    tokenizer, chat template and arguments with no video processor (:func:`conftest.processor_without_video`)."""
+    tokenizer, chat template and arguments with no video processor (:func:`conftest.processor_without_video`),
+    or with ``video_processor()`` as its video processor when given (a stand-in for the real one)."""
 
-    def __init__(self, image_processor_class):
-        self.image_processor_class = image_processor_class
+    def __init__(self, image_processor_class, video_processor=None):
+        self.image_processor_class, self.video_processor = image_processor_class, video_processor
 
     def from_pretrained(self, path, **kwargs):
         import transformers
@@ -382,16 +394,25 @@ class ProcessorFromParts:
         if "image_processor" in args:  # a processor saved whole (no video processor to miss): the real loader
             return transformers.AutoProcessor.from_pretrained(path, **kwargs)
         cls = getattr(transformers, args.pop("processor_class"))
-        return processor_without_video(cls, image_processor=self.image_processor_class.from_pretrained(path),
-                                       tokenizer=transformers.AutoTokenizer.from_pretrained(path),
-                                       chat_template=(Path(path) / "chat_template.jinja").read_text(), **args)
+        processor = processor_without_video(cls, image_processor=self.image_processor_class.from_pretrained(path),
+                                            tokenizer=transformers.AutoTokenizer.from_pretrained(path),
+                                            chat_template=(Path(path) / "chat_template.jinja").read_text(), **args)
+        if self.video_processor is not None:
+            processor.video_processor = self.video_processor()
+        return processor
 
 
 @pytest.fixture(scope="module")
 def loaders(env):
-    """lmms-eval's InternVL and llava_hf modules loading the tiny processors offline (see the module docstring)."""
+    """lmms-eval's InternVL and llava_hf modules loading the tiny processors offline (see the module docstring);
+    OneVision's with ``onevision_tiny.FrameProcessor`` as its video processor: what the real
+    ``LlavaOnevisionVideoProcessor`` does to frames (resize to its 32 x 32 px, rescale, normalise), which
+    needs torchvision. It takes frames only: lmms-eval's simple ``llava_hf`` reads a video's frames itself and
+    vtprune's chat class has the stock reader read them (``VideoFrames``); a video file's path raises, as the
+    real one does without torchcodec, so a path that got through would fail the test."""
     import lmms_eval.models.chat.internvl_hf as internvl_hf
     import lmms_eval.models.simple.llava_hf as llava_hf
+    from onevision_tiny import FrameProcessor
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
     from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
         LlavaOnevisionImageProcessorPil,
@@ -400,7 +421,7 @@ def loaders(env):
     with pytest.MonkeyPatch.context() as mp:
         if not _has_torchvision():
             mp.setattr(internvl_hf, "AutoProcessor", ProcessorFromParts(GotOcr2ImageProcessorPil))
-            mp.setattr(llava_hf, "AutoProcessor", ProcessorFromParts(LlavaOnevisionImageProcessorPil))
+            mp.setattr(llava_hf, "AutoProcessor", ProcessorFromParts(LlavaOnevisionImageProcessorPil, FrameProcessor))
         yield env
 
 
@@ -623,13 +644,17 @@ def video_task(env):
 # qwen-vl-utils samples 4 frames (2 s at its 2 fps; max_num_frames=4 caps lmms-eval's own resampling) and resizes them
 # to its factor of 2 x the ViT patch within the pixel limits: Qwen2-VL / 2.5-VL 56 x 56 px (28 px factor, max_pixels
 # 3136), 4 px patches merged 2 x 2: 2 temporal patches x 7 x 7 = 98 tokens; Qwen3-VL 64 x 64 px (32 px factor),
-# 16 px patches: 2 x 2 x 2 = 8 tokens (one timestamped wrapper per temporal patch)
-VIDEO_TOKENS = {"qwen2_vl": 98, "qwen2_5_vl": 98, "qwen3_vl": 8}
+# 16 px patches: 2 x 2 x 2 = 8 tokens (one timestamped wrapper per temporal patch). LLaVA-OneVision: lmms-eval's
+# load_video reads 4 frames (max_frames_num=4: frames 0, 2, 4, 7), the processor resizes them to the tower's 32 x 32 px
+# tile, whose 4 x 4 patches the model pools to 2 x 2: 4 frames x 2 x 2 + one newline = 17 tokens
+VIDEO_TOKENS = {"qwen2_vl": 98, "qwen2_5_vl": 98, "qwen3_vl": 8, "llava_onevision": 4 * 2**2 + 1}
+VIDEO_FRAMES_ARG = {"qwen2_vl": "max_num_frames", "qwen2_5_vl": "max_num_frames", "qwen3_vl": "max_num_frames",
+                    "llava_onevision": "max_frames_num"}  # the stock classes' frames per video
 
 
 def video_cases() -> list:
-    """Every registered method on each Qwen id; where the id has a chat and a simple class, the methods
-    alternate between them (both classes see several methods)."""
+    """Every registered method on each id of :data:`VIDEO_TOKENS`; where the id has a chat and a simple class,
+    the methods alternate between them (both classes see several methods)."""
     cases = []
     for name in VIDEO_TOKENS:
         backends = FAMILIES[name].backends
@@ -641,18 +666,20 @@ def video_cases() -> list:
 
 @pytest.mark.parametrize("name,force_simple,method", video_cases())
 def test_video_passes_through(request, video_task, name, force_simple, method):
-    """A generate_until video task through ``simple_evaluate`` with the Qwen ids: the stock class reads the video
-    (qwen-vl-utils, decord) and its processor lays it out; vtprune schedules the video's tokens as one visual unit
-    under every method (each with its pruning example's options): the report says the unit is a video, counts
-    its tokens per layer as video tokens, and a pruning method keeps fewer of them."""
+    """A generate_until video task through ``simple_evaluate`` with the Qwen and OneVision ids: the stock class
+    reads the video (Qwen: qwen-vl-utils, decord; OneVision: its ``load_video``, decord, which vtprune's chat class
+    has read the paths the stock chat loop hands the processor) and its processor lays it out; vtprune schedules
+    the video's tokens as one visual unit under every method (each with its pruning example's options): the
+    report says the unit is a video, counts its tokens per layer as video tokens, and a pruning method keeps
+    fewer of them."""
     family = FAMILIES[name]
     work = request.getfixturevalue(family.loader)
     path = request.getfixturevalue(family.checkpoint)
     report = work / f"video-{name}-{force_simple}-{method}.jsonl"
     options = "".join(f",{k}={v}" for k, v in vtprune.METHODS[method].examples["prune"].items())
-    results = evaluate(video_task, f"pretrained={path},{family.args},max_num_frames=4,method={method}{options},"
-                                   f"vtprune_report={report}", tasks=(VIDEO_TASK,), model=family.model_id, limit=N,
-                       force_simple=force_simple, gen_kwargs="max_new_tokens=2")
+    args = ",".join(a for a in (f"pretrained={path}", family.args, f"{VIDEO_FRAMES_ARG[name]}=4") if a)
+    results = evaluate(video_task, f"{args},method={method}{options},vtprune_report={report}", tasks=(VIDEO_TASK,),
+                       model=family.model_id, limit=N, force_simple=force_simple, gen_kwargs="max_new_tokens=2")
     check_results(results, N, VIDEO_TASK)
     assert all(s["resps"][0][0].strip() for s in results["samples"][VIDEO_TASK])
     assert results["config"]["model_backend"].endswith("(simple)" if is_simple(family, force_simple) else "(chat)")
@@ -668,3 +695,46 @@ def test_video_passes_through(request, video_task, name, force_simple, method):
             assert per_layer == [n] * 6 and sample["equivalent_budget"] == n
         else:
             assert min(per_layer) < n and sample["equivalent_budget"] < n
+
+
+def test_onevision_processor_parts_take_paths_and_no_images(tmp_path):
+    """``VideoFrames`` (the OneVision chat class's video processor) reads a path with the reader it is given and
+    hands the frames over unsampled again, passes frames through, refuses a missing file; ``NoImages`` answers no
+    images with no pixels (the real image processors raise IndexError) and passes images through."""
+    import numpy as np
+    import torch
+    from onevision_tiny import FrameProcessor, random_video
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    from vtprune.lmms_eval_plugin.llava_onevision import NoImages, VideoFrames
+
+    calls = []
+
+    class Recorder(FrameProcessor):
+        def __call__(self, videos, **kwargs):
+            calls.append(kwargs)
+            return super().__call__(videos, **kwargs)
+
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(b"")  # a file; the reader below stands in for decoding it
+    frames = random_video(0, frames=3)
+    read = []
+    videos = VideoFrames(Recorder(), lambda path: read.append(path) or frames)
+    assert videos.real.size.height == 32  # the wrapped part's settings
+    out = videos([str(clip), random_video(1, frames=3)], return_tensors="pt")["pixel_values_videos"]
+    assert read == [str(clip)] and out.shape == (2, 3, 3, 32, 32) and calls[-1]["do_sample_frames"] is False
+    same = videos(frames, return_tensors="pt")["pixel_values_videos"]
+    assert "do_sample_frames" not in calls[-1] and torch.equal(same[0], out[0])  # frames: through, as read
+    with pytest.raises(FileNotFoundError, match="video file not found: .*nope.mp4"):
+        videos(str(tmp_path / "nope.mp4"))
+    assert read == [str(clip)]
+
+    images = LlavaOnevisionImageProcessorPil(size={"height": 32, "width": 32})
+    with pytest.raises(IndexError):
+        images([])
+    assert dict(NoImages(images)([])) == {}
+    image = np.zeros((32, 32, 3), dtype=np.uint8)
+    torch.testing.assert_close(NoImages(images)([image], return_tensors="pt")["pixel_values"],
+                               images([image], return_tensors="pt")["pixel_values"])

@@ -64,8 +64,8 @@ Usage::
 ``attn_implementation``, ...; Qwen: ``pretrained``, ``device``, ``max_pixels``, ``min_pixels``, ...). With
 any-resolution inputs (LLaVA-NeXT, Qwen, InternVL, OneVision) the visual tokens per image vary with its size: a ``budget``
 above an image's visual tokens fails that request (vtprune's ValueError, re-raised after the loop), while
-``keep_ratio`` scales with each image. The Qwen ids also take a task's videos, each one visual unit (a budget
-per video; ``keep_ratio`` scales with its frames). With ``vtprune_llava_hf``,
+``keep_ratio`` scales with each image. The Qwen ids and ``vtprune_llava_onevision`` also take a task's videos,
+each one visual unit (a budget per video; ``keep_ratio`` scales with its frames). With ``vtprune_llava_hf``,
 ``pretrained=vtprune-default`` loads the bundled offline model
 (:func:`vtprune.models.load_default`). Unknown methods raise ValueError, unknown options TypeError
 (vtprune's own errors, listing what is accepted).
