@@ -8,6 +8,8 @@ Images are random 32 x 32 px RGB pictures made into pixel values by the real ima
 
 from __future__ import annotations
 
+import sys
+
 import conftest
 import numpy as np
 import torch
@@ -22,6 +24,7 @@ from transformers import (
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
 )
+from transformers.vision_utils import get_vision_window_index
 
 IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 250, 251, 252, 253
 PATCH, MERGE, TEMPORAL = 4, 2, 2
@@ -190,3 +193,43 @@ def video_batch(family: str, idx: tuple[int, ...], parts: tuple[str, ...] = ("vi
         out.update(pixel_values=torch.cat([p["pixel_values"] for p in pix]),
                    image_grid_thw=torch.cat([p["image_grid_thw"] for p in pix]))
     return out
+
+
+# ---------------------------------------------------------------- the saliency reference
+def tower_received_attention(m, pixels: torch.Tensor, grid: torch.Tensor, monkeypatch) -> torch.Tensor:
+    """The attention each patch receives in the tower's last full-attention block (its own eager weights, per
+    attention segment: an image, or one temporal patch of a video; mean over heads and queries), summed over the
+    merger's 2 x 2 groups, back from Qwen2.5-VL's window order: FloatTensor [tokens of all units]."""
+    visual = m.model.visual
+    full = getattr(visual, "fullatt_block_indexes", None)
+    block = len(visual.blocks) - 1 if full is None else max(full)
+    modeling = sys.modules[type(visual.blocks[0].attn).__module__]
+    eager, weights, current = modeling.eager_attention_forward, {}, {}
+
+    def recording(module, *args, **kwargs):
+        out, w = eager(module, *args, **kwargs)
+        weights.setdefault(current["block"], []).append(w)
+        return out, w
+
+    monkeypatch.setattr(modeling, "eager_attention_forward", recording)
+    handles = [b.register_forward_pre_hook(lambda mod, a, i=i: current.update(block=i)) for i, b in enumerate(visual.blocks)]
+    impl = visual.config._attn_implementation
+    visual.config._attn_implementation = "eager"
+    try:
+        with torch.no_grad():
+            visual(pixels, grid_thw=grid)
+    finally:
+        visual.config._attn_implementation = impl
+        for h in handles:
+            h.remove()
+    segments = weights[block]
+    assert len(segments) == int(grid[:, 0].sum())  # one attention segment per image or temporal patch
+    assert all(w.shape[-1] == int(h * w_) for w, (_, h, w_) in zip(segments, grid.repeat_interleave(grid[:, 0], 0).tolist(),
+                                                                    strict=True))
+    received = torch.cat([w[0].float().mean(0).mean(0) for w in segments])
+    tokens = received.view(-1, MERGE**2).sum(-1)
+    if full is not None:  # Qwen2.5-VL: back from window order to the visual tokens' order
+        window_index, _ = get_vision_window_index(grid, MERGE, visual.window_size, visual.patch_size)
+        assert not torch.equal(window_index, torch.arange(len(window_index)))
+        tokens = tokens[torch.argsort(window_index)]
+    return tokens

@@ -16,7 +16,6 @@ import dataclasses
 import functools
 import math
 import operator
-import sys
 from collections.abc import Callable
 
 import gemma3_tiny
@@ -30,7 +29,6 @@ import torch.nn.functional as F
 from conftest import IMAGE_TOKEN, cache_keyword, output_cache
 from families import FAMILIES
 from family_checks import LayerSpy, eager_tower_attentions, generate, layer0_input
-from transformers.vision_utils import get_vision_window_index
 
 import vtprune
 from vtprune.adapters import PatchGrid, adapter_for, gemma3, qwen2_vl
@@ -469,38 +467,8 @@ def internvl_cls_attention(m, x: dict, case: tuple, monkeypatch) -> torch.Tensor
 def qwen_received_attention(m, x: dict, case: tuple, monkeypatch) -> torch.Tensor:
     """Qwen: the attention each patch receives in the tower's last full-attention block (its own eager weights,
     per image; mean over heads and queries), summed over the merger's 2 x 2 groups, back from Qwen2.5-VL's
-    window order. [B, 1, tokens]."""
-    visual = m.model.visual
-    full = getattr(visual, "fullatt_block_indexes", None)
-    block = len(visual.blocks) - 1 if full is None else max(full)
-    modeling = sys.modules[type(visual.blocks[0].attn).__module__]
-    eager, weights, current = modeling.eager_attention_forward, {}, {}
-
-    def recording(module, *args, **kwargs):
-        out, w = eager(module, *args, **kwargs)
-        weights.setdefault(current["block"], []).append(w)
-        return out, w
-
-    monkeypatch.setattr(modeling, "eager_attention_forward", recording)
-    handles = [b.register_forward_pre_hook(lambda mod, a, i=i: current.update(block=i)) for i, b in enumerate(visual.blocks)]
-    impl = visual.config._attn_implementation
-    visual.config._attn_implementation = "eager"
-    try:
-        with torch.no_grad():
-            visual(x["pixel_values"], grid_thw=x["image_grid_thw"])
-    finally:
-        visual.config._attn_implementation = impl
-        for h in handles:
-            h.remove()
-    per_image = weights[block]
-    assert len(per_image) == 3 and all(w.shape[-1] == qwen_tiny.N_PATCHES for w in per_image)
-    received = torch.cat([w[0].float().mean(0).mean(0) for w in per_image])  # mean over heads and queries
-    tokens = received.view(-1, qwen_tiny.MERGE**2).sum(-1)  # the merger's groups of 2 x 2 patches
-    if full is not None:  # Qwen2.5-VL: back from window order to the visual tokens' order
-        window_index, _ = get_vision_window_index(x["image_grid_thw"], qwen_tiny.MERGE, visual.window_size,
-                                                  visual.patch_size)
-        assert not torch.equal(window_index, torch.arange(len(window_index)))
-        tokens = tokens[torch.argsort(window_index)]
+    window order (:func:`qwen_tiny.tower_received_attention`). [B, 1, tokens]."""
+    tokens = qwen_tiny.tower_received_attention(m, x["pixel_values"], x["image_grid_thw"], monkeypatch)
     return tokens.view(3, 1, qwen_tiny.N_VISUAL)
 
 

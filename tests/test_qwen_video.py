@@ -9,7 +9,6 @@ several videos and of images with videos (saliency put in prompt order), batches
 from __future__ import annotations
 
 import functools
-import sys
 
 import numpy as np
 import pytest
@@ -17,7 +16,6 @@ import qwen_tiny
 import torch
 from conftest import left_pad
 from qwen_tiny import FAMILIES, FRAMES, IMAGE_TOKEN, MERGE, N_VIDEO, N_VISUAL, VIDEO_TOKEN, video_batch
-from transformers.vision_utils import get_vision_window_index
 
 import vtprune
 
@@ -113,42 +111,6 @@ def test_a_batch_of_videos_of_different_lengths_runs_as_groups(family, method, o
 
 
 # ---------------------------------------------------------------- saliency: per temporal patch, the tower's own
-def received_per_segment(m, pixels: torch.Tensor, grid: torch.Tensor, monkeypatch) -> torch.Tensor:
-    """The attention each patch receives in the tower's last full-attention block (its own eager weights, per
-    attention segment: an image, or one temporal patch of a video; mean over heads and queries), summed over the
-    merger's 2 x 2 groups, back from Qwen2.5-VL's window order: FloatTensor [tokens of all units]."""
-    visual = m.model.visual
-    full = getattr(visual, "fullatt_block_indexes", None)
-    block = len(visual.blocks) - 1 if full is None else max(full)
-    modeling = sys.modules[type(visual.blocks[0].attn).__module__]
-    eager, weights, current = modeling.eager_attention_forward, {}, {}
-
-    def recording(module, *args, **kwargs):
-        out, w = eager(module, *args, **kwargs)
-        weights.setdefault(current["block"], []).append(w)
-        return out, w
-
-    monkeypatch.setattr(modeling, "eager_attention_forward", recording)
-    handles = [b.register_forward_pre_hook(lambda mod, a, i=i: current.update(block=i)) for i, b in enumerate(visual.blocks)]
-    impl = visual.config._attn_implementation
-    visual.config._attn_implementation = "eager"
-    try:
-        with torch.no_grad():
-            visual(pixels, grid_thw=grid)
-    finally:
-        visual.config._attn_implementation = impl
-        for h in handles:
-            h.remove()
-    segments = weights[block]
-    assert len(segments) == int(grid[:, 0].sum())  # one attention segment per temporal patch
-    received = torch.cat([w[0].float().mean(0).mean(0) for w in segments])
-    tokens = received.view(-1, MERGE**2).sum(-1)
-    if full is not None:
-        window_index, _ = get_vision_window_index(grid, MERGE, visual.window_size, visual.patch_size)
-        tokens = tokens[torch.argsort(window_index)]
-    return tokens
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("parts,frames", [(("video",), FRAMES), (("video", "image"), 2)])
 def test_video_saliency_is_the_towers_attention_per_temporal_patch(family, parts, frames, monkeypatch):
@@ -160,9 +122,9 @@ def test_video_saliency_is_the_towers_attention_per_temporal_patch(family, parts
         generate(m, x, 1)
     ours = run.gen.saliency
     n = ours.shape[-1]
-    expected = {"video": received_per_segment(m, x["pixel_values_videos"], x["video_grid_thw"], monkeypatch).view(3, -1, n)}
+    expected = {"video": qwen_tiny.tower_received_attention(m, x["pixel_values_videos"], x["video_grid_thw"], monkeypatch).view(3, -1, n)}
     if "image" in parts:
-        expected["image"] = received_per_segment(m, x["pixel_values"], x["image_grid_thw"], monkeypatch).view(3, -1, n)
+        expected["image"] = qwen_tiny.tower_received_attention(m, x["pixel_values"], x["image_grid_thw"], monkeypatch).view(3, -1, n)
     seen = dict.fromkeys(expected, 0)
     for i, part in enumerate(parts):
         torch.testing.assert_close(ours[:, i], expected[part][:, seen[part]], atol=1e-6, rtol=1e-5)
