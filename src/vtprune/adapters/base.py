@@ -127,8 +127,15 @@ class Adapter:
         refuses otherwise), or None when every unit is an image (the default: a family without video)."""
         if self.video_token_id is None:
             return None
-        return units_of(input_ids, {"image": self.image_token_id, "video": self.video_token_id},
-                        self.unit_counts(inputs or {}))[1]
+        return units_of(input_ids, self.unit_token_ids(), self.unit_counts(inputs or {}))[1]
+
+    def unit_token_ids(self) -> dict[str, int]:
+        """The placeholder id of each kind of visual unit: ``{"image": ...}``, plus ``"video"`` where the adapter
+        schedules videos (the argument of :func:`units_of` / :func:`unit_groups`)."""
+        ids = {"image": self.image_token_id}
+        if self.video_token_id is not None:
+            ids["video"] = self.video_token_id
+        return ids
 
     def unit_counts(self, inputs: dict) -> dict[str, list[int] | None]:
         """Visual tokens of each image and each video of a call, in the order of the call's tensors

@@ -168,12 +168,6 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         """``<video>`` (``config.video_token_id``): one per visual token of a video."""
         return getattr(self.model.config, "video_token_id", None)
 
-    def _token_ids(self) -> dict[str, int]:
-        ids = {"image": self.image_token_id}
-        if self.video_token_id is not None:
-            ids["video"] = self.video_token_id
-        return ids
-
     def visual_index(self, input_ids: torch.Tensor, inputs: dict | None = None) -> torch.Tensor:
         """Original indices of every image's and video's visual tokens, LongTensor [B, I, N_v] (see
         :meth:`Adapter.visual_index`), the units in prompt order (:meth:`visual_kinds` says which is which).
@@ -189,7 +183,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                 samples differ is split by :meth:`batch_groups` before it gets here); images with a
                 ``vision_feature_select_strategy`` other than ``"full"``.
         """
-        return units_of(input_ids, self._token_ids(), self.unit_counts(inputs or {}))[0]
+        return units_of(input_ids, self.unit_token_ids(), self.unit_counts(inputs or {}))[0]
 
     def unit_counts(self, inputs: dict) -> dict[str, list[int] | None]:
         """Visual tokens of each image (:meth:`LlavaNextAdapter.image_token_counts`) and each video
@@ -246,7 +240,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         counts = self.unit_counts(inputs)
         if all(c is None for c in counts.values()):
             return None
-        return unit_groups(input_ids, self._token_ids(), counts)
+        return unit_groups(input_ids, self.unit_token_ids(), counts)
 
     def select_samples(self, inputs: dict, group: SampleGroup) -> dict:
         """``inputs`` restricted to ``group``: per-sample tensors by sample, ``pixel_values`` / ``image_sizes``

@@ -86,12 +86,6 @@ class Qwen2VLAdapter(Adapter):
         """``<|video_pad|>`` (``config.video_token_id``): one per LLM visual token of a video."""
         return getattr(self.model.config, "video_token_id", None)
 
-    def _token_ids(self) -> dict[str, int]:
-        ids = {"image": self.image_token_id}
-        if self.video_token_id is not None:
-            ids["video"] = self.video_token_id
-        return ids
-
     def visual_index(self, input_ids: torch.Tensor, inputs: dict | None = None) -> torch.Tensor:
         """Original indices of every image's and video's visual tokens, LongTensor [B, I, N_v] (see
         :meth:`Adapter.visual_index`), the units in prompt order (:meth:`visual_kinds` says which is which).
@@ -104,7 +98,7 @@ class Qwen2VLAdapter(Adapter):
                 videos of different token counts in one batch (vtprune needs them equal; a ``generate`` batch
                 whose samples differ is split by :meth:`batch_groups` before it gets here).
         """
-        return units_of(input_ids, self._token_ids(), self.unit_counts(inputs or {}))[0]
+        return units_of(input_ids, self.unit_token_ids(), self.unit_counts(inputs or {}))[0]
 
     def unit_counts(self, inputs: dict) -> dict[str, list[int] | None]:
         """Visual tokens of each image and each video of a call (:meth:`tokens_per_image_of`,
@@ -120,7 +114,7 @@ class Qwen2VLAdapter(Adapter):
         counts = self.unit_counts(inputs)
         if all(c is None for c in counts.values()):
             return None
-        return unit_groups(input_ids, self._token_ids(), counts)
+        return unit_groups(input_ids, self.unit_token_ids(), counts)
 
     def select_samples(self, inputs: dict, group: SampleGroup) -> dict:
         """``inputs`` restricted to ``group``: per-sample tensors by sample, ``image_grid_thw`` /
