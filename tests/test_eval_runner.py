@@ -152,7 +152,26 @@ def test_cli_eval_writes_tables_and_plots(tmp_path, capsys):
     assert "\nimagenet-pope," not in (out / "results.csv").read_text()
 
 
+def test_cli_eval_kinds_answers_only_those_kinds_of_the_first_n(tmp_path, capsys):
+    pytest.importorskip("vtprune.models.default", reason="bundled model packages not installed")
+    from vtprune.eval import datasets
+
+    first = datasets.load_dataset("scenes", "test", 9)
+    want = {s.id for s in first if s.kind == "background"}
+    assert 0 < len(want) < len(first)
+    out = tmp_path / "ev"
+    assert cli.main(["eval", "--data", "scenes", "--limit", "9", "--kinds", "background", "--methods", "pool",
+                     "--budgets", "25%", "--out", str(out), "--no-progress", "--no-plots", "--batch", "4"]) == 0
+    recs = runner.read_records(out / "results.jsonl")
+    assert {r["id"] for r in recs} == want and {r["kind"] for r in recs} == {"background"}
+    assert len(recs) == 2 * len(want)  # unpruned + pool
+
+
 @pytest.mark.parametrize("argv,match", [
+    (["--data", "scenes", "--limit", "9", "--kinds", "colour"],
+     "--kinds colour: no sample of scenes has that kind; the kinds present are background, periphery, subject"),
+    (["--data", "scenes,imagenet-pope", "--limit", "9", "--kinds", "background"],
+     "data set 'imagenet-pope' has no sample of the kinds background"),
     (["--data", "nope"], "unknown data set 'nope'"),
     (["--data", "imagenet-pope", "--methods", "fastvv"], "unknown method 'fastvv'"),
     (["--data", "imagenet-pope", "--budgets", "half"], "budget 'half'"),

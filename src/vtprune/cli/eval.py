@@ -48,6 +48,9 @@ def add_parser(sub) -> None:
                         f"'default' (default {','.join(DEFAULT_EVAL_BUDGETS).replace('%', '%%')})")
     add_model_arguments(e)
     e.add_argument("--limit", type=int, default=None, help="first N samples of each data set")
+    e.add_argument("--kinds", type=parse_list(str), default=None,
+                   help="comma-separated question kinds: of the first N samples, answer only these (scenes: "
+                        "subject, background, periphery); the records pair with a run without --kinds")
     e.add_argument("--batch", type=int, default=8, help="samples per generate call (default 8)")
     e.add_argument("--max-new-tokens", type=int, default=None,
                    help="greedy tokens per answer (default: each data set's own: 8 for short answers, 40 for captions)")
@@ -85,6 +88,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for name, s in samples.items():
         if not s:
             raise UsageError(f"data set {name!r} ({args.split}) has no samples")
+    if args.kinds:
+        samples = _of_kinds(samples, args.kinds)
     with user_errors(ValueError):
         shard = parallel.shard_from_env()
         args.device = parallel.rank_device(shard, args.device or default_device())
@@ -108,6 +113,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
     records = [r for r in records if r["data"] in samples]
     (out / "command.txt").write_text(f"{datetime.date.today()}  vtprune {' '.join(getattr(args, 'argv', []))}\n")
     return _write_tables(records, out, plots=not args.no_plots)
+
+
+def _of_kinds(samples: dict, kinds: list[str]) -> dict:
+    """The samples of each data set whose ``kind`` is one of ``kinds``, in their order.
+
+    Raises:
+        UsageError: a kind that no sample of these data sets has (naming the kinds they have), or a data
+            set left with no sample.
+    """
+    present = sorted({s.kind for v in samples.values() for s in v})
+    unknown = [k for k in kinds if k not in present]
+    if unknown:
+        raise UsageError(f"--kinds {','.join(unknown)}: no sample of {', '.join(samples)} has that kind; "
+                         f"the kinds present are {', '.join(present)}")
+    out = {name: [s for s in v if s.kind in kinds] for name, v in samples.items()}
+    for name, v in out.items():
+        if not v:
+            raise UsageError(f"data set {name!r} has no sample of the kinds {', '.join(kinds)}; drop it from "
+                             f"--data or add one of its kinds ({', '.join(sorted({s.kind for s in samples[name]}))})")
+    return out
 
 
 def _output_folder(args: argparse.Namespace, plan) -> Path:
