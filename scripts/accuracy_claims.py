@@ -11,6 +11,10 @@
    (``anneal_every`` 1 / 4 / 8), each against the unpruned captions and against VTA off.
 4. ST³'s batched evictions on short answers: on every other data set, each ``st3:anneal_every=K`` against
    ``st3:anneal_every=1`` (the paper's per-step annealing) at the same budget, and against the unpruned model.
+5. Every condition on the scenes per question kind and form (yes / no or open: the background's colour,
+   the periphery's count, the subject's name).
+6. Any other ParVTS setting the run holds at the claims' budget (e.g. a ``vtprune eval --kinds background``
+   sweep of ``discard_layer`` / ``fusion``), paired with the non-subject path off and with ParVTS's defaults.
 
 Usage: ``python scripts/accuracy_claims.py OUT`` (the folder of ``vtprune eval --out OUT``); writes
 ``OUT/claims.md`` (and prints it) and ``OUT/grid.md``: method x budget tables per data set and question kind,
@@ -49,6 +53,48 @@ def _paired(records: list[dict], a: tuple[str, str], b: tuple[str, str], data: s
 
 def conditions(records: list[dict], data: str) -> set[tuple[str, str]]:
     return {(r["method"], r["budget"]) for r in records if r["data"] == data}
+
+
+def form(record: dict) -> str:
+    """A question's form: "yes/no" or "open" (a colour, a count, a name), from its reference answer."""
+    return "yes/no" if str(record["answer"]).lower() in ("yes", "no") else "open"
+
+
+def scene_forms(records: list[dict], budget: str) -> list[str]:
+    """5. Every condition on the scenes per kind x form (the background's open question is its colour, the
+    periphery's the shape count, the subject's its name), and 6. every other ParVTS setting the run holds
+    (a ``vtprune eval --kinds`` sweep) paired with the non-subject path off and with ParVTS's defaults, per
+    kind x form."""
+    scenes = [r for r in records if r["data"] == "scenes"]
+    if not scenes:
+        return []
+    cells = sorted({(r["kind"], form(r)) for r in scenes})
+    conds = sorted({(r["method"], r["budget"]) for r in scenes}, key=lambda c: (c != REFERENCE, c))
+    equiv = {c: sum(r["equivalent_budget"] for r in rs) / len(rs) for c in conds
+             if (rs := [r for r in scenes if (r["method"], r["budget"]) == c])}
+    out = ["## 5. The scenes per question kind and form (accuracy % [95 % CI], n)", "",
+           "| condition | equiv. budget (tokens) | " + " | ".join(f"{k} {f}" for k, f in cells) + " |",
+           "|---|---:|" + "---:|" * len(cells)]
+    for c in conds:
+        row = []
+        for k, f in cells:
+            ok = [bool(r["correct"]) for r in scenes if (r["method"], r["budget"]) == c and r["kind"] == k and form(r) == f]
+            lo, hi = wilson(sum(ok), len(ok)) if ok else (0.0, 0.0)
+            row.append(f"{pct(sum(ok) / len(ok))} [{pct(lo)}, {pct(hi)}], {len(ok)}" if ok else "")
+        out.append(f"| {c[0]}@{c[1]} | {equiv[c]:.1f} | " + " | ".join(row) + " |")
+    out.append("")
+    base, off = ("parvts", budget), ("parvts:fusion=fixed:alpha=1", budget)
+    sweep = [c for c in conds if c[0].startswith("parvts") and c not in (base, off) and c[1] == budget]
+    if sweep and base in conds and off in conds:
+        out += ["## 6. ParVTS's other settings at the same budget, paired (same questions)", "",
+                "| kind | form " + DIFF_HEADER[0], "|---|---" + DIFF_HEADER[1]]
+        for c in sweep:
+            for k, f in sorted({(r["kind"], form(r)) for r in scenes if (r["method"], r["budget"]) == c}):
+                mine = [r for r in scenes if r["kind"] == k and form(r) == f]
+                for other in (off, base):
+                    out.append(f"| {k} | {f} " + diff_row(compare(mine, c, other, "scenes")))
+        out.append("")
+    return out
 
 
 def main() -> None:
@@ -136,6 +182,7 @@ def main() -> None:
             for other in (b, REFERENCE):
                 lines.append(f"| {data} " + diff_row(compare(records, a, other, data)))
         lines.append("")
+    lines += scene_forms(records, args.budget)
     text = "\n".join(line for line in lines if line is not None) + "\n"
     (out / "claims.md").write_text(text)
     print(text)
