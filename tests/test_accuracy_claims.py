@@ -1,0 +1,41 @@
+"""scripts/accuracy_claims.py's scene tables: accuracy per question kind x form, and the paired rows of a
+ParVTS option sweep (a ``vtprune eval --kinds`` run) against the non-subject path off."""
+
+from __future__ import annotations
+
+from conftest import import_script
+
+from vtprune.eval.runner import REFERENCE
+
+
+def _records():
+    out = []
+    for i in range(8):  # 4 colour questions (open) and 4 yes/no background questions per condition
+        answer = "red" if i < 4 else ("yes" if i % 2 else "no")
+        for method, budget, right in ((*REFERENCE, True), ("parvts", "12.5%", i % 4 == 0),
+                                      ("parvts:fusion=fixed:alpha=1", "12.5%", False),
+                                      ("parvts:discard_layer=8", "12.5%", i < 4)):
+            out.append({"data": "scenes", "id": f"s/{i}", "kind": "background", "method": method, "budget": budget,
+                        "answer": answer, "correct": right, "equivalent_budget": 42.0 if budget != "all" else 196.0})
+    return out
+
+
+def test_scene_forms_split_the_open_question_from_yes_no_and_pair_the_sweep():
+    claims = import_script("accuracy_claims")
+    lines = claims.scene_forms(_records(), "12.5%")
+    text = "\n".join(lines)
+    assert "| condition | equiv. budget (tokens) | background open | background yes/no |" in text
+    row = next(line for line in lines if line.startswith("| parvts@12.5% |"))
+    assert "| 25.0 [" in row and ", 4 | 25.0 [" in row  # one of 4 right in each form
+    none = next(line for line in lines if line.startswith("| none@all |"))
+    assert none.count("100.0 [") == 2
+    sweep = [line for line in lines if "parvts:discard_layer=8@12.5%" in line and "| background | open |" in line]
+    assert len(sweep) == 2  # against the path off and against ParVTS's defaults
+    assert "| 4 | 100.0 | 0.0 | +100.0" in sweep[0] and "| 4 / 0 |" in sweep[0]
+    yes_no = next(line for line in lines if "parvts:discard_layer=8@12.5%" in line and "| background | yes/no |" in line)
+    assert "| 4 | 0.0 | 0.0 | +0.0" in yes_no  # neither right on the yes / no questions
+
+
+def test_scene_forms_is_empty_without_scenes():
+    claims = import_script("accuracy_claims")
+    assert claims.scene_forms([{**r, "data": "easy-vqa"} for r in _records()], "12.5%") == []
