@@ -991,8 +991,8 @@ def export_record(st: dict, args) -> dict:
 
 
 def cmd_plot(args):
-    """The loss curves of both stages (per-step training loss, running mean over 25 steps, per task
-    group) as one PNG."""
+    """The loss curves of consecutive stages (per-step training loss, running mean over 25 steps, per task
+    group) as one PNG; ``--labels`` names the stages, in the order of the history files."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1000,7 +1000,10 @@ def cmd_plot(args):
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     offset = 0
-    for label, path in zip(("stage 1", "stage 2"), args.history, strict=False):
+    labels = [x.strip() for x in args.labels.split(",")]
+    if len(labels) != len(args.history):
+        raise SystemExit(f"--labels names {len(labels)} stages for {len(args.history)} history files")
+    for label, path in zip(labels, args.history, strict=True):
         h = json.loads(Path(path).read_text())
         steps = [offset + r["step"] for r in h["loss"]]
         loss = [r["loss"] for r in h["loss"]]
@@ -1017,9 +1020,9 @@ def cmd_plot(args):
             xs, ys = zip(*pts, strict=True)
             k = 100
             sm = [sum(ys[max(0, i - k + 1) : i + 1]) / len(ys[max(0, i - k + 1) : i + 1]) for i in range(len(ys))]
-            axes[1].plot(xs, sm, label=f"{label}: {g}", ls="-" if label == "stage 2" else ":")
+            axes[1].plot(xs, sm, label=f"{label}: {g}", ls="-" if label == labels[-1] else ":")
         offset = steps[-1] if steps else offset
-    axes[0].set(xlabel="step (stage 2 continues stage 1's count)", ylabel="answer-token cross-entropy",
+    axes[0].set(xlabel="step (each stage continues the last one's count)", ylabel="answer-token cross-entropy",
                 title="training loss, batch 8")
     axes[1].set(xlabel="step", ylabel="per-question loss (running mean of 100 questions)", title="by task",
                 yscale="log")
@@ -1135,7 +1138,8 @@ def main():
     e.add_argument("--cache", default=str(DEFAULT_CACHE))
     e.add_argument("--out", default=str(D.WEIGHTS_DIR))
     pl = sub.add_parser("plot", help="the loss curves as a PNG")
-    pl.add_argument("history", nargs="+", help="history.json of stage 1, then stage 2")
+    pl.add_argument("history", nargs="+", help="history.json of each stage, in order (e.g. stage 1, then stage 2)")
+    pl.add_argument("--labels", default="stage 1,stage 2", help="comma-separated stage names, one per history file")
     pl.add_argument("--out", default=str(D.WEIGHTS_DIR / "loss.png"))
     r = sub.add_parser("readout", help="is the background colour linearly readable from a checkpoint's visual tokens?")
     which = r.add_mutually_exclusive_group(required=True)
