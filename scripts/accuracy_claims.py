@@ -68,17 +68,19 @@ def scene_forms(records: list[dict], budget: str) -> list[str]:
     scenes = [r for r in records if r["data"] == "scenes"]
     if not scenes:
         return []
-    cells = sorted({(r["kind"], form(r)) for r in scenes})
-    conds = sorted({(r["method"], r["budget"]) for r in scenes}, key=lambda c: (c != REFERENCE, c))
-    equiv = {c: sum(r["equivalent_budget"] for r in rs) / len(rs) for c in conds
-             if (rs := [r for r in scenes if (r["method"], r["budget"]) == c])}
+    answers: dict[tuple, list[bool]] = {}  # (method, budget, kind, form) -> correct per question
+    for r in scenes:
+        answers.setdefault((r["method"], r["budget"], r["kind"], form(r)), []).append(bool(r["correct"]))
+    cells = sorted({key[2:] for key in answers})
+    equiv = {(r["method"], r["budget"]): r["equivalent_budget"] for r in summarize(scenes) if r["kind"] == "all"}
+    conds = sorted(equiv, key=lambda c: (c != REFERENCE, c))
     out = ["## 5. The scenes per question kind and form (accuracy % [95 % CI], n)", "",
            "| condition | equiv. budget (tokens) | " + " | ".join(f"{k} {f}" for k, f in cells) + " |",
            "|---|---:|" + "---:|" * len(cells)]
     for c in conds:
         row = []
-        for k, f in cells:
-            ok = [bool(r["correct"]) for r in scenes if (r["method"], r["budget"]) == c and r["kind"] == k and form(r) == f]
+        for cell in cells:
+            ok = answers.get((*c, *cell), [])
             lo, hi = wilson(sum(ok), len(ok)) if ok else (0.0, 0.0)
             row.append(f"{pct(sum(ok) / len(ok))} [{pct(lo)}, {pct(hi)}], {len(ok)}" if ok else "")
         out.append(f"| {c[0]}@{c[1]} | {equiv[c]:.1f} | " + " | ".join(row) + " |")
@@ -89,7 +91,7 @@ def scene_forms(records: list[dict], budget: str) -> list[str]:
         out += ["## 6. ParVTS's other settings at the same budget, paired (same questions)", "",
                 "| kind | form " + DIFF_HEADER[0], "|---|---" + DIFF_HEADER[1]]
         for c in sweep:
-            for k, f in sorted({(r["kind"], form(r)) for r in scenes if (r["method"], r["budget"]) == c}):
+            for k, f in sorted(key[2:] for key in answers if key[:2] == c):
                 mine = [r for r in scenes if r["kind"] == k and form(r) == f]
                 for other in (off, base):
                     out.append(f"| {k} | {f} " + diff_row(compare(mine, c, other, "scenes")))

@@ -16,7 +16,9 @@ def _records():
                                       ("parvts:fusion=fixed:alpha=1", "12.5%", False),
                                       ("parvts:discard_layer=8", "12.5%", i < 4)):
             out.append({"data": "scenes", "id": f"s/{i}", "kind": "background", "method": method, "budget": budget,
-                        "answer": answer, "correct": right, "equivalent_budget": 42.0 if budget != "all" else 196.0})
+                        "answer": answer, "correct": right, "prediction": answer if right else "?",
+                        "visual_tokens": 196, "equivalent_budget": 42.0 if budget != "all" else 196.0,
+                        "relative_flops": 1.0, "relative_kv": 1.0})
     return out
 
 
