@@ -5,8 +5,8 @@
    (the non-subject path disabled) and ``visionzip:contextual=0`` (dominant tokens only) at the same budget,
    on the scenes' background and periphery questions (and all scene questions): accuracy difference with
    its 95 % bootstrap interval and McNemar's exact p-value.
-2. ParVTS @ 12.5 % and ST³ with its defaults as % of the unpruned accuracy, against FastV / random / pool
-   at (nearly) equal equivalent budget (the ``@matched`` conditions of the run, if any, else every budget).
+2. ParVTS @ 12.5 % and ST³ with its defaults as % of the unpruned accuracy, against FastV / random / pool /
+   VisionZip at (nearly) equal equivalent budget (the ``@matched`` conditions of the run, if any, else every budget).
 3. ST³'s annealing on long answers: scene-caption field accuracy with VTA off (``anneal=none``) and on
    (``anneal_every`` 1 / 4 / 8), each against the unpruned captions and against VTA off.
 4. ST³'s batched evictions on short answers: on every other data set, each ``st3:anneal_every=K`` against
@@ -58,6 +58,40 @@ def conditions(records: list[dict], data: str) -> set[tuple[str, str]]:
 def form(record: dict) -> str:
     """A question's form: "yes/no" or "open" (a colour, a count, a name), from its reference answer."""
     return "yes/no" if str(record["answer"]).lower() in ("yes", "no") else "open"
+
+
+def matched(records: list[dict], budget: str) -> list[str]:
+    """2. ParVTS @ ``budget`` and ST3 with its defaults as % of the unpruned accuracy, each against FastV /
+    random / pool / VisionZip at the closest equivalent budget the run holds (run them at matched budgets,
+    e.g. ``fastv@31`` / ``visionzip@42`` for ParVTS @ 12.5 % on the bundled model), with the paired differences."""
+    rows = [r for r in summarize(records) if r["kind"] == "all"]
+    lines = ["## 2. Accuracy as % of unpruned at (nearly) equal equivalent budget", "",
+             "| data | anchor | method | budget | equiv. budget (% of N_v) | n | accuracy % [95 % CI] | % of unpruned |",
+             "|---|---|---|---|---:|---:|---:|---:|"]
+    for data in sorted({r["data"] for r in rows}):
+        mine = [r for r in rows if r["data"] == data]
+        ref = next((r for r in mine if (r["method"], r["budget"]) == REFERENCE), None)
+        if ref is None or not ref["accuracy"]:
+            continue
+        for anchor in (("parvts", budget), ("st3", "default")):
+            a = next((r for r in mine if (r["method"], r["budget"]) == anchor), None)
+            if a is None:
+                continue
+            picks = [a]
+            for method in ("fastv", "random", "pool", "visionzip"):
+                cands = [r for r in mine if r["method"] == method]
+                if cands:
+                    picks.append(min(cands, key=lambda r: abs(r["equivalent_budget_pct"] - a["equivalent_budget_pct"])))
+            for r in picks:
+                lines.append(f"| {data} | {anchor[0]}@{anchor[1]} | {r['method']} | {r['budget']} | "
+                             f"{r['equivalent_budget_pct']:.1f} | {r['n']} | {pct(r['accuracy'])} "
+                             f"[{pct(r['accuracy_low'])}, {pct(r['accuracy_high'])}] | "
+                             f"{100 * r['accuracy'] / ref['accuracy']:.1f} |")
+            for r in picks[1:]:
+                lines.append(f"|  |  | paired: {a['method']}@{a['budget']} - {r['method']}@{r['budget']} | | | | "
+                             + _paired(records, (a["method"], a["budget"]), (r["method"], r["budget"]), data) + " |")
+    lines.append("")
+    return lines
 
 
 def scene_forms(records: list[dict], budget: str) -> list[str]:
@@ -120,35 +154,7 @@ def main() -> None:
                     lines.append(diff_row(compare(records, ("parvts", budget), (other, budget), "scenes", kinds)))
     lines.append("")
 
-    # 2. ParVTS @ budget and ST3 defaults as % of unpruned, against FastV / random / pool at the closest
-    #    equivalent budget the run has (run them at matched budgets, e.g. fastv@31 for ParVTS @ 12.5 %)
-    rows = [r for r in summarize(records) if r["kind"] == "all"]
-    lines += ["## 2. Accuracy as % of unpruned at (nearly) equal equivalent budget", "",
-              "| data | anchor | method | budget | equiv. budget (% of N_v) | n | accuracy % [95 % CI] | % of unpruned |",
-              "|---|---|---|---|---:|---:|---:|---:|"]
-    for data in sorted({r["data"] for r in rows}):
-        mine = [r for r in rows if r["data"] == data]
-        ref = next((r for r in mine if (r["method"], r["budget"]) == REFERENCE), None)
-        if ref is None or not ref["accuracy"]:
-            continue
-        for anchor in (("parvts", args.budget), ("st3", "default")):
-            a = next((r for r in mine if (r["method"], r["budget"]) == anchor), None)
-            if a is None:
-                continue
-            picks = [a]
-            for method in ("fastv", "random", "pool"):
-                cands = [r for r in mine if r["method"] == method]
-                if cands:
-                    picks.append(min(cands, key=lambda r: abs(r["equivalent_budget_pct"] - a["equivalent_budget_pct"])))
-            for r in picks:
-                lines.append(f"| {data} | {anchor[0]}@{anchor[1]} | {r['method']} | {r['budget']} | "
-                             f"{r['equivalent_budget_pct']:.1f} | {r['n']} | {pct(r['accuracy'])} "
-                             f"[{pct(r['accuracy_low'])}, {pct(r['accuracy_high'])}] | "
-                             f"{100 * r['accuracy'] / ref['accuracy']:.1f} |")
-            for r in picks[1:]:
-                lines.append(f"|  |  | paired: {a['method']}@{a['budget']} - {r['method']}@{r['budget']} | | | | "
-                             + _paired(records, (a["method"], a["budget"]), (r["method"], r["budget"]), data) + " |")
-    lines.append("")
+    lines += matched(records, args.budget)
 
     # 3. ST3's annealing on long answers
     caps = [r for r in records if r["data"] == "scene-captions"]

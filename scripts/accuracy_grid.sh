@@ -17,10 +17,12 @@ NC=${3:-100}
 NS=${4:-650}
 V=${VTPRUNE:-.venv/bin/vtprune}
 SETS=imagenet-pope,easy-vqa,imagenet-category
-METHODS=parvts,st3,fastv,vtw,pdrop,visionzip,random,pool,parvts:fusion=fixed:alpha=1,visionzip:contextual=0
-# FastV / random / pool at the equivalent budgets of ParVTS @ 12.5 % (42 of 196 visual tokens, 21.5 %) and
+GRID=parvts,st3,fastv,vtw,pdrop,visionzip,random,pool
+# the claims' ablations (ParVTS with its non-subject path off, VisionZip's dominant tokens only) at 12.5 % only
+METHODS=$GRID,parvts:fusion=fixed:alpha=1,visionzip:contextual=0
+# FastV / random / pool / VisionZip at the equivalent budgets of ParVTS @ 12.5 % (42 of 196 visual tokens, 21.5 %) and
 # of ST3's defaults (64, 32.8 %) on the bundled model's 30 layers (FastV at K = 2: (2 x 196 + 28 x b) / 30)
-MATCHED=st3@default,fastv@31,random@42,pool@42,fastv@55,random@64,pool@64
+MATCHED=st3@default,fastv@31,random@42,pool@42,visionzip@42,fastv@55,random@64,pool@64,visionzip@64
 mkdir -p "$OUT"
 run() { echo "+ vtprune eval $*" | tee -a "$OUT/commands.txt"; "$V" eval --no-progress --out "$OUT" "$@"; }
 
@@ -32,8 +34,8 @@ run --data scene-captions --limit "$NC" --budgets 12.5% \
     --methods parvts,fastv,visionzip,random,pool,st3@default,st3:anneal=none@default,st3:anneal_every=4@default,st3:anneal_every=8@default
 run --data imagenet-naming --limit "$N" --budgets 12.5% --methods parvts,st3@default,fastv,visionzip,random,pool
 for budget in 25% 6.25% 50%; do  # one budget per call: an interrupted grid still has whole columns
-    run --data scenes --limit "$NS" --methods "$METHODS" --budgets "$budget"
-    run --data "$SETS" --limit "$N" --methods "$METHODS" --budgets "$budget"
+    run --data scenes --limit "$NS" --methods "$GRID" --budgets "$budget"
+    run --data "$SETS" --limit "$N" --methods "$GRID" --budgets "$budget"
 done
 "$V" eval --tables-only --out "$OUT"
 .venv/bin/python scripts/accuracy_claims.py "$OUT"

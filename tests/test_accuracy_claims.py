@@ -41,3 +41,22 @@ def test_scene_forms_split_the_open_question_from_yes_no_and_pair_the_sweep():
 def test_scene_forms_is_empty_without_scenes():
     claims = import_script("accuracy_claims")
     assert claims.scene_forms([{**r, "data": "easy-vqa"} for r in _records()], "12.5%") == []
+
+
+def test_matched_picks_each_baseline_at_the_closest_equivalent_budget_and_pairs_it():
+    claims = import_script("accuracy_claims")
+    records = []
+    for i in range(10):
+        for method, budget, equiv, right in ((*REFERENCE, 196.0, True), ("parvts", "12.5%", 42.0, i < 6),
+                                             ("visionzip", "12.5%", 24.5, i < 2), ("visionzip", "42", 42.0, i < 9),
+                                             ("fastv", "64", 64.0, True)):
+            records.append({"data": "scenes", "id": f"s/{i}", "kind": "background", "method": method, "budget": budget,
+                            "answer": "red", "correct": right, "prediction": "red" if right else "?",
+                            "visual_tokens": 196, "equivalent_budget": equiv, "relative_flops": 1.0, "relative_kv": 1.0})
+    lines = claims.matched(records, "12.5%")
+    rows = [line for line in lines if line.startswith("| scenes | parvts@12.5% |")]
+    assert [row.split(" | ")[2:4] for row in rows] == [["parvts", "12.5%"], ["fastv", "64"], ["visionzip", "42"]]
+    assert rows[2].endswith("| 90.0 |")  # 9 of 10 right, as % of the unpruned 100 %
+    pair = next(line for line in lines if "paired: parvts@12.5% - visionzip@42" in line)
+    assert "-30.0 pp [" in pair  # 6 against 9 right on the same questions
+    assert claims.matched([r for r in records if r["method"] != "none"], "12.5%")[4:] == [""]  # no unpruned: no rows
