@@ -1058,6 +1058,8 @@ def cmd_readout(args):
     train_args = argparse.Namespace(**{**st["args"], "cache": args.cache})
     tr = Trainer(train_args, store, lora=False)
     tr.proj.load_state_dict(st["model"]["proj"])
+    if args.target == "edges":
+        return _readout_edges(tr, store, sets, st.get("step"))
     colour = slice(2392, 2440)  # the colour group's columns of the projector input
     data = {}
     for name in sets:
@@ -1081,6 +1083,72 @@ def cmd_readout(args):
         out[what] = {"accuracy": correct / len(test), "ci95": [lo, hi]}
         print(f"{what}: background colour read at {100 * correct / len(test):.1f} % [{100 * lo:.1f}, {100 * hi:.1f}] "
               f"(n = {len(test)}, step {st.get('step')})")
+    print(json.dumps(out))
+
+
+def edge_cells(meta: dict, grid: int = 14, on: float = 0.25) -> dict[int, bool]:
+    """The visual tokens of the image's border ring (the ``4 * grid - 4`` cells of a ``grid x grid`` map, row-major
+    index) labelled by whether an edge shape covers them: True where a shape covers >= ``on`` of the cell,
+    False where none touches it; cells a shape only grazes are left out."""
+    cell = meta["canvas"] / grid
+    out = {}
+    for r in range(grid):
+        for c in range(grid):
+            if 0 < r < grid - 1 and 0 < c < grid - 1:
+                continue
+            x0, y0 = c * cell, r * cell
+            cover = max((max(0.0, min(x0 + cell, b[2]) - max(x0, b[0])) * max(0.0, min(y0 + cell, b[3]) - max(y0, b[1]))
+                         for b in (s["bbox"] for s in meta["shapes"])), default=0.0) / cell**2
+            if cover >= on or cover == 0.0:
+                out[r * grid + c] = cover >= on
+    return out
+
+
+def _readout_edges(tr, store, sets, step):
+    """``readout --target edges``: is a small edge shape linearly readable from the visual token at its place?
+    One row per border-ring token (:func:`edge_cells`) of every scene, a class-balanced logistic regression
+    fitted on ``scenes-train-s0`` and scored on ``scenes-test``, from the projected token and from each input
+    group at that token (the tower's features, its finer and colour channels). Prints the share of shape
+    tokens and of empty ones read right (each with its Wilson 95 % interval) and the ROC AUC."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.preprocessing import StandardScaler
+
+    from vtprune.eval.stats import wilson
+
+    groups = {"projected tokens": None, "tower features": slice(0, 1280), "finer channels": slice(2280, 2392),
+              "colour channels": slice(2392, 2440)}
+    data = {}
+    for name in sets:
+        rows = {k: [] for k in groups}
+        labels = []
+        with torch.no_grad():
+            for lo in range(0, len(store.meta[name]), 32):
+                idx = list(range(lo, min(lo + 32, len(store.meta[name]))))
+                x = tr.inputs(store.maps([(name, i) for i in idx]))
+                y = tr.proj(x)
+                for b, i in enumerate(idx):
+                    cells = edge_cells(store.meta[name][i])
+                    keep = torch.tensor(sorted(cells))
+                    labels += [cells[int(t)] for t in keep]
+                    for what, cols in groups.items():
+                        rows[what].append((y[b, keep] if cols is None else x[b, keep][:, cols]).numpy())
+        data[name] = ({k: np.concatenate(v) for k, v in rows.items()}, np.array(labels))
+    (_, y_fit), (_, y_test) = data[sets[0]], data[sets[1]]
+    out = {"step": step, "n_test_tokens": int(len(y_test)), "n_test_shape_tokens": int(y_test.sum())}
+    for what in groups:
+        fit, test = data[sets[0]][0][what], data[sets[1]][0][what]
+        scaler = StandardScaler().fit(fit)
+        clf = LogisticRegression(max_iter=2000, class_weight="balanced").fit(scaler.transform(fit), y_fit)
+        pred = clf.predict(scaler.transform(test))
+        auc = roc_auc_score(y_test, clf.decision_function(scaler.transform(test)))
+        hit, n_pos = int((pred & y_test).sum()), int(y_test.sum())
+        rej, n_neg = int((~pred & ~y_test).sum()), int((~y_test).sum())
+        (plo, phi), (nlo, nhi) = wilson(hit, n_pos), wilson(rej, n_neg)
+        out[what] = {"shape_tokens": hit / n_pos, "empty_tokens": rej / n_neg, "auc": auc}
+        print(f"{what}: shape tokens read {100 * hit / n_pos:.1f} % [{100 * plo:.1f}, {100 * phi:.1f}] (n = {n_pos}), "
+              f"empty tokens {100 * rej / n_neg:.1f} % [{100 * nlo:.1f}, {100 * nhi:.1f}] (n = {n_neg}), "
+              f"ROC AUC {auc:.3f} (step {step})")
     print(json.dumps(out))
 
 
@@ -1141,11 +1209,15 @@ def main():
     pl.add_argument("history", nargs="+", help="history.json of each stage, in order (e.g. stage 1, then stage 2)")
     pl.add_argument("--labels", default="stage 1,stage 2", help="comma-separated stage names, one per history file")
     pl.add_argument("--out", default=str(D.WEIGHTS_DIR / "loss.png"))
-    r = sub.add_parser("readout", help="is the background colour linearly readable from a checkpoint's visual tokens?")
+    r = sub.add_parser("readout", help="is the background colour (or an edge shape) linearly readable from a "
+                                       "checkpoint's visual tokens?")
     which = r.add_mutually_exclusive_group(required=True)
     which.add_argument("--checkpoint", help="a training checkpoint.pt")
     which.add_argument("--weights", help="a folder of exported weights (projector.safetensors), e.g. the package's")
     r.add_argument("--cache", default=str(DEFAULT_CACHE))
+    r.add_argument("--target", choices=("colour", "edges"), default="colour",
+                   help="colour: the background colour from the mean token; edges: a small edge shape from the "
+                        "token at its place")
     r.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     {"features": cmd_features, "train": cmd_train, "export": cmd_export, "plot": cmd_plot,

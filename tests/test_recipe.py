@@ -123,3 +123,15 @@ def test_warm_start_from_the_bundled_weights_has_the_bundled_loss(recipe, tmp_pa
     # not a vacuous equality: without the LoRA the loss differs
     with tr.peft.disable_adapter(), torch.no_grad():
         assert abs(float(tr.loss(items, maps)[0]) - ref) > 1e-2
+
+
+def test_edge_cells_label_the_border_tokens_a_shape_covers():
+    recipe = import_script("train_default_model")
+    # a 448 px canvas on a 14 x 14 map: 32 px cells; one shape over the top-left cell and a graze of its neighbour
+    meta = {"canvas": 448, "shapes": [{"bbox": [4, 4, 40, 40]}]}
+    cells = recipe.edge_cells(meta)
+    assert cells[0] is True  # covers 28 x 28 of the 32 x 32 cell
+    assert 1 not in cells and 14 not in cells  # 8 px of 32 wide: grazed, left out
+    assert cells[2] is False and cells[13] is False and cells[195] is False
+    assert 15 not in cells  # an inner cell, not on the border ring
+    assert len(recipe.edge_cells({"canvas": 448, "shapes": []})) == 4 * 14 - 4
