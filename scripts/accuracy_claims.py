@@ -133,6 +133,43 @@ def scene_forms(records: list[dict], budget: str) -> list[str]:
     return out
 
 
+OVERVIEW_SETS = ("imagenet-pope", "scenes", "easy-vqa", "imagenet-category", "imagenet-naming")
+
+
+def overview(summary: list[dict]) -> list[str]:
+    """One table of every condition x the question sets of :data:`OVERVIEW_SETS` the run holds (accuracy %
+    [95 % CI] over all kinds; a cell only where the condition answered every question the unpruned model
+    did), with the equivalent budget and the FLOPs as % of unpruned, each the mean over those sets. Rows: unpruned, then each percentage budget's methods, then the other conditions (token
+    counts, defaults) by equivalent budget."""
+    rows = [r for r in summary if r["kind"] == "all" and r["data"] in OVERVIEW_SETS]
+    n_ref = {r["data"]: r["n"] for r in rows if (r["method"], r["budget"]) == REFERENCE}
+    rows = [r for r in rows if r["n"] == n_ref.get(r["data"])]  # whole sets only (not a --kinds or cut run)
+    sets = [d for d in OVERVIEW_SETS if any(r["data"] == d for r in rows)]
+    if not sets:
+        return []
+    cell = {(r["method"], r["budget"], r["data"]): r for r in rows}
+    conds = {(r["method"], r["budget"]) for r in rows}
+    pcts = ("50%", "25%", "12.5%", "6.25%")
+    by_pct = [c for b in pcts for c in sorted(c for c in conds if c[1] == b)]
+
+    def mean(c: tuple[str, str], key: str) -> float:
+        vals = [cell[(*c, d)][key] for d in sets if (*c, d) in cell]
+        return sum(vals) / len(vals)
+
+    rest = sorted((c for c in conds if c != REFERENCE and c[1] not in pcts),
+                  key=lambda c: (mean(c, "equivalent_budget_pct"), c))
+    out = ["Every condition on every question set (accuracy % [95 % CI], all kinds; equivalent budget and FLOPs as "
+           "% of unpruned, mean over the sets):", "",
+           "| method @ budget | " + " | ".join(sets) + " | equiv. budget % | FLOPs % |",
+           "|---|" + "---:|" * (len(sets) + 2)]
+    for c in ([REFERENCE] if REFERENCE in conds else []) + by_pct + rest:
+        acc = [f"{pct(r['accuracy'])} [{100 * r['accuracy_low']:.0f}, {100 * r['accuracy_high']:.0f}]"
+               if (r := cell.get((*c, d))) else "" for d in sets]
+        out.append(f"| {c[0]} @ {c[1]} | " + " | ".join(acc) +
+                   f" | {mean(c, 'equivalent_budget_pct'):.1f} | {100 * mean(c, 'relative_flops'):.1f} |")
+    return out + [""]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out", help="the folder of a vtprune eval run (holds results.jsonl)")
@@ -198,7 +235,7 @@ def main() -> None:
     # the grids of docs/results.md: method x budget per data set, and per question kind
     summary = summarize(records)
     budgets = tuple(b for b in ("50%", "25%", "12.5%", "6.25%") if any(r["budget"] == b for r in summary))
-    parts = []
+    parts = ["\n".join(overview(summary))]
     for data in sorted({r["data"] for r in summary}):
         for kind in ["all", *sorted({r["kind"] for r in summary if r["data"] == data} - {"all"})]:
             parts.append(grid(summary, data, kind, budgets))

@@ -60,3 +60,28 @@ def test_matched_picks_each_baseline_at_the_closest_equivalent_budget_and_pairs_
     pair = next(line for line in lines if "paired: parvts@12.5% - visionzip@42" in line)
     assert "-30.0 pp [" in pair  # 6 against 9 right on the same questions
     assert claims.matched([r for r in records if r["method"] != "none"], "12.5%")[4:] == [""]  # no unpruned: no rows
+
+
+def test_overview_has_one_row_per_condition_and_only_whole_sets():
+    claims = import_script("accuracy_claims")
+    from vtprune.eval.tables import summarize
+
+    records = []
+    for data, n in (("imagenet-pope", 4), ("scenes", 6)):
+        for i in range(n):
+            for method, budget, equiv, right in ((*REFERENCE, 196.0, True), ("parvts", "12.5%", 42.0, i % 2 == 0),
+                                                 ("fastv", "31", 42.0, i < 3), ("parvts:discard_layer=8", "12.5%",
+                                                                               70.0, True)):
+                if method == "parvts:discard_layer=8" and (data != "scenes" or i > 2):
+                    continue  # a --kinds sweep: half of one set
+                records.append({"data": data, "id": f"{data}/{i}", "kind": "k", "method": method, "budget": budget,
+                                "answer": "yes", "correct": right, "prediction": "yes" if right else "no",
+                                "visual_tokens": 196, "equivalent_budget": equiv, "relative_flops": equiv / 196,
+                                "relative_kv": 1.0})
+    lines = claims.overview(summarize(records))
+    assert lines[2] == "| method @ budget | imagenet-pope | scenes | equiv. budget % | FLOPs % |"
+    body = [line.split(" | ")[0] for line in lines[4:-1]]
+    assert body == ["| none @ all", "| parvts @ 12.5%", "| fastv @ 31"]  # the partial sweep has no row
+    parvts = lines[5]
+    assert parvts == "| parvts @ 12.5% | 50.0 [15, 85] | 50.0 [19, 81] | 21.4 | 21.4 |"  # 2 of 4, 3 of 6 right
+    assert claims.overview([]) == []
