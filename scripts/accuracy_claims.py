@@ -3,8 +3,8 @@
 
 1. ParVTS keeps what saliency-only selection loses: ``parvts`` against ``parvts:fusion=fixed:alpha=1``
    (the non-subject path disabled) and ``visionzip:contextual=0`` (dominant tokens only) at the same budget,
-   on the scenes' background and periphery questions (and all scene questions): accuracy difference with
-   its 95 % bootstrap interval and McNemar's exact p-value.
+   on the scenes' background and periphery questions (and all scene questions), and on every other question
+   set the run holds: accuracy difference with its 95 % bootstrap interval and McNemar's exact p-value.
 2. ParVTS @ 12.5 % and ST³ with its defaults as % of the unpruned accuracy, against FastV / random / pool /
    VisionZip at (nearly) equal equivalent budget (the ``@matched`` conditions of the run, if any, else every budget).
 3. ST³'s annealing on long answers: scene-caption field accuracy with VTA off (``anneal=none``) and on
@@ -182,13 +182,21 @@ def main() -> None:
     lines = [f"# The seeds' claims on `{out}` ({len(records)} answers)", ""]
 
     # 1. ParVTS vs saliency-only selection at the same budget, on the scenes
-    lines += ["## 1. ParVTS against saliency-only selection at the same budget (scenes)", ""] + DIFF_HEADER
+    lines += ["## 1. ParVTS against saliency-only selection at the same budget (scenes, then the other sets)", ""] + DIFF_HEADER
     have = conditions(records, "scenes")
     for other in ("parvts:fusion=fixed:alpha=1", "visionzip:contextual=0"):
         for budget in (args.budget, "25%", "6.25%"):
             if ("parvts", budget) in have and (other, budget) in have:
                 for kinds in ({"background"}, {"periphery"}, None):
                     lines.append(diff_row(compare(records, ("parvts", budget), (other, budget), "scenes", kinds)))
+    others = [(data, other) for data in sorted({r["data"] for r in records} - {"scenes", "scene-captions"})
+              for other in ("parvts:fusion=fixed:alpha=1", "visionzip:contextual=0")
+              if {("parvts", args.budget), (other, args.budget)} <= conditions(records, data)]
+    if others:
+        lines += ["", "The same on the other question sets (all kinds):", "", "| data " + DIFF_HEADER[0],
+                  "|---" + DIFF_HEADER[1]]
+        for data, other in others:
+            lines.append(f"| {data} " + diff_row(compare(records, ("parvts", args.budget), (other, args.budget), data)))
     lines.append("")
 
     lines += matched(records, args.budget)
