@@ -87,6 +87,16 @@ def test_read_records_ignores_a_truncated_last_line(tmp_path):
     assert runner.read_records(tmp_path / "missing.jsonl") == []
 
 
+def test_read_records_reads_a_gzip_copy_first_then_the_file_a_resumed_run_appends_to(tmp_path):
+    import gzip
+
+    path = tmp_path / "results.jsonl"
+    (tmp_path / "results.jsonl.gz").write_bytes(gzip.compress(b'{"a": 1}\n{"a": 2}\n'))
+    assert runner.read_records(path) == [{"a": 1}, {"a": 2}]  # only the compressed copy
+    path.write_text('{"a": 3}\n{"a"')
+    assert runner.read_records(path) == [{"a": 1}, {"a": 2}, {"a": 3}]
+
+
 @pytest.fixture(scope="module")
 def bundled():
     default = pytest.importorskip("vtprune.models.default", reason="bundled model packages not installed")

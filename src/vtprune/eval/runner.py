@@ -18,6 +18,7 @@ into the results file when every rank is done, in the order a one-process run wr
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -75,13 +76,16 @@ def record_key(record: dict) -> tuple[str, str, str, str]:
 
 
 def read_records(path: str | Path) -> list[dict]:
-    """The records of a results file (JSON lines); a missing file gives []. A truncated last line (an
+    """The records of a results file (JSON lines): first those of a gzip-compressed copy beside it
+    (``results.jsonl.gz``: how a large results folder is kept in git, under the 8 MB file limit), then those
+    of ``path`` itself (where a resumed run appends). A missing file gives []. A truncated last line (an
     interrupted write) is ignored."""
     path = Path(path)
-    if not path.exists():
-        return []
+    packed = path.with_name(path.name + ".gz")
+    texts = [gzip.decompress(packed.read_bytes()).decode()] if packed.is_file() else []
+    texts += [path.read_text()] if path.exists() else []
     out = []
-    for line in path.read_text().splitlines():
+    for line in (line for text in texts for line in text.splitlines()):
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError:
