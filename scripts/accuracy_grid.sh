@@ -31,7 +31,7 @@ run --data scenes --limit "$NS" --methods "$MATCHED"
 run --data "$SETS" --limit "$N" --methods "$METHODS" --budgets 12.5%
 run --data "$SETS" --limit "$N" --methods "$MATCHED"
 run --data scene-captions --limit "$NC" --budgets 12.5% \
-    --methods parvts,fastv,visionzip,random,pool,st3@default,st3:anneal=none@default,st3:anneal_every=4@default,st3:anneal_every=8@default
+    --methods parvts,fastv,visionzip,random,pool,st3@default,st3:anneal=none@default,st3:anneal_every=1@default,st3:anneal_every=4@default,st3:anneal_every=8@default
 run --data imagenet-naming --limit "$N" --budgets 12.5% --methods parvts,st3@default,fastv,visionzip,random,pool
 for budget in 25% 6.25% 50%; do  # one budget per call: an interrupted grid still has whole columns
     run --data scenes --limit "$NS" --methods "$GRID" --budgets "$budget"
