@@ -208,6 +208,8 @@ YES, NO = "Yes", "No"
 # colour 1.0 (48 * 0.8 ~ 38): a coordinate can move by O(0.1-1) over a few hundred steps.
 INPUT_SCALE = 1 / math.sqrt(1440)
 DEFAULT_SCALES = {"feats": INPUT_SCALE, "finer": 0.3, "color": 1.0}
+# Each group's columns of the projector's input (Trainer.inputs): features, the 1,000-class posterior, finer, colour
+INPUT_COLUMNS = {"feats": slice(0, 1280), "finer": slice(2280, 2392), "color": slice(2392, 2440)}
 
 
 def input_scales(train_args: dict) -> dict[str, float]:
@@ -574,8 +576,8 @@ class Trainer:
         """Mean norm over tokens of each input group's part of linear_1's output (``W_g x_g``): how far
         the finer and colour columns move a token (linear_2 is the identity of the init)."""
         w = self.proj.linear_1.weight.detach()
-        cols = {"feats": slice(0, 1280), "finer": slice(2280, 2392), "color": slice(2392, 2440)}
-        return {g: round(float((x[..., c].detach() @ w[:, c].T).norm(dim=-1).mean()), 4) for g, c in cols.items()}
+        return {g: round(float((x[..., c].detach() @ w[:, c].T).norm(dim=-1).mean()), 4)
+                for g, c in INPUT_COLUMNS.items()}
 
     def hidden(self, ids, att, maps, lm=None, img=None):
         """The LM's last hidden states ``[B, S, 576]``; ``lm`` / ``img`` (projected tokens) replace this
@@ -1060,7 +1062,7 @@ def cmd_readout(args):
     tr.proj.load_state_dict(st["model"]["proj"])
     if args.target == "edges":
         return _readout_edges(tr, store, sets, st.get("step"))
-    colour = slice(2392, 2440)  # the colour group's columns of the projector input
+    colour = INPUT_COLUMNS["color"]
     data = {}
     for name in sets:
         rows = [i for i, m in enumerate(store.meta[name]) if m["background"]["kind"] == "flat"]
@@ -1116,8 +1118,8 @@ def _readout_edges(tr, store, sets, step):
 
     from vtprune.eval.stats import wilson
 
-    groups = {"projected tokens": None, "tower features": slice(0, 1280), "finer channels": slice(2280, 2392),
-              "colour channels": slice(2392, 2440)}
+    groups = {"projected tokens": None, "tower features": INPUT_COLUMNS["feats"],
+              "finer channels": INPUT_COLUMNS["finer"], "colour channels": INPUT_COLUMNS["color"]}
     data = {}
     for name in sets:
         rows = {k: [] for k in groups}
