@@ -222,6 +222,14 @@ def main() -> None:
             lines.append(diff_row(compare(records, cond, REFERENCE, "scene-captions")))
             if off is not None and cond != off:
                 lines.append(diff_row(compare(records, cond, off, "scene-captions")))
+        said = {(r["method"], r["budget"], r["id"]): r["prediction"] for r in caps}
+        ref = [p for (m, b, _), p in said.items() if (m, b) == REFERENCE]
+        if ref:
+            lines += ["", f"Unpruned captions: {sum(len(p.split()) for p in ref) / len(ref):.1f} words on average."]
+        if off is not None:
+            same = {c: [said.get((*c, i)) == p for (m, b, i), p in said.items() if (m, b) == off] for c in st3 if c != off}
+            lines += [f"{c[0]}@{c[1]}: {sum(v)} of {len(v)} captions word for word those of {off[0]}@{off[1]}."
+                      for c, v in same.items()]
         lines.append("")
     # 4. ST3's batched evictions (anneal_every = K) against per-step annealing on the other data sets
     pairs = [(data, (m, b), ("st3:anneal_every=1", b)) for data in sorted({r["data"] for r in records} - {"scene-captions"})

@@ -1131,8 +1131,8 @@ def _readout_edges(tr, store, sets, step):
                 y = tr.proj(x)
                 for b, i in enumerate(idx):
                     cells = edge_cells(store.meta[name][i])
-                    keep = torch.tensor(sorted(cells))
-                    labels += [cells[int(t)] for t in keep]
+                    keep = sorted(cells)
+                    labels += [cells[t] for t in keep]
                     for what, cols in groups.items():
                         rows[what].append((y[b, keep] if cols is None else x[b, keep][:, cols]).numpy())
         data[name] = ({k: np.concatenate(v) for k, v in rows.items()}, np.array(labels))
