@@ -134,6 +134,8 @@ def scene_forms(records: list[dict], budget: str) -> list[str]:
 
 
 OVERVIEW_SETS = ("imagenet-pope", "scenes", "easy-vqa", "imagenet-category", "imagenet-naming")
+GRID_SETS = OVERVIEW_SETS[:4]  # the sets of the budget sweep (naming ran at 12.5 % only)
+BUDGETS = ("50%", "25%", "12.5%", "6.25%")
 
 
 def overview(summary: list[dict]) -> list[str]:
@@ -149,14 +151,13 @@ def overview(summary: list[dict]) -> list[str]:
         return []
     cell = {(r["method"], r["budget"], r["data"]): r for r in rows}
     conds = {(r["method"], r["budget"]) for r in rows}
-    pcts = ("50%", "25%", "12.5%", "6.25%")
-    by_pct = [c for b in pcts for c in sorted(c for c in conds if c[1] == b)]
+    by_pct = [c for b in BUDGETS for c in sorted(c for c in conds if c[1] == b)]
 
     def mean(c: tuple[str, str], key: str) -> float:
         vals = [cell[(*c, d)][key] for d in sets if (*c, d) in cell]
         return sum(vals) / len(vals)
 
-    rest = sorted((c for c in conds if c != REFERENCE and c[1] not in pcts),
+    rest = sorted((c for c in conds if c != REFERENCE and c[1] not in BUDGETS),
                   key=lambda c: (mean(c, "equivalent_budget_pct"), c))
     out = ["Every condition on every question set (accuracy % [95 % CI], all kinds; equivalent budget and FLOPs as "
            "% of unpruned, mean over the sets):", "",
@@ -167,6 +168,34 @@ def overview(summary: list[dict]) -> list[str]:
                if (r := cell.get((*c, d))) else "" for d in sets]
         out.append(f"| {c[0]} @ {c[1]} | " + " | ".join(acc) +
                    f" | {mean(c, 'equivalent_budget_pct'):.1f} | {100 * mean(c, 'relative_flops'):.1f} |")
+    return out + [""]
+
+
+def retention(summary: list[dict]) -> list[str]:
+    """The budget sweep in one table: each method x percentage budget as the mean over the question sets of
+    :data:`GRID_SETS` the run holds of (accuracy / unpruned accuracy), in %, beside the mean FLOPs as % of
+    unpruned (the field's "average performance retained", e.g. VisionZip's and PDrop's tables). A cell only
+    where the condition answered every question of every one of those sets that the unpruned model did."""
+    rows = [r for r in summary if r["kind"] == "all" and r["data"] in GRID_SETS]
+    ref = {r["data"]: r for r in rows if (r["method"], r["budget"]) == REFERENCE}
+    sets = [d for d in GRID_SETS if d in ref]
+    cell = {(r["method"], r["budget"], r["data"]): r for r in rows if r["data"] in ref and r["n"] == ref[r["data"]]["n"]}
+    budgets = [b for b in BUDGETS if any(c[1] == b for c in cell)]
+    methods = sorted({m for m, b, _ in cell if b in budgets})
+    if not sets or not budgets:
+        return []
+    out = [f"Accuracy as % of unpruned, mean over {', '.join(sets)} / FLOPs as % of unpruned, per method and share "
+           "of the visual tokens:", "", "| method | " + " | ".join(budgets) + " |", "|---|" + "---:|" * len(budgets)]
+    for m in methods:
+        cells = []
+        for b in budgets:
+            got = [cell[(m, b, d)] for d in sets if (m, b, d) in cell]
+            if len(got) < len(sets) or not all(ref[r["data"]]["accuracy"] for r in got):
+                cells.append("")
+                continue
+            kept = sum(r["accuracy"] / ref[r["data"]]["accuracy"] for r in got) / len(got)
+            cells.append(f"{100 * kept:.1f} / {100 * sum(r['relative_flops'] for r in got) / len(got):.0f}")
+        out.append(f"| {m} | " + " | ".join(cells) + " |")
     return out + [""]
 
 
@@ -250,8 +279,8 @@ def main() -> None:
 
     # the grids of docs/results.md: method x budget per data set, and per question kind
     summary = summarize(records)
-    budgets = tuple(b for b in ("50%", "25%", "12.5%", "6.25%") if any(r["budget"] == b for r in summary))
-    parts = ["\n".join(overview(summary))]
+    budgets = tuple(b for b in BUDGETS if any(r["budget"] == b for r in summary))
+    parts = ["\n".join(overview(summary)), "\n".join(retention(summary))]
     for data in sorted({r["data"] for r in summary}):
         for kind in ["all", *sorted({r["kind"] for r in summary if r["data"] == data} - {"all"})]:
             parts.append(grid(summary, data, kind, budgets))

@@ -85,3 +85,25 @@ def test_overview_has_one_row_per_condition_and_only_whole_sets():
     parvts = lines[5]
     assert parvts == "| parvts @ 12.5% | 50.0 [15, 85] | 50.0 [19, 81] | 21.4 | 21.4 |"  # 2 of 4, 3 of 6 right
     assert claims.overview([]) == []
+
+
+def test_retention_averages_accuracy_over_unpruned_across_sets_and_skips_partial_cells():
+    claims = import_script("accuracy_claims")
+    from vtprune.eval.tables import summarize
+
+    records = []
+    for data in ("imagenet-pope", "scenes"):
+        for i in range(4):
+            for method, budget, right, flops in ((*REFERENCE, i < 2, 1.0), ("fastv", "50%", i < 2, 0.6),
+                                                 ("fastv", "12.5%", i < 1, 0.2), ("pool", "12.5%", i < 2, 0.2)):
+                if method == "pool" and data == "scenes":
+                    continue  # pool ran on one set only: no cell
+                records.append({"data": data, "id": f"{data}/{i}", "kind": "k", "method": method, "budget": budget,
+                                "answer": "yes", "correct": right, "prediction": "yes" if right else "no",
+                                "visual_tokens": 196, "equivalent_budget": 98.0, "relative_flops": flops,
+                                "relative_kv": 1.0})
+    lines = claims.retention(summarize(records))
+    assert lines[2] == "| method | 50% | 12.5% |"
+    assert lines[4] == "| fastv | 100.0 / 60 | 50.0 / 20 |"  # 2 of 2 and 1 of 2 of the unpruned answers right
+    assert lines[5] == "| pool |  |  |"
+    assert claims.retention([]) == []
