@@ -6,6 +6,7 @@ Parity with the stock model when nothing is pruned and batched == one by one are
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -215,3 +216,13 @@ def test_bad_baseline_options_raise_and_attach_nothing(model, method, opts, matc
     with pytest.raises(ValueError, match=match):
         vtprune.apply(model, method, **opts)
     assert "generate" not in model.__dict__
+
+
+def test_pdrop_budget_below_its_stages_floor_warns_and_runs_at_the_floor():
+    method = make_method("pdrop", budget=2, layers=[2, 4])
+    with pytest.warns(UserWarning, match=r"smallest equivalent budget is 6.0 visual tokens per image \(37.5 %\), above the 2 asked.* layer 2"):
+        plan = method.plan(6, N_VISUAL)
+    assert list(plan.per_layer) == [N_VISUAL, N_VISUAL, 1, 1, 1, 1]  # the floor: 1 token after the first stage
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_method("pdrop", budget=8, layers=[2, 4]).plan(6, N_VISUAL)  # reachable: no warning
