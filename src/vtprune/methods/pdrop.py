@@ -87,14 +87,16 @@ class PDrop(RankByAttention):
             ratio = DEFAULT_RATIO if self.ratio is None else float(self.ratio)
         else:
             target = resolve_budget(self.name, self.budget, self.keep_ratio, n_visual)
-            floor = sum(stages(n_visual, num_layers, layers, 0.0)) / num_layers  # 1 token after the first stage
+            def mean(r: float) -> float:  # the equivalent budget of lambda = r
+                return sum(stages(n_visual, num_layers, layers, r)) / num_layers
+
+            floor = mean(0.0)  # 1 token after the first stage
             if floor > target:
                 warnings.warn(f"pdrop: with stages at layers {list(layers)} of {num_layers}, the smallest equivalent "
                               f"budget is {floor:.1f} visual tokens per image ({100 * floor / n_visual:.1f} %), above "
                               f"the {target} asked: running at {floor:.1f} (1 visual token after layer {layers[0]}); "
                               "give earlier layers=[...] to reach it", UserWarning, stacklevel=2)
-            ratio = solve_for_budget(lambda r: sum(stages(n_visual, num_layers, layers, r)) / num_layers,
-                                     target, lo=1e-6, hi=1.0, increasing=True)
+            ratio = solve_for_budget(mean, target, lo=1e-6, hi=1.0, increasing=True)
         return PDropPlan(num_layers, n_visual, tuple(stages(n_visual, num_layers, layers, ratio)), layers, ratio)
 
 
