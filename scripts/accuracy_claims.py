@@ -138,19 +138,24 @@ GRID_SETS = OVERVIEW_SETS[:4]  # the sets of the budget sweep (naming ran at 12.
 BUDGETS = ("50%", "25%", "12.5%", "6.25%")
 
 
+def whole_set_cells(summary: list[dict], sets: tuple[str, ...]) -> dict[tuple[str, str, str], dict]:
+    """The all-kinds rows of ``sets`` keyed by (method, budget, data), only where the condition answered as many
+    questions of the set as the unpruned model did (not a ``--kinds`` or cut run)."""
+    rows = [r for r in summary if r["kind"] == "all" and r["data"] in sets]
+    n_ref = {r["data"]: r["n"] for r in rows if (r["method"], r["budget"]) == REFERENCE}
+    return {(r["method"], r["budget"], r["data"]): r for r in rows if r["n"] == n_ref.get(r["data"])}
+
+
 def overview(summary: list[dict]) -> list[str]:
     """One table of every condition x the question sets of :data:`OVERVIEW_SETS` the run holds (accuracy %
     [95 % CI] over all kinds; a cell only where the condition answered every question the unpruned model
     did), with the equivalent budget and the FLOPs as % of unpruned, each the mean over those sets. Rows: unpruned, then each percentage budget's methods, then the other conditions (token
     counts, defaults) by equivalent budget."""
-    rows = [r for r in summary if r["kind"] == "all" and r["data"] in OVERVIEW_SETS]
-    n_ref = {r["data"]: r["n"] for r in rows if (r["method"], r["budget"]) == REFERENCE}
-    rows = [r for r in rows if r["n"] == n_ref.get(r["data"])]  # whole sets only (not a --kinds or cut run)
-    sets = [d for d in OVERVIEW_SETS if any(r["data"] == d for r in rows)]
+    cell = whole_set_cells(summary, OVERVIEW_SETS)
+    sets = [d for d in OVERVIEW_SETS if any(k[2] == d for k in cell)]
     if not sets:
         return []
-    cell = {(r["method"], r["budget"], r["data"]): r for r in rows}
-    conds = {(r["method"], r["budget"]) for r in rows}
+    conds = {k[:2] for k in cell}
     by_pct = [c for b in BUDGETS for c in sorted(c for c in conds if c[1] == b)]
 
     def mean(c: tuple[str, str], key: str) -> float:
@@ -176,10 +181,9 @@ def retention(summary: list[dict]) -> list[str]:
     :data:`GRID_SETS` the run holds of (accuracy / unpruned accuracy), in %, beside the mean FLOPs as % of
     unpruned (the field's "average performance retained", e.g. VisionZip's and PDrop's tables). A cell only
     where the condition answered every question of every one of those sets that the unpruned model did."""
-    rows = [r for r in summary if r["kind"] == "all" and r["data"] in GRID_SETS]
-    ref = {r["data"]: r for r in rows if (r["method"], r["budget"]) == REFERENCE}
+    cell = whole_set_cells(summary, GRID_SETS)
+    ref = {d: r for (m, b, d), r in cell.items() if (m, b) == REFERENCE}
     sets = [d for d in GRID_SETS if d in ref]
-    cell = {(r["method"], r["budget"], r["data"]): r for r in rows if r["data"] in ref and r["n"] == ref[r["data"]]["n"]}
     budgets = [b for b in BUDGETS if any(c[1] == b for c in cell)]
     methods = sorted({m for m, b, _ in cell if b in budgets})
     if not sets or not budgets:
