@@ -97,6 +97,19 @@ def test_read_records_reads_a_gzip_copy_first_then_the_file_a_resumed_run_append
     assert runner.read_records(path) == [{"a": 1}, {"a": 2}, {"a": 3}]
 
 
+def test_read_records_counts_a_copy_unpacked_beside_its_gzip_once(tmp_path):
+    """`gunzip -k` leaves results.jsonl beside results.jsonl.gz with the same lines; a resumed run then appends
+    to the former. Every answer is read once, the appended ones after."""
+    import gzip
+
+    path = tmp_path / "results.jsonl"
+    old = '{"data": "s", "id": "1", "method": "none", "budget": "all"}\n{"data": "s", "id": "2", "method": "none", "budget": "all"}\n'
+    (tmp_path / "results.jsonl.gz").write_bytes(gzip.compress(old.encode()))
+    path.write_text(old + '{"data": "s", "id": "1", "method": "fastv", "budget": "50%"}\n')
+    keys = [runner.record_key(r) for r in runner.read_records(path)]
+    assert keys == [("s", "1", "none", "all"), ("s", "2", "none", "all"), ("s", "1", "fastv", "50%")]
+
+
 @pytest.fixture(scope="module")
 def bundled():
     default = pytest.importorskip("vtprune.models.default", reason="bundled model packages not installed")

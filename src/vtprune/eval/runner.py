@@ -78,14 +78,17 @@ def record_key(record: dict) -> tuple[str, str, str, str]:
 def read_records(path: str | Path) -> list[dict]:
     """The records of a results file (JSON lines): first those of a gzip-compressed copy beside it
     (``results.jsonl.gz``: how a large results folder is kept in git, under the 8 MB file limit), then those
-    of ``path`` itself (where a resumed run appends). A missing file gives []. A truncated last line (an
-    interrupted write) is ignored."""
+    of ``path`` itself (where a resumed run appends). A line of ``path`` that the compressed copy already
+    holds is read once (a copy unpacked with ``gunzip -k`` beside its ``.gz`` would otherwise count every
+    answer twice). A missing file gives []. A truncated last line (an interrupted write) is ignored."""
     path = Path(path)
     packed = path.with_name(path.name + ".gz")
-    texts = [gzip.decompress(packed.read_bytes()).decode()] if packed.is_file() else []
-    texts += [path.read_text()] if path.exists() else []
+    lines = gzip.decompress(packed.read_bytes()).decode().splitlines() if packed.is_file() else []
+    if path.exists():
+        seen = set(lines)
+        lines += [line for line in path.read_text().splitlines() if line not in seen]
     out = []
-    for line in (line for text in texts for line in text.splitlines()):
+    for line in lines:
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError:
